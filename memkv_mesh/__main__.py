@@ -1,0 +1,3 @@
+from memkv_mesh.cli import main
+
+raise SystemExit(main())

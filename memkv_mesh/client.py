@@ -1,0 +1,527 @@
+"""Local clients of the node daemon: ``Client`` (sync, thread-safe) and ``AsyncClient`` (Trio).
+
+Both speak ``protocol.py`` over the daemon's Unix socket and map the daemon's shared-memory arena,
+so block bytes never cross the socket:
+
+* ``put_many``: ``Alloc`` (one round trip) -> copy each value into its arena slot and checksum it
+  (xxh3-64, while the bytes are hot) -> ``Commit`` (one round trip). Values already stored are
+  skipped without a copy. If the copy fails, the slots are aborted; if the process dies instead,
+  the daemon frees them when the socket closes.
+* ``get_many_into``: ``Get`` (one round trip; the blocks are pinned under a lease) -> copy from the
+  arena into the caller's buffers -> ``Release`` (no round trip).
+* ``get``/``get_many``: zero copy. The returned ``Lease`` holds read-only memoryviews into the
+  arena; the blocks stay pinned until ``lease.release()`` (or the ``with`` block ends, or the
+  client closes). Views are released with the lease: do not keep slices of them past it.
+* ``lookup``: how many leading keys of a prompt are present; answered from the daemon's index.
+
+Errors from the daemon raise ``MemkvError`` (``.code`` is the protocol's error code); a bad
+argument raises ``ValueError``/``TypeError`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
+import xxhash
+
+from memkv_mesh import protocol
+from memkv_mesh.keys import KEY_BYTES
+
+__all__ = ["AsyncClient", "Client", "Lease", "MemkvError", "default_socket_path"]
+
+T = TypeVar("T", bound=protocol.Msg)
+# Copies larger than this in AsyncClient run in a worker thread so the caller's loop stays live.
+_ASYNC_THREAD_COPY_BYTES = 4 * 1024 * 1024
+
+
+class MemkvError(Exception):
+    """The daemon refused a request; ``code`` is one of the protocol's error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def default_socket_path() -> Path:
+    """$MEMKV_SOCKET, else the socket of a daemon started on the checked-in mesh.toml here."""
+    env = os.environ.get("MEMKV_SOCKET")
+    return Path(env) if env else Path(".memkv") / "memkv.sock"
+
+
+def _as_view(value: Any, i: int) -> memoryview:
+    try:
+        v = memoryview(value)
+    except TypeError:
+        raise TypeError(f"value {i} ({type(value).__name__}) does not support the buffer protocol") from None
+    if not v.c_contiguous:
+        raise ValueError(f"value {i} is not C-contiguous; pass a contiguous buffer")
+    return v.cast("B") if v.format != "B" or v.ndim != 1 else v
+
+
+def _writable(buffer: Any, i: int) -> memoryview:
+    v = _as_view(buffer, i)
+    if v.readonly:
+        raise ValueError(f"buffer {i} is read-only")
+    return v
+
+
+def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
+    ks = keys if isinstance(keys, list) else list(keys)
+    # Fast path in C loops: every key is bytes of the right length (lookups are latency-bound).
+    if set(map(type, ks)) <= {bytes} and set(map(len, ks)) <= {KEY_BYTES}:
+        return ks
+    out = []
+    for i, k in enumerate(ks):
+        if not isinstance(k, bytes | bytearray | memoryview):
+            raise TypeError(f"key {i} is {type(k).__name__}; keys are {KEY_BYTES} bytes")
+        kb = bytes(k)
+        if len(kb) != KEY_BYTES:
+            raise ValueError(f"key {i} is {len(kb)} bytes; keys are {KEY_BYTES} bytes (see memkv_mesh.keys)")
+        out.append(kb)
+    return out
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    # numpy copies with the GIL released, so other engine threads keep running.
+    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+
+
+class Lease:
+    """Pinned blocks read in place. Release it (or use ``with``) when done with the views."""
+
+    __slots__ = ("_client", "_id", "_views", "__weakref__")
+
+    def __init__(self, client: _Core, lease_id: int, views: list[memoryview | None]) -> None:
+        self._client = client
+        self._id = lease_id
+        self._views = views
+
+    @property
+    def views(self) -> list[memoryview | None]:
+        """One read-only view per key asked for, None for a miss."""
+        return self._views
+
+    @property
+    def view(self) -> memoryview:
+        """The first block's view (for ``Client.get``)."""
+        v = self._views[0] if self._views else None
+        if v is None:
+            raise KeyError("block not found")
+        return v
+
+    @property
+    def released(self) -> bool:
+        return self._id == 0
+
+    def release(self) -> None:
+        if self._id:
+            for v in self._views:
+                if v is not None:
+                    try:
+                        v.release()
+                    except BufferError:
+                        pass  # a numpy array still looks at it; the lease ends anyway
+            self._client._release(self._id)
+            self._id = 0
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._id:
+            self._client._release_later(self._id)
+            self._id = 0
+
+
+class _Core:
+    """What both clients share: the arena mapping and reply checking."""
+
+    def __init__(self) -> None:
+        self.node_id = ""
+        self.max_block_bytes = 0
+        self._mmap: mmap.mmap | None = None
+        self._arena: memoryview | None = None
+        self._deferred: collections.deque[int] = collections.deque()
+
+    def _welcome(self, reply: protocol.Msg) -> None:
+        w = self._expect(reply, protocol.Welcome)
+        self.node_id = w.node_id
+        self.max_block_bytes = w.max_block_bytes
+        fd = os.open(w.arena_path, os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, w.arena_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._arena = memoryview(self._mmap)
+
+    @staticmethod
+    def _expect(reply: protocol.Msg, typ: type[T]) -> T:
+        if isinstance(reply, typ):
+            return reply
+        if isinstance(reply, protocol.Error):
+            raise MemkvError(reply.code, reply.message)
+        raise MemkvError(protocol.BAD_REQUEST, f"unexpected reply {type(reply).__name__}")
+
+    def _slot(self, offset: int, length: int) -> memoryview:
+        assert self._arena is not None, "client is closed"
+        return self._arena[offset : offset + length]
+
+    def _prepare_put(self, keys: Sequence[bytes], values: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        ks = _check_keys(keys)
+        vs = [_as_view(v, i) for i, v in enumerate(values)]
+        for i, v in enumerate(vs):
+            if v.nbytes == 0:
+                raise ValueError(f"value {i} is empty")
+            if v.nbytes > self.max_block_bytes:
+                raise ValueError(
+                    f"value {i} is {v.nbytes} bytes; the daemon's limit is {self.max_block_bytes} (store.max_block_bytes)"
+                )
+        return ks, vs
+
+    def _fill(self, offsets: list[int], keys: list[bytes], values: list[memoryview]) -> tuple[list[bytes], list[int]]:
+        done_keys: list[bytes] = []
+        sums: list[int] = []
+        for k, off, v in zip(keys, offsets, values, strict=True):
+            if off < 0:
+                continue
+            slot = self._slot(off, v.nbytes)
+            _copy(slot, v)
+            sums.append(xxhash.xxh3_64_intdigest(slot))
+            slot.release()
+            done_keys.append(k)
+        return done_keys, sums
+
+    def _located_views(self, loc: protocol.Located) -> list[memoryview | None]:
+        return [None if b is None else self._slot(b[0], b[1]).toreadonly() for b in loc.blocks]
+
+    def _copy_out(self, loc: protocol.Located, buffers: Any, n: int) -> list[int | None]:
+        if isinstance(buffers, list | tuple):
+            if len(buffers) != n:
+                raise ValueError(f"{n} keys but {len(buffers)} buffers")
+            targets = [_writable(b, i) for i, b in enumerate(buffers)]
+            out: list[int | None] = []
+            for i, (b, t) in enumerate(zip(loc.blocks, targets, strict=True)):
+                if b is None:
+                    out.append(None)
+                    continue
+                if t.nbytes < b[1]:
+                    raise ValueError(f"buffer {i} holds {t.nbytes} bytes; block {i} is {b[1]}")
+                src = self._slot(b[0], b[1])
+                _copy(t[: b[1]], src)
+                src.release()
+                out.append(b[1])
+            return out
+        # One buffer: found blocks are packed back to back in key order.
+        t = _writable(buffers, 0)
+        need = sum(b[1] for b in loc.blocks if b is not None)
+        if t.nbytes < need:
+            raise ValueError(f"buffer holds {t.nbytes} bytes; the blocks found need {need}")
+        pos = 0
+        res: list[int | None] = []
+        for b in loc.blocks:
+            if b is None:
+                res.append(None)
+                continue
+            src = self._slot(b[0], b[1])
+            _copy(t[pos : pos + b[1]], src)
+            src.release()
+            pos += b[1]
+            res.append(b[1])
+        return res
+
+    def _release(self, lease_id: int) -> None:
+        raise NotImplementedError
+
+    def _release_later(self, lease_id: int) -> None:
+        self._deferred.append(lease_id)
+
+    def _unmap(self) -> None:
+        if self._arena is not None:
+            self._arena.release()
+            self._arena = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # views still exported; the mapping goes with them
+            self._mmap = None
+
+
+class Client(_Core):
+    """Synchronous client; one instance may be shared by many threads."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0, name: str = "") -> None:
+        super().__init__()
+        self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.socket_path))
+        except OSError as e:
+            self._sock.close()
+            raise ConnectionError(
+                f"cannot connect to the memkv-mesh daemon at {self.socket_path}: {e.strerror or e} "
+                "(is `memkv-mesh daemon` running? set MEMKV_SOCKET or pass the socket path)"
+            ) from None
+        self._frames = protocol.FrameBuffer()
+        self._out = bytearray()
+        self._welcome(self._call(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid())))
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def _send(self, msg: protocol.Msg) -> None:
+        self._out.clear()
+        self._sock.sendall(protocol.encode_frame(msg, self._out))
+
+    def _flush_deferred(self) -> None:
+        while self._deferred:
+            self._send(protocol.Release(self._deferred.popleft()))
+
+    def _call(self, msg: protocol.Msg) -> protocol.Reply:
+        with self._lock:
+            if self._sock.fileno() < 0:
+                raise ConnectionError("client is closed")
+            self._flush_deferred()
+            self._send(msg)
+            while True:
+                body = self._frames.next_frame()
+                if body is not None:
+                    return protocol.reply_decoder.decode(body)
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the daemon closed the connection")
+                self._frames.feed(data)
+
+    def _release(self, lease_id: int) -> None:
+        with self._lock:
+            if self._sock.fileno() >= 0:
+                self._send(protocol.Release(lease_id))
+
+    # ---- API ----------------------------------------------------------------------------------------
+    def put(self, key: bytes, value: Any) -> bool:
+        """Store one block; False if it was already stored."""
+        return self.put_many([key], [value]) == 1
+
+    def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
+        """Store blocks; returns how many were new. All or nothing if the store is full."""
+        ks, vs = self._prepare_put(keys, values)
+        if not ks:
+            return 0
+        offsets = self._expect(self._call(protocol.Alloc(ks, [v.nbytes for v in vs])), protocol.Allocated).offsets
+        try:
+            done, sums = self._fill(offsets, ks, vs)
+        except BaseException:
+            self._call(protocol.Abort([k for k, o in zip(ks, offsets, strict=True) if o >= 0]))
+            raise
+        if not done:
+            return 0
+        return self._expect(self._call(protocol.Commit(done, sums)), protocol.Count).n
+
+    def get_many(self, keys: Sequence[bytes]) -> Lease:
+        """Zero-copy views of the blocks (None for misses), pinned until the lease is released."""
+        loc = self._expect(self._call(protocol.Get(_check_keys(keys))), protocol.Located)
+        return Lease(self, loc.lease, self._located_views(loc))
+
+    def get(self, key: bytes) -> Lease | None:
+        """A zero-copy view of one block (``lease.view``), or None on a miss."""
+        lease = self.get_many([key])
+        if lease.views[0] is None:
+            lease.release()
+            return None
+        return lease
+
+    def get_many_into(self, keys: Sequence[bytes], buffers: Any) -> list[int | None]:
+        """Copy blocks into ``buffers`` (a list, one per key, or one buffer packed in key order).
+
+        Returns each block's length, None for a miss.
+        """
+        ks = _check_keys(keys)
+        loc = self._expect(self._call(protocol.Get(ks)), protocol.Located)
+        try:
+            return self._copy_out(loc, buffers, len(ks))
+        finally:
+            if loc.lease:
+                self._release(loc.lease)
+
+    def get_into(self, key: bytes, buffer: Any) -> int | None:
+        """Copy one block into ``buffer``; its length, or None on a miss."""
+        return self.get_many_into([key], [buffer])[0]
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present on this node."""
+        return self._expect(self._call(protocol.Lookup(_check_keys(keys))), protocol.Count).n
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._expect(self._call(protocol.Contains(_check_keys(keys))), protocol.Present).present
+
+    def delete(self, keys: Sequence[bytes] | bytes) -> int:
+        ks = [keys] if isinstance(keys, bytes) else list(keys)
+        return self._expect(self._call(protocol.Delete(_check_keys(ks))), protocol.Count).n
+
+    def stats(self) -> dict[str, Any]:
+        return self._expect(self._call(protocol.StatsRequest()), protocol.StatsReply).stats
+
+    def members(self) -> list[dict[str, Any]]:
+        return self._expect(self._call(protocol.MembersRequest()), protocol.MembersReply).members
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock.fileno() >= 0:
+                self._sock.close()
+        self._unmap()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient(_Core):
+    """Trio client: ``async with await AsyncClient.connect(path) as c: ...``."""
+
+    def __init__(self, stream: trio.SocketStream, socket_path: Path) -> None:
+        super().__init__()
+        self.socket_path = socket_path
+        self._stream = stream
+        self._lock = trio.Lock()
+        self._frames = protocol.FrameBuffer()
+        self._out = bytearray()
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, socket_path: str | os.PathLike[str] | None = None, *, name: str = "") -> AsyncClient:
+        path = Path(socket_path) if socket_path is not None else default_socket_path()
+        try:
+            stream = await trio.open_unix_socket(str(path))
+        except OSError as e:
+            raise ConnectionError(
+                f"cannot connect to the memkv-mesh daemon at {path}: {e.strerror or e} (is `memkv-mesh daemon` running?)"
+            ) from None
+        self = cls(stream, path)
+        self._welcome(await self._call(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid())))
+        return self
+
+    async def _send(self, msg: protocol.Msg) -> None:
+        self._out.clear()
+        await self._stream.send_all(protocol.encode_frame(msg, self._out))
+
+    async def _call(self, msg: protocol.Msg) -> protocol.Reply:
+        async with self._lock:
+            if self._closed:
+                raise ConnectionError("client is closed")
+            while self._deferred:
+                await self._send(protocol.Release(self._deferred.popleft()))
+            await self._send(msg)
+            while True:
+                body = self._frames.next_frame()
+                if body is not None:
+                    return protocol.reply_decoder.decode(body)
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    raise ConnectionError("the daemon closed the connection")
+                self._frames.feed(data)
+
+    def _release(self, lease_id: int) -> None:
+        # Called from sync code (Lease.release): queue it; the next request sends it first.
+        self._deferred.append(lease_id)
+
+    async def release(self, lease: Lease) -> None:
+        """Release a lease and tell the daemon now (``lease.release()`` defers the message)."""
+        lease.release()
+        async with self._lock:
+            while self._deferred and not self._closed:
+                await self._send(protocol.Release(self._deferred.popleft()))
+
+    async def put(self, key: bytes, value: Any) -> bool:
+        return await self.put_many([key], [value]) == 1
+
+    async def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
+        ks, vs = self._prepare_put(keys, values)
+        if not ks:
+            return 0
+        offsets = self._expect(await self._call(protocol.Alloc(ks, [v.nbytes for v in vs])), protocol.Allocated).offsets
+        try:
+            if sum(v.nbytes for v in vs) > _ASYNC_THREAD_COPY_BYTES:
+                done, sums = await trio.to_thread.run_sync(self._fill, offsets, ks, vs)
+            else:
+                done, sums = self._fill(offsets, ks, vs)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._call(protocol.Abort([k for k, o in zip(ks, offsets, strict=True) if o >= 0]))
+            raise
+        if not done:
+            return 0
+        return self._expect(await self._call(protocol.Commit(done, sums)), protocol.Count).n
+
+    async def get_many(self, keys: Sequence[bytes]) -> Lease:
+        loc = self._expect(await self._call(protocol.Get(_check_keys(keys))), protocol.Located)
+        return Lease(self, loc.lease, self._located_views(loc))
+
+    async def get(self, key: bytes) -> Lease | None:
+        lease = await self.get_many([key])
+        if lease.views[0] is None:
+            lease.release()
+            return None
+        return lease
+
+    async def get_many_into(self, keys: Sequence[bytes], buffers: Any) -> list[int | None]:
+        ks = _check_keys(keys)
+        loc = self._expect(await self._call(protocol.Get(ks)), protocol.Located)
+        try:
+            if sum(b[1] for b in loc.blocks if b is not None) > _ASYNC_THREAD_COPY_BYTES:
+                return await trio.to_thread.run_sync(self._copy_out, loc, buffers, len(ks))
+            return self._copy_out(loc, buffers, len(ks))
+        finally:
+            if loc.lease:
+                with trio.CancelScope(shield=True):
+                    async with self._lock:
+                        if not self._closed:
+                            await self._send(protocol.Release(loc.lease))
+
+    async def get_into(self, key: bytes, buffer: Any) -> int | None:
+        return (await self.get_many_into([key], [buffer]))[0]
+
+    async def lookup(self, keys: Sequence[bytes]) -> int:
+        return self._expect(await self._call(protocol.Lookup(_check_keys(keys))), protocol.Count).n
+
+    async def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._expect(await self._call(protocol.Contains(_check_keys(keys))), protocol.Present).present
+
+    async def delete(self, keys: Sequence[bytes] | bytes) -> int:
+        ks = [keys] if isinstance(keys, bytes) else list(keys)
+        return self._expect(await self._call(protocol.Delete(_check_keys(ks))), protocol.Count).n
+
+    async def stats(self) -> dict[str, Any]:
+        return self._expect(await self._call(protocol.StatsRequest()), protocol.StatsReply).stats
+
+    async def members(self) -> list[dict[str, Any]]:
+        return self._expect(await self._call(protocol.MembersRequest()), protocol.MembersReply).members
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._stream.aclose()
+        self._unmap()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,274 @@
+"""Typed, frozen configuration decoded from ``mesh.toml``.
+
+Every field has a default that lets a laptop run a single node with no edits, and a comment that
+says why the default is what it is. An unknown field, a wrong type or an out-of-range value is a
+``ConfigError`` naming the file, the field and the problem. Command-line flags that are given
+override the file; flags that are not given do not (``load_config(path, overrides)``).
+
+Relative paths in the file are resolved against the directory that holds the file, so
+``memkv-mesh daemon --config /etc/memkv/mesh.toml`` and ``cd /etc/memkv && memkv-mesh daemon``
+mean the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from memkv_mesh.eviction import POLICIES
+
+__all__ = [
+    "ByteSize",
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
+    "NodeConfig",
+    "StoreConfig",
+    "load_config",
+    "parse_byte_size",
+]
+
+KEY_BYTES = 32
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is wrong; the message names the file and the field."""
+
+
+class ByteSize(int):
+    """A size in bytes; in TOML either an integer or a string such as ``"512 MiB"`` or ``"2GB"``."""
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_byte_size(value: int | str) -> int:
+    """``"512 MiB"`` -> 536870912; ints pass through. ValueError names what was wrong."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a byte size cannot be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a byte size (int or string like '512 MiB'), got {value!r}")
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot parse byte size {value!r}: use an integer or a number with one of "
+            "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is ByteSize:
+        return ByteSize(parse_byte_size(obj))
+    raise NotImplementedError(f"no decoder for {typ}")
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Section):
+    # A name unique in the mesh. Default: the host name, which is unique in most clusters and
+    # readable in logs; set it when two daemons share a host (tests, several NUMA nodes).
+    id: str = ""
+    # "gpu" runs engines and keeps hot blocks in DRAM; "flash" holds replicas on NVMe; "both" is the
+    # right default for a single machine, which is both the engine host and its own storage.
+    role: Literal["gpu", "flash", "both"] = "both"
+    # Where the daemon keeps its socket, NVMe tier and state. Relative to the config file.
+    # ".memkv" keeps a laptop run inside the checkout (it is git-ignored).
+    data_dir: str = ".memkv"
+    # The Unix socket engines connect to. Empty: <data_dir>/memkv.sock, so two daemons with two
+    # data dirs never collide.
+    socket: str = ""
+    # Directory of the shared-memory arena file. Empty: /dev/shm (tmpfs, so the arena is RAM and
+    # never written back to disk) where it exists, else data_dir.
+    arena_dir: str = ""
+
+
+class StoreConfig(_Section):
+    # DRAM arena size. 512 MiB fits a laptop next to a browser; a GPU node gives it tens to
+    # hundreds of GiB (the arena is the first tier every get is served from).
+    dram_bytes: ByteSize = ByteSize(512 * 1024**2)
+    # NVMe tier size (preallocated files under <data_dir>/nvme). 0 disables the tier. 1 GiB keeps a
+    # laptop's disk use modest; flash nodes set terabytes.
+    nvme_bytes: ByteSize = ByteSize(1024**3)
+    # Directory for the NVMe tier files. Empty: <data_dir>/nvme. Point it at the NVMe mount.
+    nvme_dir: str = ""
+    # Largest block accepted. Blocks are hundreds of KiB to ~100 MiB (a 256-token chunk of a 405B
+    # model is ~128 MiB); larger values are a client bug and are refused with a clear error.
+    max_block_bytes: ByteSize = ByteSize(128 * 1024**2)
+    # Eviction policy for both tiers. "lru" is the baseline; see docs/eviction.md for the measured
+    # prefix-hit ratios on the Mooncake trace that chose the default.
+    eviction: str = "lru"
+    # Reserve the arena's memory at start (fallocate on tmpfs). Without it a full /dev/shm would
+    # kill the daemon with SIGBUS on first touch; with it start-up fails early and clearly instead.
+    preallocate: bool = True
+    # Verify every NVMe block's checksum at start-up (reads the whole tier). Off by default: the
+    # checksum is verified on every read anyway, and a multi-TB scan delays start-up by minutes.
+    verify_on_start: bool = False
+    # Batches whose payload exceeds this many bytes are checksummed in a worker thread so the
+    # Trio loop keeps answering lookups; below it the thread hop (~50 us) costs more than it saves.
+    thread_checksum_bytes: ByteSize = ByteSize(4 * 1024**2)
+
+
+class MetricsConfig(_Section):
+    # Serve Prometheus text format at http://<listen>/metrics.
+    enabled: bool = True
+    # Loopback by default: metrics name keys' counts and sizes, not for the open network. Port
+    # 9464 is the conventional Prometheus exporter port range; 0 picks a free port.
+    listen: str = "127.0.0.1:9464"
+
+
+class LogConfig(_Section):
+    # "info" logs start-up, shutdown and errors; "debug" adds one line per client connection.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json" (one object per line, for log shippers) or "text" (for a terminal).
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    # Where the file was read from (empty for defaults); relative paths resolve against its dir.
+    source: str = ""
+
+    # -- resolved views -----------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def _resolve(self, p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id or socket.gethostname()
+
+    @property
+    def data_dir(self) -> Path:
+        return self._resolve(self.node.data_dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return self._resolve(self.node.socket) if self.node.socket else self.data_dir / "memkv.sock"
+
+    @property
+    def arena_dir(self) -> Path:
+        if self.node.arena_dir:
+            return self._resolve(self.node.arena_dir)
+        shm = Path("/dev/shm")
+        return shm if shm.is_dir() and os.access(shm, os.W_OK) else self.data_dir
+
+    @property
+    def nvme_dir(self) -> Path:
+        return self._resolve(self.store.nvme_dir) if self.store.nvme_dir else self.data_dir / "nvme"
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.store
+    if s.dram_bytes < 1024 * 1024:
+        raise ValueError(f"store.dram_bytes must be at least 1 MiB, got {int(s.dram_bytes)}")
+    if s.max_block_bytes < 1 or s.max_block_bytes > s.dram_bytes:
+        raise ValueError(
+            f"store.max_block_bytes must be between 1 and store.dram_bytes ({int(s.dram_bytes)}), "
+            f"got {int(s.max_block_bytes)}"
+        )
+    if s.nvme_bytes and s.nvme_bytes < s.max_block_bytes:
+        raise ValueError(
+            f"store.nvme_bytes ({int(s.nvme_bytes)}) must be 0 (no NVMe tier) or at least "
+            f"store.max_block_bytes ({int(s.max_block_bytes)})"
+        )
+    if s.eviction not in POLICIES:
+        raise ValueError(f"store.eviction {s.eviction!r} is not one of {', '.join(POLICIES)}")
+    if cfg.metrics.enabled:
+        host, sep, port = cfg.metrics.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"metrics.listen must be 'host:port', got {cfg.metrics.listen!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", cfg.node_id):
+        raise ValueError(
+            f"node.id {cfg.node_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Apply dotted overrides ("store.dram_bytes": v) onto a nested dict."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = dotted.partition(".")
+        table = base.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        table[field] = value
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ``path`` (None: built-in defaults), apply dotted ``overrides``, validate.
+
+    Raises ConfigError naming the file and the field on any problem.
+    """
+    where = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    if "source" in raw:
+        raise ConfigError(f"{where}: unknown field 'source'")
+    _merge(raw, overrides or {})
+    raw["source"] = str(Path(path).resolve()) if path is not None else ""
+    try:
+        cfg = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+        _validate(cfg)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ConfigError(f"{where}: {_describe(e)}") from None
+    return cfg
+
+
+def _describe(e: Exception) -> str:
+    """msgspec says "... - at `$.store.dram_bytes`"; turn that into "store.dram_bytes: ..."."""
+    msg = str(e)
+    m = re.match(r"^(.*) - at `\$\.?(.*)`$", msg)
+    if m:
+        field = m.group(2) or "(top level)"
+        return f"field {field}: {m.group(1)}"
+    m = re.match(r"^Object contains unknown field `(.*)`$", msg)
+    if m:
+        return f"unknown field {m.group(1)!r} at the top level"
+    return msg

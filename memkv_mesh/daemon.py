@@ -1,0 +1,371 @@
+"""The node's sidecar daemon: a Trio service that owns the arena, the tiers and the Unix socket.
+
+Theory of operation
+-------------------
+* ``Daemon.run`` is started with ``nursery.start``: it takes an exclusive lock on the data
+  directory (one daemon per directory), recovers the NVMe tier in a worker thread, creates the
+  shared-memory arena, binds the Unix socket (mode 0660), starts the metrics endpoint and reports
+  itself started. Cancelling its scope stops it; ``finally`` blocks close the tiers and remove the
+  socket and arena.
+* One task per client connection reads length-prefixed frames and answers each request in order
+  (``protocol.py``). What a connection holds (leases, slots allocated but not committed) is
+  released when it ends, however it ends: EOF, reset, a protocol error, or daemon shutdown.
+* Bad input never takes the daemon down: a frame that does not decode, a wrong key length, an
+  oversize block or a full store gets an ``Error`` reply; only a frame too long to trust closes
+  that one connection. Anything unexpected is logged and answered with ``internal``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from memkv_mesh import __version__, protocol
+from memkv_mesh.arena import Arena, arena_path
+from memkv_mesh.config import Config
+from memkv_mesh.keys import KEY_BYTES
+from memkv_mesh.metrics import Metrics
+from memkv_mesh.store import BlockStore, StoreError
+
+log = logging.getLogger("memkv_mesh.daemon")
+
+__all__ = ["Daemon", "DaemonError"]
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (the message says why and what to change)."""
+
+
+class _Conn:
+    """Identity of one client connection (owner of leases and pending slots)."""
+
+    __slots__ = ("client", "hello", "id", "pid")
+    _ids = 0
+
+    def __init__(self) -> None:
+        _Conn._ids += 1
+        self.id = _Conn._ids
+        self.hello = False
+        self.client = ""
+        self.pid = 0
+
+
+_OP_NAMES = {
+    protocol.Hello: "hello",
+    protocol.Alloc: "alloc",
+    protocol.Commit: "commit",
+    protocol.Abort: "abort",
+    protocol.Get: "get",
+    protocol.Release: "release",
+    protocol.Lookup: "lookup",
+    protocol.Delete: "delete",
+    protocol.StatsRequest: "stats",
+    protocol.MembersRequest: "members",
+    protocol.Contains: "contains",
+}
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.socket_path = config.socket_path
+        self.started_at = 0.0
+        self.store: BlockStore | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        self.gossip: Any = None
+        self.nvme_recovery: Any = None
+        self._arena: Arena | None = None
+        self._lock_fd: int | None = None
+        self._connections = 0
+        self._bad_requests = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        data_dir = cfg.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock(data_dir)
+        nvme = None
+        try:
+            if cfg.store.nvme_bytes:
+                from memkv_mesh.nvme import NvmeTier
+
+                nvme = NvmeTier(cfg.nvme_dir, int(cfg.store.nvme_bytes), policy=cfg.store.eviction)
+                self.nvme_recovery = await trio.to_thread.run_sync(nvme.open)
+                if cfg.store.verify_on_start:
+                    await trio.to_thread.run_sync(self._verify_nvme, nvme)
+            arena = self._arena = Arena(
+                arena_path(cfg.arena_dir, self.node_id), int(cfg.store.dram_bytes),
+                preallocate=cfg.store.preallocate,
+            )  # fmt: skip
+            await trio.to_thread.run_sync(arena.open)
+            self.store = BlockStore(
+                arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme
+            )
+            listener = self._bind_socket()
+            self.metrics = Metrics(self.store.statistics, self._info)
+            async with trio.open_nursery() as nursery:
+                if cfg.metrics.enabled:
+                    host, _, port = cfg.metrics.listen.rpartition(":")
+                    try:
+                        self.metrics_port = await nursery.start(self.metrics.serve, host, int(port))
+                    except OSError as e:
+                        raise DaemonError(
+                            f"cannot serve metrics on {cfg.metrics.listen}: {e.strerror} "
+                            "(set [metrics] listen to a free port, or port 0)"
+                        ) from None
+                await self._start_gossip(nursery)
+                nursery.start_soon(trio.serve_listeners, self._serve_client, [listener])
+                self.started_at = time.time()
+                log.info(
+                    "daemon started",
+                    extra={"fields": {
+                        "node": self.node_id, "version": __version__, "socket": str(self.socket_path),
+                        "arena": str(arena.path), "dram_bytes": arena.size,
+                        "nvme_bytes": int(cfg.store.nvme_bytes), "eviction": cfg.store.eviction,
+                        "metrics_port": self.metrics_port,
+                        "nvme_recovered": getattr(self.nvme_recovery, "recovered", 0),
+                        "gossip": self.gossip.local_addr if self.gossip is not None else None,
+                    }},
+                )  # fmt: skip
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.gossip is not None:
+                    with trio.move_on_after(2):
+                        await self.gossip.leave()
+            try:
+                self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+            if nvme is not None:
+                nvme.close()
+            if self._arena is not None:
+                self._arena.close()
+            self._release_lock()
+            log.info("daemon stopped", extra={"fields": {"node": self.node_id}})
+
+    async def _start_gossip(self, nursery: trio.Nursery) -> None:
+        gcfg = getattr(self.config, "gossip", None)
+        if gcfg is None or not gcfg.enabled:
+            return
+        from transport.gossip_driver import GossipService, NodeMeta
+
+        meta = NodeMeta(
+            role=self.config.node.role,
+            capacity_weight=float(max(1, int(self.config.store.nvme_bytes) >> 30)),
+            data_addr="",
+            protocol_version=protocol.PROTOCOL_VERSION,
+        )
+        self.gossip = GossipService(
+            gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir
+        )
+        await nursery.start(self.gossip.run)
+
+    @staticmethod
+    def _verify_nvme(nvme: Any) -> None:
+        for key in nvme.keys():
+            n = nvme.length(key)
+            if n is not None:
+                nvme.read_into(key, memoryview(bytearray(n)))
+
+    def _take_lock(self, data_dir: Path) -> None:
+        path = data_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                try:
+                    other = path.read_text().strip()
+                except OSError:
+                    other = "?"
+                raise DaemonError(
+                    f"another daemon (pid {other or '?'}) is running with data_dir {data_dir}; "
+                    "stop it or give this one another [node] data_dir"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _bind_socket(self) -> trio.SocketListener:
+        path = self.socket_path
+        if len(os.fsencode(path)) > 107:
+            raise DaemonError(
+                f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow 107. "
+                "Set [node] socket to a shorter path"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.unlink()  # stale: we hold the data-dir lock, so no live daemon owns it
+        except FileNotFoundError:
+            pass
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117)  # the socket file is born 0660, never briefly world-writable
+        try:
+            raw.bind(str(path))
+            raw.listen(128)
+        except OSError:
+            raw.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+    def _info(self) -> dict[str, str]:
+        return {"node": self.node_id, "role": self.config.node.role, "version": __version__}
+
+    # ---- clients ------------------------------------------------------------------------------------
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        conn = _Conn()
+        self._connections += 1
+        frames = protocol.FrameBuffer()
+        out = bytearray()
+        store = self.store
+        assert store is not None
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                frames.feed(data)
+                while (body := frames.next_frame()) is not None:
+                    reply = await self._dispatch(conn, body)
+                    if reply is not None:
+                        out.clear()
+                        await stream.send_all(protocol.encode_frame(reply, out))
+        except protocol.ProtocolError as e:
+            self._bad_requests += 1
+            log.warning("closing client: %s", e, extra={"fields": {"conn": conn.id, "pid": conn.pid}})
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(protocol.encode_frame(protocol.Error(protocol.BAD_REQUEST, str(e))))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._connections -= 1
+            leases, slots = store.drop_owner(conn)
+            if leases or slots:
+                log.info(
+                    "client gone: released its leases and uncommitted slots",
+                    extra={"fields": {"conn": conn.id, "pid": conn.pid, "leases": leases, "slots": slots}},
+                )
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _dispatch(self, conn: _Conn, body: bytes) -> protocol.Msg | None:
+        t0 = time.perf_counter()
+        try:
+            req = protocol.request_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self._bad_requests += 1
+            return protocol.Error(protocol.BAD_REQUEST, f"malformed request: {e}")
+        op = _OP_NAMES[type(req)]
+        try:
+            reply = await self._handle(conn, req)
+        except StoreError as e:
+            self._bad_requests += e.code in (protocol.BAD_REQUEST, protocol.BAD_KEY, protocol.TOO_LARGE)
+            reply = protocol.Error(e.code, e.message)
+        except Exception:
+            log.exception("internal error handling %s", op, extra={"fields": {"conn": conn.id}})
+            reply = protocol.Error(protocol.INTERNAL, f"internal error handling {op}; see the daemon log")
+        assert self.metrics is not None
+        self.metrics.observe(op, time.perf_counter() - t0)
+        return reply
+
+    async def _handle(self, conn: _Conn, req: Any) -> protocol.Msg | None:
+        store = self.store
+        assert store is not None
+        if isinstance(req, protocol.Hello):
+            if req.version != protocol.PROTOCOL_VERSION:
+                return protocol.Error(
+                    protocol.BAD_REQUEST,
+                    f"protocol version {req.version} is not supported; this daemon speaks "
+                    f"{protocol.PROTOCOL_VERSION} (upgrade the client or the daemon)",
+                )
+            conn.hello, conn.client, conn.pid = True, req.client, req.pid
+            log.debug("client connected", extra={"fields": {"conn": conn.id, "client": req.client, "pid": req.pid}})
+            assert self._arena is not None
+            return protocol.Welcome(
+                protocol.PROTOCOL_VERSION, self.node_id, str(self._arena.path), self._arena.size,
+                store.max_block_bytes, KEY_BYTES,
+            )  # fmt: skip
+        if not conn.hello:
+            return protocol.Error(protocol.BAD_REQUEST, "send Hello first")
+        keys = getattr(req, "keys", None)
+        if keys is not None and len(keys) > protocol.MAX_BATCH:
+            return protocol.Error(
+                protocol.BAD_REQUEST, f"{len(keys)} keys in one request; the limit is {protocol.MAX_BATCH}"
+            )
+        if isinstance(req, protocol.Lookup):
+            return protocol.Count(store.lookup(req.keys))
+        if isinstance(req, protocol.Get):
+            lease, blocks = await store.get(conn, req.keys)
+            return protocol.Located(lease, blocks)
+        if isinstance(req, protocol.Release):
+            store.release(conn, req.lease)
+            return None
+        if isinstance(req, protocol.Alloc):
+            return protocol.Allocated(await store.alloc(conn, req.keys, req.sizes))
+        if isinstance(req, protocol.Commit):
+            return protocol.Count(store.commit(conn, req.keys, req.checksums))
+        if isinstance(req, protocol.Abort):
+            return protocol.Count(store.abort(conn, req.keys))
+        if isinstance(req, protocol.Contains):
+            return protocol.Present(store.contains(req.keys))
+        if isinstance(req, protocol.Delete):
+            return protocol.Count(await store.delete(req.keys))
+        if isinstance(req, protocol.StatsRequest):
+            return protocol.StatsReply(self.status())
+        if isinstance(req, protocol.MembersRequest):
+            if self.gossip is None:
+                return protocol.Error(protocol.UNAVAILABLE, "gossip is not enabled on this daemon ([gossip] enabled = false)")
+            return protocol.MembersReply([msgspec.to_builtins(m) for m in self.gossip.members()])
+        raise AssertionError(f"unhandled request {type(req).__name__}")  # pragma: no cover
+
+    # ---- status -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        assert self.store is not None and self._arena is not None
+        cfg = self.config
+        out: dict[str, object] = {
+            "node_id": self.node_id,
+            "role": cfg.node.role,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "socket": str(self.socket_path),
+            "arena": str(self._arena.path),
+            "nvme_dir": str(cfg.nvme_dir) if cfg.store.nvme_bytes else None,
+            "eviction": cfg.store.eviction,
+            "metrics_port": self.metrics_port,
+            "connections": self._connections,
+            "bad_requests": self._bad_requests,
+            "store": msgspec.to_builtins(self.store.statistics()),
+        }
+        if self.nvme_recovery is not None:
+            out["nvme_recovery"] = msgspec.to_builtins(self.nvme_recovery)
+        if self.gossip is not None:
+            out["gossip"] = msgspec.to_builtins(self.gossip.statistics())
+            out["gossip_addr"] = self.gossip.local_addr
+        return out

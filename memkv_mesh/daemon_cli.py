@@ -1,0 +1,160 @@
+"""``memkv-mesh daemon``, ``memkv-mesh status`` and ``memkv-mesh members``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from memkv_mesh.config import ConfigError, load_config
+from memkv_mesh.logs import setup_logging
+
+log = logging.getLogger("memkv_mesh.daemon")
+
+
+def _daemon_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memkv-mesh daemon",
+        description="Run the node's sidecar daemon. Flags given override mesh.toml; flags not given do not.",
+    )
+    p.add_argument("--config", "-c", default=None, help="mesh.toml to read (default: ./mesh.toml if present)")
+    p.add_argument("--node-id", dest="node.id", help="[node] id")
+    p.add_argument("--role", dest="node.role", choices=["gpu", "flash", "both"], help="[node] role")
+    p.add_argument("--data-dir", dest="node.data_dir", help="[node] data_dir")
+    p.add_argument("--socket", dest="node.socket", help="[node] socket")
+    p.add_argument("--arena-dir", dest="node.arena_dir", help="[node] arena_dir")
+    p.add_argument("--dram-bytes", dest="store.dram_bytes", help="[store] dram_bytes, e.g. '4 GiB'")
+    p.add_argument("--nvme-bytes", dest="store.nvme_bytes", help="[store] nvme_bytes, 0 disables NVMe")
+    p.add_argument("--nvme-dir", dest="store.nvme_dir", help="[store] nvme_dir")
+    p.add_argument("--eviction", dest="store.eviction", help="[store] eviction policy")
+    p.add_argument("--metrics-listen", dest="metrics.listen", help="[metrics] listen host:port")
+    p.add_argument("--no-metrics", dest="metrics.enabled", action="store_const", const=False, help="[metrics] enabled = false")
+    p.add_argument("--log-level", dest="log.level", choices=["debug", "info", "warning", "error"], help="[log] level")
+    p.add_argument("--log-format", dest="log.format", choices=["json", "text"], help="[log] format")
+    return p
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if "." in k and v is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _daemon_parser().parse_args(argv)
+    path = ns.config
+    if path is None:
+        from pathlib import Path
+
+        path = "mesh.toml" if Path("mesh.toml").is_file() else None
+    try:
+        cfg = load_config(path, _overrides(ns))
+    except ConfigError as e:
+        print(f"memkv-mesh daemon: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log.level, cfg.log.format)
+    from memkv_mesh.daemon import Daemon, DaemonError
+
+    async def _run() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(Daemon(cfg).run)
+                async for signum in signals:
+                    log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(_run)
+    except DaemonError as e:
+        log.error("cannot start: %s", e)
+        print(f"memkv-mesh daemon: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        print(f"memkv-mesh daemon: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _client_parser(prog: str, what: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=what)
+    p.add_argument("--socket", "-s", default=None, help="daemon socket (default: $MEMKV_SOCKET or the one mesh.toml names)")
+    p.add_argument("--config", "-c", default=None, help="find the socket from this mesh.toml")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _connect(ns: argparse.Namespace) -> Any:
+    from memkv_mesh.client import Client
+
+    sock = ns.socket
+    if sock is None and (ns.config is not None or __import__("os").path.exists("mesh.toml")):
+        sock = load_config(ns.config or "mesh.toml").socket_path
+    return Client(sock, timeout=10.0, name="memkv-mesh-cli")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def status_main(argv: Sequence[str] | None = None) -> int:
+    ns = _client_parser("memkv-mesh status", "Print a running daemon's node, tiers, usage and hit/miss counts.").parse_args(argv)
+    try:
+        with _connect(ns) as c:
+            st = c.stats()
+    except (ConnectionError, ConfigError) as e:
+        print(f"memkv-mesh status: {e}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    s = st["store"]
+    gets = s["hits_dram"] + s["hits_nvme"] + s["misses"]
+    print(f"node      {st['node_id']} (role {st['role']}, pid {st['pid']}, up {st['uptime_s']:.0f} s, v{st['version']})")
+    print(f"socket    {st['socket']}")
+    print(f"dram      {_fmt_bytes(s['dram_used_bytes'])} / {_fmt_bytes(s['dram_capacity_bytes'])} in {s['dram_blocks']} blocks  ({st['arena']})")
+    if st.get("nvme_dir"):
+        print(f"nvme      {_fmt_bytes(s['nvme_used_bytes'])} / {_fmt_bytes(s['nvme_capacity_bytes'])} in {s['nvme_blocks']} blocks  ({st['nvme_dir']})")
+    else:
+        print("nvme      disabled")
+    hr = (s["hits_dram"] + s["hits_nvme"]) / gets if gets else 0.0
+    print(f"gets      {gets} blocks: {s['hits_dram']} dram hits, {s['hits_nvme']} nvme hits, {s['misses']} misses (hit ratio {hr:.3f})")
+    print(f"puts      {s['puts']} blocks, {_fmt_bytes(s['put_bytes'])}; lookups {s['lookups']}; deletes {s['deletes']}")
+    print(f"evictions {s['demotions']} dram->nvme, {s['dram_drops']} dropped from dram, {s['nvme_drops']} dropped from nvme; corrupt dropped {s['corrupt_dropped']}")
+    print(f"clients   {st['connections']} connected, {s['active_leases']} leases, {s['pending_slots']} pending slots; eviction {st['eviction']}")
+    if st.get("metrics_port"):
+        print(f"metrics   http://127.0.0.1:{st['metrics_port']}/metrics")
+    if st.get("gossip_addr"):
+        print(f"gossip    {st['gossip_addr']}")
+    return 0
+
+
+def members_main(argv: Sequence[str] | None = None) -> int:
+    ns = _client_parser("memkv-mesh members", "List the mesh members a running daemon knows.").parse_args(argv)
+    try:
+        with _connect(ns) as c:
+            members = c.members()
+    except (ConnectionError, ConfigError) as e:
+        print(f"memkv-mesh members: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # MemkvError: gossip disabled
+        print(f"memkv-mesh members: {e}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(members, indent=2, sort_keys=True))
+        return 0
+    print(f"{'node':<20} {'address':<24} {'state':<8} {'inc':>5}  role")
+    for m in sorted(members, key=lambda m: str(m.get("node_id"))):
+        meta = m.get("meta") or {}
+        role = meta.get("role", "") if isinstance(meta, dict) else ""
+        print(f"{m.get('node_id', ''):<20} {m.get('addr', ''):<24} {m.get('state', ''):<8} {m.get('incarnation', 0):>5}  {role}")
+    return 0

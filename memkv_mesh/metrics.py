@@ -1,0 +1,133 @@
+"""Prometheus metrics for the daemon, served by a tiny Trio HTTP endpoint at ``/metrics``.
+
+The store and other components never import prometheus_client: they expose ``statistics()``
+snapshots, and the collector here turns the latest snapshot into metric families at scrape time.
+Only op latencies are recorded as they happen (a histogram cannot be rebuilt from a snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from memkv_mesh.store import StoreStats
+
+log = logging.getLogger("memkv_mesh.metrics")
+
+# Latency buckets from 10 us to 1 s: a lookup is tens of microseconds, a 16 x 16 MiB put tens of ms.
+_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0)
+
+_COUNTERS = {
+    "puts": ("memkv_puts", "Blocks stored"),
+    "put_bytes": ("memkv_put_bytes", "Bytes of blocks stored"),
+    "get_bytes": ("memkv_get_bytes", "Bytes of blocks served"),
+    "lookups": ("memkv_lookups", "Prefix lookups answered"),
+    "deletes": ("memkv_deletes", "Blocks deleted"),
+    "corrupt_dropped": ("memkv_corrupt_blocks_dropped", "Corrupt or torn NVMe blocks found and dropped"),
+}
+
+
+class _StoreCollector:
+    def __init__(self, snapshot: Callable[[], StoreStats], info: Callable[[], dict[str, str]]) -> None:
+        self._snapshot = snapshot
+        self._info = info
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._snapshot()
+        info = GaugeMetricFamily("memkv_node_info", "Node identity", labels=list(self._info()))
+        info.add_metric(list(self._info().values()), 1)
+        yield info
+        hits = CounterMetricFamily("memkv_hits", "Blocks found by get, by tier", labels=["tier"])
+        hits.add_metric(["dram"], s.hits_dram)
+        hits.add_metric(["nvme"], s.hits_nvme)
+        yield hits
+        misses = CounterMetricFamily("memkv_misses", "Blocks asked for by get and not found")
+        misses.add_metric([], s.misses)
+        yield misses
+        for field, (name, doc) in _COUNTERS.items():
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], getattr(s, field))
+            yield c
+        ev = CounterMetricFamily("memkv_evictions", "Blocks evicted, by kind", labels=["kind"])
+        ev.add_metric(["dram_to_nvme"], s.demotions)
+        ev.add_metric(["dram_dropped"], s.dram_drops)
+        ev.add_metric(["nvme_dropped"], s.nvme_drops)
+        yield ev
+        used = GaugeMetricFamily("memkv_tier_used_bytes", "Bytes in use per tier", labels=["tier"])
+        cap = GaugeMetricFamily("memkv_tier_capacity_bytes", "Capacity per tier", labels=["tier"])
+        blocks = GaugeMetricFamily("memkv_tier_blocks", "Blocks per tier", labels=["tier"])
+        for tier, u, c, b in (
+            ("dram", s.dram_used_bytes, s.dram_capacity_bytes, s.dram_blocks),
+            ("nvme", s.nvme_used_bytes, s.nvme_capacity_bytes, s.nvme_blocks),
+        ):
+            used.add_metric([tier], u)
+            cap.add_metric([tier], c)
+            blocks.add_metric([tier], b)
+        yield used
+        yield cap
+        yield blocks
+        leases = GaugeMetricFamily("memkv_active_leases", "Get leases not yet released")
+        leases.add_metric([], s.active_leases)
+        yield leases
+
+
+class Metrics:
+    """The daemon's registry: op latency histograms plus the store snapshot collector."""
+
+    def __init__(self, snapshot: Callable[[], StoreStats], info: Callable[[], dict[str, str]]) -> None:
+        self.registry = CollectorRegistry()
+        self.op_seconds = Histogram(
+            "memkv_op_seconds",
+            "Time the daemon spends on one client request, by op",
+            labelnames=["op"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._observers: dict[str, Any] = {}
+        self.registry.register(_StoreCollector(snapshot, info))  # type: ignore[arg-type]
+
+    def observe(self, op: str, seconds: float) -> None:
+        obs = self._observers.get(op)
+        if obs is None:
+            obs = self._observers[op] = self.op_seconds.labels(op=op).observe
+        obs(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """HTTP/1.0-style: GET /metrics answers and closes; anything else 404."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                line = head.split(b"\r\n", 1)[0].split()
+                if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                    body = self.render()
+                    status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                else:
+                    body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+                await stream.send_all(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
+                    + b"\r\nContent-Length: " + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n" + body
+                )  # fmt: skip
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()

@@ -1,0 +1,198 @@
+"""The local wire protocol between engines (clients) and the daemon on their node.
+
+Theory of operation
+-------------------
+* Frames: a 4-byte little-endian length, then one msgpack-encoded message. A frame longer than
+  ``MAX_FRAME_BYTES`` is a protocol error and the connection is closed (the stream cannot be
+  trusted after that); a frame that does not decode gets an ``Error`` reply and the connection goes
+  on, because the length prefix still marks where the next frame starts.
+* Messages are msgspec Structs, tagged and array_like. ONLY APPEND: never renumber a tag, never
+  reorder fields, add new fields at the end with defaults.
+* Every request gets exactly one reply, in order, except ``Release``, which has none (a get's
+  lease is released without a round trip).
+* The bytes of blocks never cross the socket. ``Alloc`` reserves arena slots, the client copies
+  into them, ``Commit`` publishes them; ``Get`` pins blocks under a lease and returns their arena
+  offsets; the client reads them straight from the shared-memory arena and then ``Release``\\ s.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+# A batch is at most this many keys; 65,536 keys is a 16M-token prompt of 256-token blocks.
+MAX_BATCH = 65536
+LEN = struct.Struct("<I")
+
+
+class Msg(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+# ---- requests (client -> daemon). ONLY APPEND. --------------------------------------------------
+class Hello(Msg, tag=0):
+    version: int
+    client: str = ""
+    pid: int = 0
+
+
+class Alloc(Msg, tag=1):
+    """Reserve arena slots for blocks about to be put (all or nothing)."""
+
+    keys: list[bytes]
+    sizes: list[int]
+
+
+class Commit(Msg, tag=2):
+    """Publish allocated slots; ``checksums`` are xxh3-64 of each block's bytes."""
+
+    keys: list[bytes]
+    checksums: list[int]
+
+
+class Abort(Msg, tag=3):
+    """Give back allocated slots that will not be committed."""
+
+    keys: list[bytes]
+
+
+class Get(Msg, tag=4):
+    """Pin the blocks found and return where they lie in the arena, under one lease."""
+
+    keys: list[bytes]
+
+
+class Release(Msg, tag=5):
+    """End a lease (no reply)."""
+
+    lease: int
+
+
+class Lookup(Msg, tag=6):
+    """How many leading keys are present."""
+
+    keys: list[bytes]
+
+
+class Delete(Msg, tag=7):
+    keys: list[bytes]
+
+
+class StatsRequest(Msg, tag=8):
+    pass
+
+
+class MembersRequest(Msg, tag=9):
+    pass
+
+
+class Contains(Msg, tag=10):
+    """Which of the keys are present (one bool each)."""
+
+    keys: list[bytes]
+
+
+# ---- replies (daemon -> client). ONLY APPEND. ---------------------------------------------------
+class Error(Msg, tag=64):
+    code: str
+    message: str
+
+
+class Welcome(Msg, tag=65):
+    version: int
+    node_id: str
+    arena_path: str
+    arena_bytes: int
+    max_block_bytes: int
+    key_bytes: int
+
+
+class Allocated(Msg, tag=66):
+    """One offset per key; -1 means the key is already stored and needs no copy."""
+
+    offsets: list[int]
+
+
+class Count(Msg, tag=67):
+    n: int
+
+
+class Located(Msg, tag=68):
+    """Per key ``[offset, length]`` or None for a miss; ``lease`` 0 when nothing was pinned."""
+
+    lease: int
+    blocks: list[tuple[int, int] | None]
+
+
+class StatsReply(Msg, tag=69):
+    stats: dict[str, object]
+
+
+class MembersReply(Msg, tag=70):
+    members: list[dict[str, object]]
+
+
+class Present(Msg, tag=71):
+    present: list[bool]
+
+
+Request = Hello | Alloc | Commit | Abort | Get | Release | Lookup | Delete | StatsRequest | MembersRequest | Contains
+Reply = Error | Welcome | Allocated | Count | Located | StatsReply | MembersReply | Present
+
+# Error codes, stable strings that clients switch on.
+BAD_REQUEST = "bad_request"  # malformed frame or message
+BAD_KEY = "bad_key"  # a key of the wrong length
+TOO_LARGE = "too_large"  # a block larger than store.max_block_bytes
+FULL = "full"  # no room even after eviction (everything pinned)
+NOT_ALLOCATED = "not_allocated"  # commit/abort of a key this connection did not allocate
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"  # a feature not running on this daemon (e.g. gossip)
+
+
+class ProtocolError(Exception):
+    """The peer broke framing (oversize frame); the connection must be closed."""
+
+
+request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(msg: Msg, buf: bytearray | None = None) -> bytearray:
+    """Length-prefixed frame of ``msg`` (reuses ``buf`` when given)."""
+    out = buf if buf is not None else bytearray()
+    _encoder.encode_into(msg, out, 4)
+    LEN.pack_into(out, 0, len(out) - 4)
+    return out
+
+
+class FrameBuffer:
+    """Accumulates received bytes and yields complete frame bodies."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def next_frame(self) -> bytes | None:
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        (n,) = LEN.unpack_from(buf, 0)
+        if n > self._max:
+            raise ProtocolError(f"frame of {n} bytes exceeds the limit of {self._max} bytes")
+        if len(buf) < 4 + n:
+            return None
+        body = bytes(buf[4 : 4 + n])
+        del buf[: 4 + n]
+        return body
+
+    def __len__(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,387 @@
+"""The node's tiered block store: DRAM arena -> NVMe tier -> dropped.
+
+Theory of operation
+-------------------
+* A block is immutable bytes under a 32-byte key. Put is two steps so the bytes cross memory
+  once: ``alloc`` reserves arena extents (all or nothing for a batch) and remembers them as the
+  connection's *pending* slots; the client copies its bytes in; ``commit`` publishes them with the
+  xxh3-64 checksum the client computed while the bytes were hot in its cache. A key that is already
+  stored is not allocated again (offset -1): blocks are content-named, a second put is a no-op.
+* Get pins the blocks it finds under a *lease* and returns their arena offsets. A pinned block is
+  never evicted, demoted or freed; deleting or demoting it only *dooms* it (gone from the index, its
+  extent freed when the last lease ends). Leases and pending slots belong to a connection, and
+  ``drop_owner`` releases them all when the client goes away, however it went.
+* When the arena is full, the eviction policy picks an unpinned victim; it is written to the NVMe
+  tier (in a worker thread, the block pinned meanwhile) unless NVMe already holds it, then its
+  extent is freed. The NVMe tier drops its own victims when it is full. A get that misses DRAM but
+  hits NVMe promotes the block: a fresh extent, a read in a worker thread that verifies the
+  checksum (a corrupt block is dropped and is a miss), then it is served like any DRAM block.
+* All index state lives on the Trio loop and is changed only between awaits; only payload I/O
+  runs in threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from memkv_mesh.alloc import ExtentAllocator
+from memkv_mesh.arena import Arena
+from memkv_mesh.eviction import make_policy
+from memkv_mesh.keys import KEY_BYTES
+
+if TYPE_CHECKING:
+    from memkv_mesh.nvme import NvmeTier
+
+__all__ = ["BlockStore", "StoreError", "StoreStats"]
+
+
+class StoreError(Exception):
+    """A request the store refuses; ``code`` is one of the protocol's error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    dram_blocks: int
+    dram_used_bytes: int
+    dram_capacity_bytes: int
+    dram_largest_free_bytes: int
+    nvme_blocks: int
+    nvme_used_bytes: int
+    nvme_capacity_bytes: int
+    puts: int
+    put_bytes: int
+    hits_dram: int
+    hits_nvme: int
+    misses: int
+    get_bytes: int
+    lookups: int
+    deletes: int
+    demotions: int
+    dram_drops: int
+    nvme_drops: int
+    corrupt_dropped: int
+    active_leases: int
+    pending_slots: int
+
+
+class _Entry:
+    __slots__ = ("checksum", "doomed", "key", "length", "offset", "pins")
+
+    def __init__(self, key: bytes, offset: int, length: int, checksum: int) -> None:
+        self.key = key
+        self.offset = offset
+        self.length = length
+        self.checksum = checksum
+        self.pins = 0
+        self.doomed = False
+
+
+def _check_keys(keys: Sequence[bytes]) -> None:
+    for i, k in enumerate(keys):
+        if len(k) != KEY_BYTES:
+            raise StoreError("bad_key", f"key {i} is {len(k)} bytes; keys are {KEY_BYTES} bytes")
+
+
+class BlockStore:
+    def __init__(
+        self,
+        arena: Arena,
+        *,
+        max_block_bytes: int,
+        eviction: str = "lru",
+        nvme: NvmeTier | None = None,
+        align: int = 4096,
+    ) -> None:
+        self.arena = arena
+        self.max_block_bytes = max_block_bytes
+        self.nvme = nvme
+        self._alloc = ExtentAllocator(arena.size, align=align)
+        self._policy = make_policy(eviction, arena.size)
+        self._index: dict[bytes, _Entry] = {}
+        self._pending: dict[Hashable, dict[bytes, tuple[int, int]]] = {}
+        self._leases: dict[int, tuple[Hashable, list[_Entry]]] = {}
+        self._owner_leases: dict[Hashable, set[int]] = {}
+        self._lease_ids = itertools.count(1)
+        self._promoting: dict[bytes, trio.Event] = {}
+        self._c = dict.fromkeys(
+            (
+                "puts", "put_bytes", "hits_dram", "hits_nvme", "misses", "get_bytes", "lookups",
+                "deletes", "demotions", "dram_drops", "nvme_drops",
+            ),
+            0,
+        )  # fmt: skip
+
+    # ---- questions answered without waiting -----------------------------------------------------
+    def _present(self, key: bytes) -> bool:
+        return key in self._index or (self.nvme is not None and key in self.nvme)
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading keys present in any tier."""
+        self._c["lookups"] += 1
+        index, nvme = self._index, self.nvme
+        n = 0
+        for k in keys:
+            if k in index or (nvme is not None and k in nvme):
+                n += 1
+            else:
+                break
+        return n
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return [self._present(k) for k in keys]
+
+    # ---- put --------------------------------------------------------------------------------------
+    async def alloc(self, owner: Hashable, keys: Sequence[bytes], sizes: Sequence[int]) -> list[int]:
+        """Reserve extents for the keys not yet stored; -1 for those already stored."""
+        if len(keys) != len(sizes):
+            raise StoreError("bad_request", f"{len(keys)} keys but {len(sizes)} sizes")
+        _check_keys(keys)
+        if len(set(keys)) != len(keys):
+            raise StoreError("bad_request", "the same key appears twice in one batch")
+        pending = self._pending.setdefault(owner, {})
+        for i, (k, size) in enumerate(zip(keys, sizes, strict=True)):
+            if size <= 0:
+                raise StoreError("bad_request", f"block {i} has size {size}; sizes must be > 0")
+            if size > self.max_block_bytes:
+                raise StoreError(
+                    "too_large",
+                    f"block {i} is {size} bytes; the limit is store.max_block_bytes = {self.max_block_bytes}",
+                )
+            if k in pending:
+                raise StoreError("bad_request", f"key {i} is already allocated and not yet committed")
+        offsets: list[int] = []
+        got: list[tuple[bytes, int, int]] = []
+        try:
+            for k, size in zip(keys, sizes, strict=True):
+                if k in self._index and not self._index[k].doomed:
+                    offsets.append(-1)
+                    continue
+                off = await self._make_room(size)
+                got.append((k, off, size))
+                offsets.append(off)
+        except BaseException:
+            for _, off, _ in got:
+                self._alloc.free(off)
+            raise
+        for k, off, size in got:
+            pending[k] = (off, size)
+        return offsets
+
+    def commit(self, owner: Hashable, keys: Sequence[bytes], checksums: Sequence[int]) -> int:
+        """Publish pending slots; returns how many became new blocks."""
+        if len(keys) != len(checksums):
+            raise StoreError("bad_request", f"{len(keys)} keys but {len(checksums)} checksums")
+        pending = self._pending.get(owner, {})
+        missing = [i for i, k in enumerate(keys) if k not in pending]
+        if missing:
+            raise StoreError(
+                "not_allocated", f"key {missing[0]} of the commit was not allocated on this connection"
+            )
+        stored = 0
+        for k, c in zip(keys, checksums, strict=True):
+            off, size = pending.pop(k)
+            old = self._index.get(k)
+            if old is not None and not old.doomed:
+                self._alloc.free(off)  # a concurrent put of the same block won the race
+                continue
+            self._index[k] = _Entry(k, off, size, c)
+            self._policy.insert(k, self._alloc.extent_size(off))
+            self._c["puts"] += 1
+            self._c["put_bytes"] += size
+            stored += 1
+        return stored
+
+    def abort(self, owner: Hashable, keys: Sequence[bytes] | None = None) -> int:
+        pending = self._pending.get(owner, {})
+        todo = list(pending) if keys is None else [k for k in keys if k in pending]
+        for k in todo:
+            off, _ = pending.pop(k)
+            self._alloc.free(off)
+        return len(todo)
+
+    async def _make_room(self, size: int) -> int:
+        """An extent of ``size`` bytes, evicting unpinned blocks until one exists."""
+        while True:
+            off = self._alloc.alloc(size)
+            if off is not None:
+                return off
+            victim = self._policy.pop_victim(self._evictable)
+            if victim is None:
+                raise StoreError(
+                    "full",
+                    f"no room for a {size}-byte block: the arena's {self._alloc.used_bytes} used bytes "
+                    "are all pinned by leases or pending puts",
+                )
+            await self._evict(self._index[victim])  # type: ignore[index]
+
+    def _evictable(self, key: object) -> bool:
+        e = self._index.get(key)  # type: ignore[call-overload]
+        return e is not None and e.pins == 0
+
+    async def _evict(self, e: _Entry) -> None:
+        """Move one unpinned DRAM block to NVMe (or drop it) and free its extent."""
+        nvme = self.nvme
+        if nvme is not None and e.key not in nvme:
+            e.pins += 1
+            try:
+                view = self.arena.slice(e.offset, e.length)
+                dropped = await trio.to_thread.run_sync(nvme.put, e.key, view, e.checksum)
+                view.release()
+            finally:
+                e.pins -= 1
+            self._c["demotions"] += 1
+            self._c["nvme_drops"] += len(dropped)
+        elif nvme is None:
+            self._c["dram_drops"] += 1
+        self._remove(e)
+
+    def _remove(self, e: _Entry) -> None:
+        if self._index.get(e.key) is e:
+            del self._index[e.key]
+        self._policy.remove(e.key)
+        e.doomed = True
+        if e.pins == 0:
+            self._alloc.free(e.offset)
+
+    # ---- get --------------------------------------------------------------------------------------
+    async def get(self, owner: Hashable, keys: Sequence[bytes]) -> tuple[int, list[tuple[int, int] | None]]:
+        """Pin what is found (promoting from NVMe) under one lease: (lease id or 0, locations)."""
+        _check_keys(keys)
+        pinned: list[_Entry] = []
+        out: list[tuple[int, int] | None] = []
+        try:
+            for k in keys:
+                e = self._index.get(k)
+                if e is None and self.nvme is not None and k in self.nvme:
+                    e = await self._promote(k)
+                    if e is not None:
+                        self._c["hits_nvme"] += 1
+                elif e is not None:
+                    self._c["hits_dram"] += 1
+                if e is None:
+                    self._c["misses"] += 1
+                    out.append(None)
+                    continue
+                e.pins += 1
+                pinned.append(e)
+                self._policy.touch(k)
+                self._c["get_bytes"] += e.length
+                out.append((e.offset, e.length))
+        except BaseException:
+            self._unpin(pinned)
+            raise
+        if not pinned:
+            return 0, out
+        lease = next(self._lease_ids)
+        self._leases[lease] = (owner, pinned)
+        self._owner_leases.setdefault(owner, set()).add(lease)
+        return lease, out
+
+    async def _promote(self, key: bytes) -> _Entry | None:
+        """Copy an NVMe block into the arena, verifying its checksum; None if it is gone or corrupt."""
+        ev = self._promoting.get(key)
+        if ev is not None:
+            await ev.wait()
+            return self._index.get(key)
+        nvme = self.nvme
+        assert nvme is not None
+        length = nvme.length(key)
+        checksum = nvme.checksum(key)
+        if length is None or checksum is None:
+            return None
+        ev = self._promoting[key] = trio.Event()
+        try:
+            off = await self._make_room(length)
+            view = self.arena.slice(off, length)
+            try:
+                got = await trio.to_thread.run_sync(nvme.read_into, key, view)
+            finally:
+                view.release()
+            if got is None:
+                self._alloc.free(off)
+                return None
+            e = _Entry(key, off, got, checksum)
+            self._index[key] = e
+            self._policy.insert(key, self._alloc.extent_size(off))
+            return e
+        finally:
+            del self._promoting[key]
+            ev.set()
+
+    def release(self, owner: Hashable, lease: int) -> bool:
+        got = self._leases.get(lease)
+        if got is None or got[0] != owner:
+            return False
+        del self._leases[lease]
+        self._owner_leases[owner].discard(lease)
+        self._unpin(got[1])
+        return True
+
+    def _unpin(self, entries: list[_Entry]) -> None:
+        for e in entries:
+            e.pins -= 1
+            if e.pins == 0 and e.doomed:
+                self._alloc.free(e.offset)
+
+    def drop_owner(self, owner: Hashable) -> tuple[int, int]:
+        """A connection is gone: end its leases and free its pending slots. Returns (leases, slots)."""
+        leases = self._owner_leases.pop(owner, set())
+        for lease in leases:
+            _, entries = self._leases.pop(lease)
+            self._unpin(entries)
+        slots = self.abort(owner)
+        self._pending.pop(owner, None)
+        return len(leases), slots
+
+    # ---- delete -----------------------------------------------------------------------------------
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        _check_keys(keys)
+        n = 0
+        for k in keys:
+            found = False
+            e = self._index.get(k)
+            if e is not None:
+                self._remove(e)
+                found = True
+            if self.nvme is not None and k in self.nvme:
+                found = await trio.to_thread.run_sync(self.nvme.delete, k) or found
+            n += found
+        self._c["deletes"] += n
+        return n
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def statistics(self) -> StoreStats:
+        nv = self.nvme.statistics() if self.nvme is not None else None
+        c = self._c
+        return StoreStats(
+            dram_blocks=len(self._index),
+            dram_used_bytes=self._alloc.used_bytes,
+            dram_capacity_bytes=self._alloc.capacity,
+            dram_largest_free_bytes=self._alloc.largest_free,
+            nvme_blocks=nv.blocks if nv else 0,
+            nvme_used_bytes=nv.used_bytes if nv else 0,
+            nvme_capacity_bytes=nv.capacity if nv else 0,
+            puts=c["puts"],
+            put_bytes=c["put_bytes"],
+            hits_dram=c["hits_dram"],
+            hits_nvme=c["hits_nvme"],
+            misses=c["misses"],
+            get_bytes=c["get_bytes"],
+            lookups=c["lookups"],
+            deletes=c["deletes"],
+            demotions=c["demotions"],
+            dram_drops=c["dram_drops"],
+            nvme_drops=c["nvme_drops"],
+            corrupt_dropped=(nv.dropped_corrupt + nv.dropped_torn) if nv else 0,
+            active_leases=len(self._leases),
+            pending_slots=sum(len(p) for p in self._pending.values()),
+        )
