@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-* The daemon creates ``<arena_dir>/memkv-<node_id>.arena`` (tmpfs under /dev/shm by default),
+* The daemon creates ``<arena_dir>/memkv-<node_id>-<hash of data_dir>.arena`` (tmpfs under /dev/shm by default),
   sizes it, optionally reserves its pages (``posix_fallocate``) so a full tmpfs fails at start-up
   instead of killing the daemon with SIGBUS later, and maps it read-write. Mode 0660, like the
   socket: whoever may talk to the daemon may map its arena.
@@ -16,6 +16,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from pathlib import Path
@@ -23,8 +24,11 @@ from pathlib import Path
 __all__ = ["Arena", "arena_path"]
 
 
-def arena_path(arena_dir: Path, node_id: str) -> Path:
-    return arena_dir / f"memkv-{node_id}.arena"
+def arena_path(arena_dir: Path, node_id: str, data_dir: Path) -> Path:
+    """One arena per daemon: the node id for humans, a hash of the data dir (which the daemon
+    holds an exclusive lock on) so two daemons on one host never share a file."""
+    tag = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+    return arena_dir / f"memkv-{node_id}-{tag}.arena"
 
 
 class Arena:

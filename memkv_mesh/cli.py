@@ -17,6 +17,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
     ("daemon",): "memkv_mesh.daemon_cli:main",
     ("status",): "memkv_mesh.daemon_cli:status_main",
     ("bench", "local"): "memkv_mesh.bench_local:main",
+    ("bench", "anchors"): "memkv_mesh.bench_anchors:main",
     ("members",): "memkv_mesh.daemon_cli:members_main",
     ("simulate", "membership"): "simulations.membership_cli:main",
     ("simulate", "mesh"): "simulations.mesh_cli:main",
@@ -26,7 +27,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
 _HELP = {
     "daemon": "run the node's sidecar daemon",
     "status": "print a running daemon's node, tiers, usage and hit/miss counts",
-    "bench": "benchmarks (local)",
+    "bench": "benchmarks (local, anchors)",
     "members": "list the mesh members a running daemon knows",
     "simulate": "simulators (membership, mesh, eviction)",
 }

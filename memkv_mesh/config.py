@@ -92,11 +92,7 @@ def _dec_hook(typ: type, obj: Any) -> Any:
     raise NotImplementedError(f"no decoder for {typ}")
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class NodeConfig(_Section):
+class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # A name unique in the mesh. Default: the host name, which is unique in most clusters and
     # readable in logs; set it when two daemons share a host (tests, several NUMA nodes).
     id: str = ""
@@ -114,7 +110,7 @@ class NodeConfig(_Section):
     arena_dir: str = ""
 
 
-class StoreConfig(_Section):
+class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # DRAM arena size. 512 MiB fits a laptop next to a browser; a GPU node gives it tens to
     # hundreds of GiB (the arena is the first tier every get is served from).
     dram_bytes: ByteSize = ByteSize(512 * 1024**2)
@@ -135,12 +131,9 @@ class StoreConfig(_Section):
     # Verify every NVMe block's checksum at start-up (reads the whole tier). Off by default: the
     # checksum is verified on every read anyway, and a multi-TB scan delays start-up by minutes.
     verify_on_start: bool = False
-    # Batches whose payload exceeds this many bytes are checksummed in a worker thread so the
-    # Trio loop keeps answering lookups; below it the thread hop (~50 us) costs more than it saves.
-    thread_checksum_bytes: ByteSize = ByteSize(4 * 1024**2)
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # Serve Prometheus text format at http://<listen>/metrics.
     enabled: bool = True
     # Loopback by default: metrics name keys' counts and sizes, not for the open network. Port
@@ -148,14 +141,14 @@ class MetricsConfig(_Section):
     listen: str = "127.0.0.1:9464"
 
 
-class LogConfig(_Section):
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # "info" logs start-up, shutdown and errors; "debug" adds one line per client connection.
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "json" (one object per line, for log shippers) or "text" (for a terminal).
     format: Literal["json", "text"] = "json"
 
 
-class Config(_Section):
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     node: NodeConfig = NodeConfig()
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -58,6 +60,10 @@ class _Conn:
         self.client = ""
         self.pid = 0
 
+
+_KEY_LENGTHS = frozenset((KEY_BYTES,))
+# msgspec's words for a tag that names no request type ("Invalid value 99 - at `$[0]`").
+_UNKNOWN_TAG = re.compile(r"^Invalid value (-?\d+) - at `\$\[0\]`$")
 
 _OP_NAMES = {
     protocol.Hello: "hello",
@@ -101,12 +107,21 @@ class Daemon:
             if cfg.store.nvme_bytes:
                 from memkv_mesh.nvme import NvmeTier
 
-                nvme = NvmeTier(cfg.nvme_dir, int(cfg.store.nvme_bytes), policy=cfg.store.eviction)
-                self.nvme_recovery = await trio.to_thread.run_sync(nvme.open)
-                if cfg.store.verify_on_start:
-                    await trio.to_thread.run_sync(self._verify_nvme, nvme)
+                nvme_bytes = int(cfg.store.nvme_bytes) // 4096 * 4096
+                nvme = NvmeTier(cfg.nvme_dir, nvme_bytes, policy=cfg.store.eviction)
+                if nvme.max_block_bytes < cfg.store.max_block_bytes:
+                    raise DaemonError(
+                        f"store.max_block_bytes ({int(cfg.store.max_block_bytes)}) does not fit the NVMe "
+                        f"tier's data files ({nvme.max_block_bytes}); raise store.nvme_bytes"
+                    )
+                try:
+                    self.nvme_recovery = await trio.to_thread.run_sync(
+                        functools.partial(nvme.open, verify_all=cfg.store.verify_on_start)
+                    )
+                except (OSError, ValueError) as e:
+                    raise DaemonError(f"cannot open the NVMe tier at {cfg.nvme_dir}: {e}") from None
             arena = self._arena = Arena(
-                arena_path(cfg.arena_dir, self.node_id), int(cfg.store.dram_bytes),
+                arena_path(cfg.arena_dir, self.node_id, data_dir), int(cfg.store.dram_bytes),
                 preallocate=cfg.store.preallocate,
             )  # fmt: skip
             await trio.to_thread.run_sync(arena.open)
@@ -172,13 +187,6 @@ class Daemon:
             gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir
         )
         await nursery.start(self.gossip.run)
-
-    @staticmethod
-    def _verify_nvme(nvme: Any) -> None:
-        for key in nvme.keys():
-            n = nvme.length(key)
-            if n is not None:
-                nvme.read_into(key, memoryview(bytearray(n)))
 
     def _take_lock(self, data_dir: Path) -> None:
         path = data_dir / "daemon.lock"
@@ -280,7 +288,9 @@ class Daemon:
             req = protocol.request_decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self._bad_requests += 1
-            return protocol.Error(protocol.BAD_REQUEST, f"malformed request: {e}")
+            m = _UNKNOWN_TAG.match(str(e))
+            why = f"unknown request tag {m.group(1)}" if m else str(e)
+            return protocol.Error(protocol.BAD_REQUEST, f"malformed request: {why}")
         op = _OP_NAMES[type(req)]
         try:
             reply = await self._handle(conn, req)
@@ -312,12 +322,25 @@ class Daemon:
                 store.max_block_bytes, KEY_BYTES,
             )  # fmt: skip
         if not conn.hello:
+            self._bad_requests += 1
+            if isinstance(req, protocol.Release):
+                return None  # Release never has a reply, not even an error: it would desync the client
             return protocol.Error(protocol.BAD_REQUEST, "send Hello first")
         keys = getattr(req, "keys", None)
-        if keys is not None and len(keys) > protocol.MAX_BATCH:
-            return protocol.Error(
-                protocol.BAD_REQUEST, f"{len(keys)} keys in one request; the limit is {protocol.MAX_BATCH}"
-            )
+        if keys is not None:
+            if len(keys) > protocol.MAX_BATCH:
+                self._bad_requests += 1
+                return protocol.Error(
+                    protocol.BAD_REQUEST, f"{len(keys)} keys in one request; the limit is {protocol.MAX_BATCH}"
+                )
+            # Every keyed request, lookups included: a wrong-length key can never match, and an
+            # engine that silently got 0 hits for it forever would never learn why.
+            if not set(map(len, keys)) <= _KEY_LENGTHS:
+                self._bad_requests += 1
+                i = next(i for i, k in enumerate(keys) if len(k) != KEY_BYTES)
+                return protocol.Error(
+                    protocol.BAD_KEY, f"key {i} is {len(keys[i])} bytes; keys are {KEY_BYTES} bytes"
+                )
         if isinstance(req, protocol.Lookup):
             return protocol.Count(store.lookup(req.keys))
         if isinstance(req, protocol.Get):

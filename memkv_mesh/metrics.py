@@ -62,12 +62,12 @@ class _StoreCollector:
         used = GaugeMetricFamily("memkv_tier_used_bytes", "Bytes in use per tier", labels=["tier"])
         cap = GaugeMetricFamily("memkv_tier_capacity_bytes", "Capacity per tier", labels=["tier"])
         blocks = GaugeMetricFamily("memkv_tier_blocks", "Blocks per tier", labels=["tier"])
-        for tier, u, c, b in (
+        for tier, u, capacity, b in (
             ("dram", s.dram_used_bytes, s.dram_capacity_bytes, s.dram_blocks),
             ("nvme", s.nvme_used_bytes, s.nvme_capacity_bytes, s.nvme_blocks),
         ):
             used.add_metric([tier], u)
-            cap.add_metric([tier], c)
+            cap.add_metric([tier], capacity)
             blocks.add_metric([tier], b)
         yield used
         yield cap
@@ -90,7 +90,7 @@ class Metrics:
             registry=self.registry,
         )
         self._observers: dict[str, Any] = {}
-        self.registry.register(_StoreCollector(snapshot, info))  # type: ignore[arg-type]
+        self.registry.register(_StoreCollector(snapshot, info))
 
     def observe(self, op: str, seconds: float) -> None:
         obs = self._observers.get(op)

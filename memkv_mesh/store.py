@@ -33,6 +33,7 @@ from memkv_mesh.alloc import ExtentAllocator
 from memkv_mesh.arena import Arena
 from memkv_mesh.eviction import make_policy
 from memkv_mesh.keys import KEY_BYTES
+from memkv_mesh.nvme import NvmeFullError
 
 if TYPE_CHECKING:
     from memkv_mesh.nvme import NvmeTier
@@ -112,6 +113,7 @@ class BlockStore:
         self._owner_leases: dict[Hashable, set[int]] = {}
         self._lease_ids = itertools.count(1)
         self._promoting: dict[bytes, trio.Event] = {}
+        self._unpromote: set[bytes] = set()  # deleted while being promoted
         self._c = dict.fromkeys(
             (
                 "puts", "put_bytes", "hits_dram", "hits_nvme", "misses", "get_bytes", "lookups",
@@ -232,19 +234,34 @@ class BlockStore:
         nvme = self.nvme
         if nvme is not None and e.key not in nvme:
             e.pins += 1
+            view = self.arena.slice(e.offset, e.length)
             try:
-                view = self.arena.slice(e.offset, e.length)
                 dropped = await trio.to_thread.run_sync(nvme.put, e.key, view, e.checksum)
-                view.release()
+            except (NvmeFullError, ValueError) as err:
+                # NVMe cannot take it (everything there pinned, or the block is too big for a
+                # data file): it is a cache, so the block is dropped rather than failing the put.
+                self._c["nvme_drops"] += len(getattr(err, "dropped", ()))
+                self._c["dram_drops"] += 1
+            else:
+                self._c["demotions"] += 1
+                self._c["nvme_drops"] += len(dropped)
+                if e.doomed:  # deleted while it was being written: do not resurrect it
+                    await trio.to_thread.run_sync(nvme.delete, e.key)
             finally:
+                view.release()
                 e.pins -= 1
-            self._c["demotions"] += 1
-            self._c["nvme_drops"] += len(dropped)
+                if e.doomed and e.pins == 0:
+                    self._alloc.free(e.offset)
+            if e.doomed:
+                return
         elif nvme is None:
             self._c["dram_drops"] += 1
         self._remove(e)
 
     def _remove(self, e: _Entry) -> None:
+        """Take a block out of the DRAM index; its extent is freed now or at its last unpin."""
+        if e.doomed:
+            return
         if self._index.get(e.key) is e:
             del self._index[e.key]
         self._policy.remove(e.key)
@@ -306,15 +323,18 @@ class BlockStore:
                 got = await trio.to_thread.run_sync(nvme.read_into, key, view)
             finally:
                 view.release()
-            if got is None:
+            existing = self._index.get(key)
+            if got is None or existing is not None or key in self._unpromote:
+                # Corrupt (dropped by the tier), put again meanwhile, or deleted meanwhile.
                 self._alloc.free(off)
-                return None
+                return existing
             e = _Entry(key, off, got, checksum)
             self._index[key] = e
             self._policy.insert(key, self._alloc.extent_size(off))
             return e
         finally:
             del self._promoting[key]
+            self._unpromote.discard(key)
             ev.set()
 
     def release(self, owner: Hashable, lease: int) -> bool:
@@ -348,6 +368,8 @@ class BlockStore:
         n = 0
         for k in keys:
             found = False
+            if k in self._promoting:
+                self._unpromote.add(k)
             e = self._index.get(k)
             if e is not None:
                 self._remove(e)

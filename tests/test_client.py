@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trio
 
-from memkv_mesh.client import AsyncClient, Client, MemkvError
+from memkv_mesh.client import AsyncClient, MemkvError
 
 
 def _keys(n: int) -> list[bytes]:
