@@ -18,6 +18,8 @@ _DELEGATES: dict[tuple[str, ...], str] = {
     ("status",): "memkv_mesh.daemon_cli:status_main",
     ("bench", "local"): "memkv_mesh.bench_local:main",
     ("bench", "anchors"): "memkv_mesh.bench_anchors:main",
+    ("bench", "mesh"): "memkv_mesh.bench_mesh:main",
+    ("demo", "ttft"): "memkv_mesh.demo_ttft:main",
     ("members",): "memkv_mesh.daemon_cli:members_main",
     ("simulate", "membership"): "simulations.membership_cli:main",
     ("simulate", "mesh"): "simulations.mesh_cli:main",
@@ -27,7 +29,8 @@ _DELEGATES: dict[tuple[str, ...], str] = {
 _HELP = {
     "daemon": "run the node's sidecar daemon",
     "status": "print a running daemon's node, tiers, usage and hit/miss counts",
-    "bench": "benchmarks (local, anchors)",
+    "bench": "benchmarks (local, anchors, mesh)",
+    "demo": "end-to-end time-to-first-token demo with a transformers model",
     "members": "list the mesh members a running daemon knows",
     "simulate": "simulators (membership, mesh, eviction)",
 }
