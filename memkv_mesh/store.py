@@ -31,7 +31,7 @@ import trio
 
 from memkv_mesh.alloc import ExtentAllocator
 from memkv_mesh.arena import Arena
-from memkv_mesh.eviction import make_policy
+from memkv_mesh.eviction import DEFAULT_POLICY, make_policy
 from memkv_mesh.keys import KEY_BYTES
 from memkv_mesh.nvme import NvmeFullError
 
@@ -98,7 +98,7 @@ class BlockStore:
         arena: Arena,
         *,
         max_block_bytes: int,
-        eviction: str = "lru",
+        eviction: str = DEFAULT_POLICY,
         nvme: NvmeTier | None = None,
         align: int = 4096,
     ) -> None:
