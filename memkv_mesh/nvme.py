@@ -1,0 +1,799 @@
+"""The NVMe tier of a node's block store: blocks in preallocated files, an append-only journal.
+
+Theory of operation
+-------------------
+Layout of the tier's directory::
+
+    lock                 flock'ed while a tier is open: two daemons never share a directory
+    journal              the index: a header, then fixed 80-byte PUT/DEL records, in order
+    blocks-0000.dat ...  data files of ``file_size`` bytes (the last one holds the remainder of
+                         ``capacity``), reserved up front with posix_fallocate
+
+A block lives in one extent of one data file, from that file's :class:`ExtentAllocator`: a
+72-byte header (magic, version, seq, length, payload checksum, key, header checksum) padded to
+``align``, then the payload. ``nvme_format.py`` has the exact bytes.
+
+Rules kept:
+
+* **Checksum on write, verify on read.** The payload checksum (xxh3-64, computed by the caller
+  when the block entered DRAM) is stored in the header and the journal. Every ``read_into``
+  checks the header against the index (key, seq, length, checksum) and the payload against the
+  checksum. A mismatch drops the block (DEL record, extent freed) and returns None: a corrupt or
+  torn block is a miss, never served.
+* **Write, then journal, then publish.** ``put`` allocates an extent, writes header + payload
+  outside the lock, then appends PUT and makes the block visible. A crash before the PUT record
+  leaves an extent that nothing names, free again after restart. Removals (delete, replace,
+  eviction, corruption) append DEL *before* the extent can be reused, so in the journal a DEL of
+  an extent always precedes the PUT of the next block placed there.
+* **Last record wins.** Replay applies records in journal order; a later PUT of a key replaces
+  the earlier one. ``seq`` is unique per tier (the journal header carries the next one across
+  compactions), so a header left over from an older block never matches a newer record.
+* **Pinned extents are never reused.** A reader pins the block under the lock and reads outside
+  it; a block removed meanwhile is marked dead and its extent is freed when the last reader
+  unpins. Blocks being written are not in the eviction policy, so they are never victims.
+* **Compaction.** When the journal holds more than ``compact_ratio`` times as many records as
+  there are live blocks (and at least ``compact_min_records``), it is rewritten: a new file with
+  one PUT per live block, fsync, rename over ``journal``, fsync the directory. Open always
+  compacts, which also cuts off a torn tail.
+
+Crash cases (process crash or power loss; ``sync=True`` adds fdatasync of the payload before its
+PUT record and of each record, which turns "lost" into "kept" for acknowledged puts on power
+loss, but is never needed for "never served wrong"):
+
+1. crash during the payload write, before PUT: no record names the extent; it is free on replay.
+2. PUT persisted, payload not (power loss without sync): the header at the extent is stale or
+   zero; the open-time header check (key, seq, length, checksum) fails -> dropped_torn. A header
+   that persisted without its payload passes that check but fails the payload checksum on the
+   first read (or on open with ``verify_all``) -> dropped_corrupt.
+3. torn journal tail (a partial or garbage record): replay stops at the first record whose
+   checksum fails; everything after it is ignored and cut off by the compaction on open.
+4. DEL lost but the extent was already reused by a later, persisted PUT: the two records
+   overlap; the newer seq keeps the extent, the older is dropped_torn.
+5. crash during compaction: ``journal`` is either the old file or the complete new one (rename is
+   atomic); a stale ``journal.tmp`` is overwritten next time.
+6. corrupt journal header (checksum fails): nothing in the journal can be trusted; every block
+   is dropped (``journal_reset``) and the tier starts empty. A foreign magic or a newer format
+   version is refused with ValueError instead, so a wrong directory is never overwritten.
+7. a record pointing outside the current layout (capacity shrunk since): dropped_outside.
+
+Threads: every method may be called from several worker threads at once (the store calls them
+via ``trio.to_thread.run_sync``). One ``threading.Lock`` guards the index, allocators, policy,
+journal and counters; payload I/O runs outside it. ``close`` waits for reads and writes in
+flight. Eviction order is not persisted: after a restart blocks re-enter the policy oldest
+write first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import xxhash
+
+from memkv_mesh.alloc import ExtentAllocator
+from memkv_mesh.nvme_format import (
+    HEADER_SIZE,
+    KEY_SIZE,
+    REC_DEL,
+    REC_PUT,
+    RECORD_SIZE,
+    BlockHeader,
+    JournalHeader,
+    Record,
+    decode_block_header,
+    decode_journal_header,
+    decode_record,
+    encode_block_header,
+    encode_journal_header,
+    encode_record,
+)
+from memkv_mesh.nvme_io import BlockIO, PosixBlockIO
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from memkv_mesh.eviction import EvictionPolicy
+
+__all__ = [
+    "DEFAULT_FILE_SIZE",
+    "NvmeFullError",
+    "NvmeStats",
+    "NvmeTier",
+    "RecoveryReport",
+]
+
+# 64 GiB: big enough that a multi-TB flash node has tens of files, not thousands (placement
+# scans the files), small enough that one file never approaches a file system's size limit.
+DEFAULT_FILE_SIZE = 64 << 30
+
+_JOURNAL = "journal"
+_JOURNAL_TMP = "journal.tmp"
+_LOCK = "lock"
+_U64 = 1 << 64
+
+
+def _data_name(i: int) -> str:
+    return f"blocks-{i:04d}.dat"
+
+
+class RecoveryReport(msgspec.Struct, frozen=True):
+    """What ``NvmeTier.open`` found on disk."""
+
+    recovered: int  # blocks indexed and served from now on
+    dropped_torn: int  # header missing or not matching its record (or overlapping a newer one)
+    dropped_corrupt: int  # payload checksum mismatch (only checked with verify_all)
+    bytes: int  # payload bytes of the recovered blocks
+    dropped_outside: int = 0  # records pointing outside the current layout (capacity shrunk)
+    journal_records: int = 0  # valid records replayed
+    journal_torn_bytes: int = 0  # bytes after the last valid record, cut off
+    journal_reset: bool = False  # the journal header was corrupt: everything was dropped
+
+
+class NvmeStats(msgspec.Struct, frozen=True):
+    """A snapshot of an :class:`NvmeTier`'s contents and counters."""
+
+    blocks: int
+    used_bytes: int  # extent bytes in use: headers, payloads and alignment
+    capacity: int
+    reads: int  # verified hits served by read_into
+    writes: int  # puts
+    bytes_read: int
+    bytes_written: int
+    dropped_corrupt: int  # blocks dropped at read (or open) because a check failed
+    dropped_torn: int  # blocks dropped at open: header missing or mismatched
+    evictions: int
+    misses: int = 0  # read_into of an absent key
+    payload_bytes: int = 0  # sum of the live blocks' lengths
+    largest_free: int = 0  # largest contiguous free extent over all files
+    pinned: int = 0  # reads in flight
+    io_errors: int = 0  # OSErrors on reads (the block is dropped as corrupt)
+    journal_bytes: int = 0
+    compactions: int = 0
+    compaction_failures: int = 0
+
+
+class NvmeFullError(RuntimeError):
+    """No room could be made: every resident block that could free space is pinned.
+
+    ``dropped`` lists the keys evicted before giving up (they are gone from the tier)."""
+
+    def __init__(self, message: str, dropped: list[bytes]) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+
+class _Block:
+    __slots__ = ("key", "file", "offset", "length", "checksum", "seq", "extent", "pins", "dead")
+
+    def __init__(
+        self, key: bytes, file: int, offset: int, length: int, checksum: int, seq: int, extent: int
+    ) -> None:
+        self.key = key
+        self.file = file
+        self.offset = offset
+        self.length = length
+        self.checksum = checksum
+        self.seq = seq
+        self.extent = extent
+        self.pins = 0
+        self.dead = False
+
+    def header(self) -> BlockHeader:
+        return BlockHeader(self.seq, self.length, self.checksum, self.key)
+
+    def record(self, rtype: int) -> bytes:
+        return encode_record(
+            Record(rtype, self.file, self.seq, self.key, self.offset, self.length, self.checksum)
+        )
+
+
+def _check_key(key: object) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise ValueError(f"a block key must be {KEY_SIZE} bytes, got {got}")
+    return key
+
+
+def _byte_view(buf: object, what: str, *, writable: bool) -> memoryview:
+    try:
+        view = memoryview(buf)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be a bytes-like object, got {type(buf).__name__}") from None
+    if not view.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous")
+    if writable and view.readonly:
+        raise ValueError(f"{what} must be writable")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class NvmeTier:
+    """Blocks on NVMe in preallocated files; see the module docstring for format and rules."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        capacity: int,
+        *,
+        policy: str | EvictionPolicy = "lru",
+        file_size: int = DEFAULT_FILE_SIZE,
+        align: int = 4096,
+        sync: bool = False,
+        verify_writes: bool = False,
+        compact_ratio: int = 4,
+        compact_min_records: int = 4096,
+        io_factory: Callable[[list[Path], list[int]], BlockIO] = PosixBlockIO,
+    ) -> None:
+        """``capacity`` bytes of data files in ``directory`` (created if missing).
+
+        ``policy``: an eviction policy name for ``memkv_mesh.eviction.make_policy`` or a policy
+        object. ``file_size``: bytes per data file (the last file is smaller when ``capacity`` is
+        not a multiple); the largest block is ``file_size`` minus one header region. ``sync``:
+        fdatasync the payload before its PUT record and every record after it is appended.
+        ``verify_writes``: check the caller's checksum on put (one extra pass over the bytes).
+        ``io_factory``: builds the payload I/O backend from the data files' paths and sizes.
+        """
+        if (
+            isinstance(align, bool)
+            or not isinstance(align, int)
+            or align <= 0
+            or align & (align - 1)
+        ):
+            raise ValueError(f"align must be a positive power of two, got {align!r}")
+        for name, value in (("capacity", capacity), ("file_size", file_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value % align:
+                raise ValueError(f"{name} ({value}) must be a multiple of align ({align})")
+        if compact_ratio < 2:
+            raise ValueError(f"compact_ratio must be at least 2, got {compact_ratio}")
+        self._dir = Path(directory)
+        self._capacity = capacity
+        self._align = align
+        self._file_size = min(file_size, capacity)
+        nfiles = -(-capacity // self._file_size)
+        self._sizes = [self._file_size] * (nfiles - 1)
+        self._sizes.append(capacity - self._file_size * (nfiles - 1))
+        self._region = -(-HEADER_SIZE // align) * align
+        self._pad = bytes(self._region - HEADER_SIZE)
+        self._sync = sync
+        self._verify_writes = verify_writes
+        self._compact_ratio = compact_ratio
+        self._compact_min = compact_min_records
+        self._io_factory = io_factory
+        if isinstance(policy, str):
+            from memkv_mesh.eviction import make_policy
+
+            self._policy: EvictionPolicy = make_policy(policy, capacity)
+        else:
+            self._policy = policy
+
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._state = "new"  # new -> open -> closing -> closed
+        self._allocs = [ExtentAllocator(size, align=align) for size in self._sizes]
+        self._index: dict[bytes, _Block] = {}
+        self._io: BlockIO | None = None
+        self._jfd = -1
+        self._lockfd = -1
+        self._journal_size = 0
+        self._journal_records = 0
+        self._next_seq = 1
+        self._active = 0  # pinned reads + writes in flight
+        self._pinned = 0
+        self._payload_bytes = 0
+        self._c = dict.fromkeys(
+            (
+                "reads", "writes", "bytes_read", "bytes_written", "dropped_corrupt",
+                "dropped_torn", "evictions", "misses", "io_errors", "compactions",
+                "compaction_failures",
+            ),
+            0,
+        )  # fmt: skip
+
+    # ---- properties ------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_block_bytes(self) -> int:
+        """The largest payload that fits (one data file minus the header region)."""
+        return max(self._sizes) - self._region
+
+    # ---- open / close ----------------------------------------------------------------------
+
+    def open(self, *, verify_all: bool = False) -> RecoveryReport:
+        """Create or reopen the tier; replay the journal and check every block's header.
+
+        ``verify_all`` also reads every payload and checks its checksum (reads the whole tier).
+        """
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(
+                    f"NvmeTier at {self._dir} was already opened (state {self._state})"
+                )
+            self._state = "opening"
+        try:
+            report = self._open(verify_all)
+        except BaseException:
+            self._release_files()
+            with self._lock:
+                self._state = "closed"
+            raise
+        with self._lock:
+            self._state = "open"
+        return report
+
+    def _open(self, verify_all: bool) -> RecoveryReport:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lockfd = os.open(self._dir / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"NVMe tier directory {self._dir} is in use by another process or NvmeTier"
+            ) from None
+
+        jpath = self._dir / _JOURNAL
+        raw = jpath.read_bytes() if jpath.exists() else b""
+        live: dict[bytes, Record] = {}
+        nrec = 0
+        torn = 0
+        reset = False
+        max_seq = 0
+        if raw:
+            try:
+                jh = decode_journal_header(raw)
+            except ValueError as e:
+                raise ValueError(f"{jpath}: {e}") from None
+            if jh is None:
+                reset = True
+            else:
+                if (jh.align, jh.file_size) != (self._align, self._file_size):
+                    raise ValueError(
+                        f"{self._dir}: the tier was created with align={jh.align}, "
+                        f"file_size={jh.file_size}; this NvmeTier has align={self._align}, "
+                        f"file_size={self._file_size}. Use the same values or empty the directory."
+                    )
+                max_seq = jh.next_seq - 1
+                pos = len(encode_journal_header(jh))
+                view = memoryview(raw)
+                while pos < len(raw):
+                    rec = decode_record(view, pos)
+                    if rec is None:
+                        break
+                    if rec.type == REC_PUT:
+                        live.pop(rec.key, None)
+                        live[rec.key] = rec
+                    else:
+                        live.pop(rec.key, None)
+                    max_seq = max(max_seq, rec.seq)
+                    nrec += 1
+                    pos += RECORD_SIZE
+                torn = len(raw) - pos
+        self._next_seq = max_seq + 1
+
+        # place the survivors: newest first, so of two overlapping records the newer one wins
+        outside = 0
+        dropped_torn = 0
+        placed: list[_Block] = []
+        for rec in sorted(live.values(), key=lambda r: r.seq, reverse=True):
+            need = self._region + rec.length
+            if (
+                rec.file >= len(self._sizes)
+                or rec.offset % self._align
+                or rec.offset + need > self._sizes[rec.file]
+            ):
+                outside += 1
+                continue
+            try:
+                self._allocs[rec.file].reserve(rec.offset, need)
+            except ValueError:
+                dropped_torn += 1
+                continue
+            extent = self._allocs[rec.file].extent_size(rec.offset)
+            placed.append(
+                _Block(rec.key, rec.file, rec.offset, rec.length, rec.checksum, rec.seq, extent)
+            )
+
+        for stale in self._dir.glob("blocks-*.dat"):
+            try:
+                n = int(stale.name[len("blocks-") : -len(".dat")])
+            except ValueError:
+                continue
+            if n >= len(self._sizes):
+                stale.unlink()
+        paths = [self._dir / _data_name(i) for i in range(len(self._sizes))]
+        self._io = io = self._io_factory(paths, list(self._sizes))
+
+        # check every header; optionally every payload
+        dropped_corrupt = 0
+        scratch = bytearray(max((b.length for b in placed), default=0)) if verify_all else None
+        hdr = bytearray(self._region)
+        good: list[_Block] = []
+        for b in placed:
+            ok = decode_block_header(io.read_header(b.file, b.offset, HEADER_SIZE)) == b.header()
+            if not ok:
+                dropped_torn += 1
+            elif scratch is not None:
+                payload = memoryview(scratch)[: b.length]
+                io.read(b.file, b.offset, hdr, payload)
+                ok = xxhash.xxh3_64_intdigest(payload) == b.checksum
+                if not ok:
+                    dropped_corrupt += 1
+            if ok:
+                good.append(b)
+            else:
+                self._allocs[b.file].free(b.offset)
+        good.sort(key=lambda b: b.seq)
+        for b in good:
+            self._index[b.key] = b
+            self._policy.insert(b.key, b.extent)
+            self._payload_bytes += b.length
+        self._c["dropped_torn"] += dropped_torn
+        self._c["dropped_corrupt"] += dropped_corrupt
+        with self._lock:
+            self._compact_locked()
+        return RecoveryReport(
+            recovered=len(good),
+            dropped_torn=dropped_torn,
+            dropped_corrupt=dropped_corrupt,
+            bytes=self._payload_bytes,
+            dropped_outside=outside,
+            journal_records=nrec,
+            journal_torn_bytes=torn,
+            journal_reset=reset,
+        )
+
+    def close(self) -> None:
+        """Wait for reads and writes in flight, then sync and close every file. Idempotent."""
+        with self._lock:
+            if self._state in ("closing", "closed"):
+                while self._state != "closed":
+                    self._idle.wait()
+                return
+            if self._state == "new":
+                self._state = "closed"
+                return
+            self._state = "closing"
+            while self._active:
+                self._idle.wait()
+        try:
+            self._release_files()
+        finally:
+            with self._lock:
+                self._state = "closed"
+                self._idle.notify_all()
+
+    def _release_files(self) -> None:
+        io, self._io = self._io, None
+        jfd, self._jfd = self._jfd, -1
+        lockfd, self._lockfd = self._lockfd, -1
+        try:
+            if io is not None:
+                io.close()
+            if jfd >= 0:
+                try:
+                    os.fdatasync(jfd)
+                finally:
+                    os.close(jfd)
+        finally:
+            if lockfd >= 0:
+                os.close(lockfd)  # releases the flock
+
+    def __enter__(self) -> NvmeTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- journal (lock held) ---------------------------------------------------------------
+
+    def _append_locked(self, record: bytes) -> None:
+        try:
+            n = os.write(self._jfd, record)
+        except BaseException:
+            os.ftruncate(self._jfd, self._journal_size)
+            raise
+        if n != len(record):
+            os.ftruncate(self._jfd, self._journal_size)
+            raise OSError(f"short append to {self._dir / _JOURNAL} ({n} of {len(record)} bytes)")
+        self._journal_size += n
+        self._journal_records += 1
+        if self._sync:
+            os.fdatasync(self._jfd)
+
+    def _maybe_compact_locked(self) -> None:
+        recs = self._journal_records
+        if recs > self._compact_min and recs > self._compact_ratio * len(self._index):
+            try:
+                self._compact_locked()
+            except OSError:
+                self._c["compaction_failures"] += 1  # keep appending to the old journal
+
+    def _compact_locked(self) -> None:
+        """Write a journal holding one PUT per live block; fsync; rename; fsync the directory."""
+        buf = bytearray(
+            encode_journal_header(JournalHeader(self._align, self._file_size, self._next_seq))
+        )
+        for b in sorted(self._index.values(), key=lambda b: b.seq):
+            buf += b.record(REC_PUT)
+        tmp = self._dir / _JOURNAL_TMP
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._dir / _JOURNAL)
+        dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        newfd = os.open(self._dir / _JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        if self._jfd >= 0:
+            os.close(self._jfd)
+        self._jfd = newfd
+        self._journal_size = len(buf)
+        self._journal_records = len(self._index)
+        self._c["compactions"] += 1
+
+    # ---- index helpers (lock held) ---------------------------------------------------------
+
+    def _check_open_locked(self) -> BlockIO:
+        if self._state != "open" or self._io is None:
+            raise RuntimeError(f"NvmeTier at {self._dir} is not open (state {self._state})")
+        return self._io
+
+    def _retire_locked(self, b: _Block) -> None:
+        """``b`` has left the index: free its extent now, or when its last reader unpins."""
+        b.dead = True
+        self._payload_bytes -= b.length
+        if b.pins == 0:
+            self._allocs[b.file].free(b.offset)
+
+    def _remove_locked(self, b: _Block) -> None:
+        """Take a published block out of the index, policy and (by a DEL record) the journal."""
+        del self._index[b.key]
+        self._policy.remove(b.key)
+        self._retire_locked(b)
+        self._append_locked(b.record(REC_DEL))
+
+    def _can_evict(self, key: Hashable) -> bool:
+        b = self._index.get(key)  # type: ignore[call-overload]
+        return b is not None and b.pins == 0
+
+    def _place_locked(self, need: int) -> tuple[int, int] | None:
+        """Best fit over files: the file whose largest free extent is the smallest that fits."""
+        best = -1
+        best_free = 0
+        for i, a in enumerate(self._allocs):
+            lf = a.largest_free
+            if lf >= need and (best < 0 or lf < best_free):
+                best, best_free = i, lf
+        if best < 0:
+            return None
+        off = self._allocs[best].alloc(need)
+        assert off is not None
+        return best, off
+
+    # ---- block API -------------------------------------------------------------------------
+
+    def put(self, key: bytes, data: object, checksum: int) -> list[bytes]:
+        """Store a block (replacing any block with that key) and return the keys evicted to make
+        room. ValueError for a bad key, buffer or checksum or a block larger than a data file;
+        NvmeFullError if every block that could make room is pinned."""
+        _check_key(key)
+        view = _byte_view(data, "data", writable=False)
+        if isinstance(checksum, bool) or not isinstance(checksum, int) or not 0 <= checksum < _U64:
+            raise ValueError(f"checksum must be an unsigned 64-bit int, got {checksum!r}")
+        length = view.nbytes
+        need = self._region + length
+        if need > max(self._sizes):
+            raise ValueError(
+                f"block of {length} bytes (+{self._region} header) is larger than the NVMe tier "
+                f"allows ({self.max_block_bytes} bytes: capacity {self._capacity}, "
+                f"file_size {self._file_size})"
+            )
+        if self._verify_writes and xxhash.xxh3_64_intdigest(view) != checksum:
+            raise ValueError(f"checksum {checksum:#x} does not match the data of block {key.hex()}")
+        dropped: list[bytes] = []
+        with self._lock:
+            io = self._check_open_locked()
+            old = self._index.get(key)
+            if old is not None:
+                self._remove_locked(old)
+            while True:
+                where = self._place_locked(need)
+                if where is not None:
+                    break
+                victim = self._policy.pop_victim(self._can_evict)
+                if victim is None:
+                    pinned = sum(1 for b in self._index.values() if b.pins)
+                    raise NvmeFullError(
+                        f"no room for a {length}-byte block on the NVMe tier: "
+                        f"{len(self._index)} blocks resident, {pinned} pinned, largest free "
+                        f"extent {max(a.largest_free for a in self._allocs)} bytes",
+                        dropped,
+                    )
+                vb = self._index.get(victim)  # type: ignore[call-overload]
+                if vb is None:
+                    continue
+                del self._index[vb.key]
+                self._retire_locked(vb)
+                self._append_locked(vb.record(REC_DEL))
+                dropped.append(vb.key)
+                self._c["evictions"] += 1
+            file, offset = where
+            seq = self._next_seq
+            self._next_seq += 1
+            self._active += 1
+        ok = False
+        try:
+            header = encode_block_header(BlockHeader(seq, length, checksum, key)) + self._pad
+            io.write(file, offset, header, view)
+            if self._sync:
+                io.sync(file)
+            ok = True
+        finally:
+            with self._lock:
+                try:
+                    if ok:
+                        self._publish_locked(key, file, offset, length, checksum, seq)
+                    else:
+                        self._allocs[file].free(offset)
+                finally:
+                    self._active -= 1
+                    if not self._active:
+                        self._idle.notify_all()
+        return dropped
+
+    def _publish_locked(
+        self, key: bytes, file: int, offset: int, length: int, checksum: int, seq: int
+    ) -> None:
+        b = _Block(key, file, offset, length, checksum, seq, self._allocs[file].extent_size(offset))
+        try:
+            self._append_locked(b.record(REC_PUT))
+        except BaseException:
+            self._allocs[file].free(offset)
+            raise
+        prev = self._index.pop(key, None)
+        if prev is not None:  # a concurrent put of the same key: ours is later in the journal
+            self._policy.remove(key)
+            self._retire_locked(prev)
+        self._index[key] = b
+        self._policy.insert(key, b.extent)
+        self._payload_bytes += length
+        self._c["writes"] += 1
+        self._c["bytes_written"] += length
+        self._maybe_compact_locked()
+
+    def read_into(self, key: bytes, dest: object) -> int | None:
+        """Copy the block into ``dest`` and return its length; None if absent or if a check fails
+        (the block is then dropped and counted). ``dest`` may hold garbage after a None."""
+        _check_key(key)
+        out = _byte_view(dest, "dest", writable=True)
+        with self._lock:
+            io = self._check_open_locked()
+            b = self._index.get(key)
+            if b is None:
+                self._c["misses"] += 1
+                return None
+            if out.nbytes < b.length:
+                raise ValueError(
+                    f"dest holds {out.nbytes} bytes but block {key.hex()} is {b.length} bytes"
+                )
+            b.pins += 1
+            self._pinned += 1
+            self._active += 1
+        ok = False
+        io_error = False
+        try:
+            payload = out[: b.length]
+            hdr = bytearray(self._region)
+            try:
+                io.read(b.file, b.offset, hdr, payload)
+            except OSError:
+                io_error = True
+            else:
+                ok = (
+                    decode_block_header(hdr) == b.header()
+                    and xxhash.xxh3_64_intdigest(payload) == b.checksum
+                )
+        finally:
+            with self._lock:
+                try:
+                    if ok:
+                        self._c["reads"] += 1
+                        self._c["bytes_read"] += b.length
+                        if self._index.get(key) is b:
+                            self._policy.touch(key)
+                    else:
+                        self._c["dropped_corrupt"] += 1
+                        self._c["io_errors"] += io_error
+                        if self._index.get(key) is b:
+                            self._remove_locked(b)
+                finally:
+                    b.pins -= 1
+                    self._pinned -= 1
+                    self._unpin_locked(b)
+        return b.length if ok else None
+
+    def _unpin_locked(self, b: _Block) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.notify_all()
+        if b.dead and b.pins == 0:
+            self._allocs[b.file].free(b.offset)
+
+    def delete(self, key: bytes) -> bool:
+        """Remove a block; False if it was not there."""
+        _check_key(key)
+        with self._lock:
+            self._check_open_locked()
+            b = self._index.get(key)
+            if b is None:
+                return False
+            self._remove_locked(b)
+            return True
+
+    def length(self, key: bytes) -> int | None:
+        with self._lock:
+            b = self._index.get(key)
+            return None if b is None else b.length
+
+    def checksum(self, key: bytes) -> int | None:
+        with self._lock:
+            b = self._index.get(key)
+            return None if b is None else b.checksum
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
+    def statistics(self) -> NvmeStats:
+        with self._lock:
+            c = self._c
+            return NvmeStats(
+                blocks=len(self._index),
+                used_bytes=sum(a.used_bytes for a in self._allocs),
+                capacity=self._capacity,
+                reads=c["reads"],
+                writes=c["writes"],
+                bytes_read=c["bytes_read"],
+                bytes_written=c["bytes_written"],
+                dropped_corrupt=c["dropped_corrupt"],
+                dropped_torn=c["dropped_torn"],
+                evictions=c["evictions"],
+                misses=c["misses"],
+                payload_bytes=self._payload_bytes,
+                largest_free=max(a.largest_free for a in self._allocs),
+                pinned=self._pinned,
+                io_errors=c["io_errors"],
+                journal_bytes=self._journal_size,
+                compactions=c["compactions"],
+                compaction_failures=c["compaction_failures"],
+            )
