@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from memkv_mesh.eviction import DEFAULT_POLICY, POLICIES
+from transport.gossip_config import GossipConfig
 
 __all__ = [
     "ByteSize",
@@ -154,6 +155,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    # Membership gossip (SWIM + Lifeguard); off in the single-node default. Fields and reasons:
+    # transport/gossip_config.py.
+    gossip: GossipConfig = GossipConfig()
     # Where the file was read from (empty for defaults); relative paths resolve against its dir.
     source: str = ""
 

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-* ``Daemon.run`` is started with ``nursery.start``: it takes an exclusive lock on the data
-  directory (one daemon per directory), recovers the NVMe tier in a worker thread, creates the
+* ``Daemon.run`` is started with ``nursery.start``: it takes exclusive locks on the data
+  directory and on the socket path (one daemon per directory, one per socket; a second one is
+  refused before it touches anything), recovers the NVMe tier in a worker thread, creates the
   shared-memory arena, binds the Unix socket (mode 0660), starts the metrics endpoint and reports
   itself started. Cancelling its scope stops it; ``finally`` blocks close the tiers and remove the
   socket and arena.
@@ -12,7 +13,8 @@ Theory of operation
   released when it ends, however it ends: EOF, reset, a protocol error, or daemon shutdown.
 * Bad input never takes the daemon down: a frame that does not decode, a wrong key length, an
   oversize block or a full store gets an ``Error`` reply; only a frame too long to trust closes
-  that one connection. Anything unexpected is logged and answered with ``internal``.
+  that one connection. Anything unexpected is logged and answered with ``internal`` (a reply
+  that will not encode included); an error outside any one request closes only that connection.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from memkv_mesh import __version__, protocol
 from memkv_mesh.arena import Arena, arena_path
 from memkv_mesh.config import Config
 from memkv_mesh.keys import KEY_BYTES
-from memkv_mesh.metrics import Metrics
+from memkv_mesh.metrics import DaemonCounts, Metrics
 from memkv_mesh.store import BlockStore, StoreError
 
 log = logging.getLogger("memkv_mesh.daemon")
@@ -92,7 +94,7 @@ class Daemon:
         self.gossip: Any = None
         self.nvme_recovery: Any = None
         self._arena: Arena | None = None
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
         self._connections = 0
         self._bad_requests = 0
 
@@ -129,7 +131,7 @@ class Daemon:
                 arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme
             )
             listener = self._bind_socket()
-            self.metrics = Metrics(self.store.statistics, self._info)
+            self.metrics = Metrics(self.store.statistics, self._info, self._counts)
             async with trio.open_nursery() as nursery:
                 if cfg.metrics.enabled:
                     host, _, port = cfg.metrics.listen.rpartition(":")
@@ -172,47 +174,80 @@ class Daemon:
             log.info("daemon stopped", extra={"fields": {"node": self.node_id}})
 
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
-        gcfg = getattr(self.config, "gossip", None)
-        if gcfg is None or not gcfg.enabled:
+        gcfg = self.config.gossip
+        if not gcfg.enabled:
             return
         from transport.gossip_driver import GossipService, NodeMeta
 
         meta = NodeMeta(
             role=self.config.node.role,
+            # Rendezvous weight of a flash peer: its NVMe capacity in GiB (at least 1).
             capacity_weight=float(max(1, int(self.config.store.nvme_bytes) >> 30)),
             data_addr="",
             protocol_version=protocol.PROTOCOL_VERSION,
         )
-        self.gossip = GossipService(
-            gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir
-        )
-        await nursery.start(self.gossip.run)
+        try:
+            self.gossip = GossipService(gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir)
+            await nursery.start(self.gossip.run)
+        except (OSError, ValueError) as e:
+            raise DaemonError(f"cannot start gossip on {gcfg.bind}:{gcfg.port}: {e}") from None
 
     def _take_lock(self, data_dir: Path) -> None:
-        path = data_dir / "daemon.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        """Exclusive locks on the data dir and on the socket path, or DaemonError saying whose.
+
+        The socket's own lock (``<socket>.lock``) matters when two daemons with two data dirs are
+        given one socket path: without it the second would unlink the first's live socket, and
+        the first would unlink the second's when it stops.
+        """
+        fds = [self._flock(
+            data_dir / "daemon.lock",
+            f"is running with data_dir {data_dir}; "
+            "stop it or give this one another [node] data_dir",
+        )]  # fmt: skip
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                try:
-                    other = path.read_text().strip()
-                except OSError:
-                    other = "?"
-                raise DaemonError(
-                    f"another daemon (pid {other or '?'}) is running with data_dir {data_dir}; "
-                    "stop it or give this one another [node] data_dir"
-                ) from None
+            sock = self.socket_path
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            fds.append(self._flock(
+                sock.with_name(sock.name + ".lock"),
+                f"is serving the socket {sock}; "
+                "stop it or give this one another [node] socket",
+            ))  # fmt: skip
+        except BaseException:
+            os.close(fds[0])
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self._lock_fds = fds
+
+    @staticmethod
+    def _flock(path: Path, busy: str) -> int:
+        """An exclusive lock on ``path`` (created if missing), holding our pid; else
+        DaemonError("another daemon (pid N) " + busy)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    try:
+                        other = path.read_text().strip()
+                    except OSError:
+                        other = ""
+                    raise DaemonError(f"another daemon (pid {other or '?'}) {busy}") from None
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return fd
+            os.close(fd)  # the file was replaced while we locked it: lock the one now there
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
     def _bind_socket(self) -> trio.SocketListener:
         path = self.socket_path
@@ -223,7 +258,7 @@ class Daemon:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            path.unlink()  # stale: we hold the data-dir lock, so no live daemon owns it
+            path.unlink()  # stale: we hold the socket's lock, so no live daemon owns it
         except FileNotFoundError:
             pass
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -238,6 +273,17 @@ class Daemon:
             os.umask(old)
         os.chmod(path, 0o660)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+    def _metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        host = self.config.metrics.listen.rpartition(":")[0]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # a bare IPv6 address
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    def _counts(self) -> DaemonCounts:
+        return DaemonCounts(self._connections, self._bad_requests)
 
     def _info(self) -> dict[str, str]:
         return {"node": self.node_id, "role": self.config.node.role, "version": __version__}
@@ -259,8 +305,7 @@ class Daemon:
                 while (body := frames.next_frame()) is not None:
                     reply = await self._dispatch(conn, body)
                     if reply is not None:
-                        out.clear()
-                        await stream.send_all(protocol.encode_frame(reply, out))
+                        await stream.send_all(self._encode_reply(conn, reply, out))
         except protocol.ProtocolError as e:
             self._bad_requests += 1
             log.warning("closing client: %s", e, extra={"fields": {"conn": conn.id, "pid": conn.pid}})
@@ -271,6 +316,10 @@ class Daemon:
                     pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # Our bug, not the client's: close this one connection (what it held is released
+            # below) and keep serving everyone else; escaping would cancel the whole daemon.
+            log.exception("client handler failed; closing the connection", extra={"fields": {"conn": conn.id}})
         finally:
             self._connections -= 1
             leases, slots = store.drop_owner(conn)
@@ -281,6 +330,19 @@ class Daemon:
                 )
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    @staticmethod
+    def _encode_reply(conn: _Conn, reply: protocol.Msg, out: bytearray) -> bytearray:
+        """The reply's frame; if the encoder refuses it (a daemon bug), an ``internal`` error in
+        its place, so the client still gets exactly one reply and the stream stays in step."""
+        out.clear()
+        try:
+            return protocol.encode_frame(reply, out)
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+            log.exception("cannot encode %s reply", type(reply).__name__, extra={"fields": {"conn": conn.id}})
+            out.clear()
+            msg = f"internal error encoding the {type(reply).__name__} reply; see the daemon log"
+            return protocol.encode_frame(protocol.Error(protocol.INTERNAL, msg), out)
 
     async def _dispatch(self, conn: _Conn, body: bytes) -> protocol.Msg | None:
         t0 = time.perf_counter()
@@ -352,6 +414,13 @@ class Daemon:
         if isinstance(req, protocol.Alloc):
             return protocol.Allocated(await store.alloc(conn, req.keys, req.sizes))
         if isinstance(req, protocol.Commit):
+            if req.checksums and min(req.checksums) < 0:  # msgpack caps them at 2**64 - 1
+                self._bad_requests += 1
+                i = next(i for i, c in enumerate(req.checksums) if c < 0)
+                return protocol.Error(
+                    protocol.BAD_REQUEST,
+                    f"checksum {i} is {req.checksums[i]}; checksums are xxh3-64 digests, 0 <= c < 2**64",
+                )
             return protocol.Count(store.commit(conn, req.keys, req.checksums))
         if isinstance(req, protocol.Abort):
             return protocol.Count(store.abort(conn, req.keys))
@@ -382,6 +451,7 @@ class Daemon:
             "nvme_dir": str(cfg.nvme_dir) if cfg.store.nvme_bytes else None,
             "eviction": cfg.store.eviction,
             "metrics_port": self.metrics_port,
+            "metrics_url": self._metrics_url(),
             "connections": self._connections,
             "bad_requests": self._bad_requests,
             "store": msgspec.to_builtins(self.store.statistics()),
