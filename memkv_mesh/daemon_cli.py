@@ -60,25 +60,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     from memkv_mesh.daemon import Daemon, DaemonError
 
     async def _run() -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    # Watched from the start, so a signal during a long start-up (NVMe recovery,
+                    # verify_on_start) stops it at once instead of after it finishes.
+                    async for signum in signals:
+                        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
                 await nursery.start(Daemon(cfg).run)
-                async for signum in signals:
-                    log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
-                    nursery.cancel_scope.cancel()
-                    break
 
     try:
         trio.run(_run)
-    except DaemonError as e:
-        log.error("cannot start: %s", e)
-        print(f"memkv-mesh daemon: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        log.error("cannot start: %s", e)
-        print(f"memkv-mesh daemon: {e}", file=sys.stderr)
+    except (DaemonError, OSError, BaseExceptionGroup) as e:
+        # Trio's nurseries wrap what they raise in exception groups (one per nursery level);
+        # a start-up failure is one exception however deep it sits, and is a message, not a trace.
+        err = _sole_exception(e)
+        if not isinstance(err, DaemonError | OSError):
+            raise
+        log.error("cannot start: %s", err)
+        print(f"memkv-mesh daemon: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sole_exception(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
 
 
 def _client_parser(prog: str, what: str) -> argparse.ArgumentParser:
@@ -131,7 +144,9 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     print(f"puts      {s['puts']} blocks, {_fmt_bytes(s['put_bytes'])}; lookups {s['lookups']}; deletes {s['deletes']}")
     print(f"evictions {s['demotions']} dram->nvme, {s['dram_drops']} dropped from dram, {s['nvme_drops']} dropped from nvme; corrupt dropped {s['corrupt_dropped']}")
     print(f"clients   {st['connections']} connected, {s['active_leases']} leases, {s['pending_slots']} pending slots; eviction {st['eviction']}")
-    if st.get("metrics_port"):
+    if st.get("metrics_url"):
+        print(f"metrics   {st['metrics_url']}")
+    elif st.get("metrics_port"):  # a daemon from before metrics_url
         print(f"metrics   http://127.0.0.1:{st['metrics_port']}/metrics")
     if st.get("gossip_addr"):
         print(f"gossip    {st['gossip_addr']}")

@@ -3,13 +3,15 @@
 The store and other components never import prometheus_client: they expose ``statistics()``
 snapshots, and the collector here turns the latest snapshot into metric families at scrape time.
 Only op latencies are recorded as they happen (a histogram cannot be rebuilt from a snapshot).
+The daemon's own numbers (open connections, bad requests) come the same way, as ``DaemonCounts``.
+A scrape that fails (a collector raising) answers 500 and is logged; it never stops the daemon.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from prometheus_client import CollectorRegistry, Histogram
@@ -34,9 +36,15 @@ _COUNTERS = {
 
 
 class _StoreCollector:
-    def __init__(self, snapshot: Callable[[], StoreStats], info: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], StoreStats],
+        info: Callable[[], dict[str, str]],
+        daemon: Callable[[], DaemonCounts] | None = None,
+    ) -> None:
         self._snapshot = snapshot
         self._info = info
+        self._daemon = daemon
 
     def collect(self) -> Iterable[Metric]:
         s = self._snapshot()
@@ -75,12 +83,37 @@ class _StoreCollector:
         leases = GaugeMetricFamily("memkv_active_leases", "Get leases not yet released")
         leases.add_metric([], s.active_leases)
         yield leases
+        pending = GaugeMetricFamily("memkv_pending_slots", "Arena slots allocated by clients and not yet committed")
+        pending.add_metric([], s.pending_slots)
+        yield pending
+        if self._daemon is not None:
+            d = self._daemon()
+            conns = GaugeMetricFamily("memkv_client_connections", "Client connections open on the Unix socket")
+            conns.add_metric([], d.connections)
+            yield conns
+            bad = CounterMetricFamily(
+                "memkv_bad_requests", "Client requests refused as malformed or invalid (or frames too long to trust)"
+            )
+            bad.add_metric([], d.bad_requests)
+            yield bad
+
+
+class DaemonCounts(NamedTuple):
+    """The daemon's own numbers, beside the store's snapshot."""
+
+    connections: int
+    bad_requests: int
 
 
 class Metrics:
     """The daemon's registry: op latency histograms plus the store snapshot collector."""
 
-    def __init__(self, snapshot: Callable[[], StoreStats], info: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], StoreStats],
+        info: Callable[[], dict[str, str]],
+        daemon: Callable[[], DaemonCounts] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.op_seconds = Histogram(
             "memkv_op_seconds",
@@ -90,7 +123,7 @@ class Metrics:
             registry=self.registry,
         )
         self._observers: dict[str, Any] = {}
-        self.registry.register(_StoreCollector(snapshot, info))
+        self.registry.register(_StoreCollector(snapshot, info, daemon))
 
     def observe(self, op: str, seconds: float) -> None:
         obs = self._observers.get(op)
@@ -118,8 +151,15 @@ class Metrics:
                     head += chunk
                 line = head.split(b"\r\n", 1)[0].split()
                 if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
-                    body = self.render()
-                    status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                    try:
+                        body = self.render()
+                        status, ctype = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                    except Exception:
+                        # A failing collector must cost one scrape, never the daemon (an exception
+                        # here would escape serve_listeners and cancel the daemon's nursery).
+                        log.exception("metrics scrape failed")
+                        body = b"metrics collection failed; see the daemon log\n"
+                        status, ctype = b"500 Internal Server Error", b"text/plain"
                 else:
                     body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
                 await stream.send_all(

@@ -182,6 +182,8 @@ class BlockStore:
         """Publish pending slots; returns how many became new blocks."""
         if len(keys) != len(checksums):
             raise StoreError("bad_request", f"{len(keys)} keys but {len(checksums)} checksums")
+        if len(set(keys)) != len(keys):
+            raise StoreError("bad_request", "the same key appears twice in one commit")
         pending = self._pending.get(owner, {})
         missing = [i for i, k in enumerate(keys) if k not in pending]
         if missing:
@@ -204,7 +206,7 @@ class BlockStore:
 
     def abort(self, owner: Hashable, keys: Sequence[bytes] | None = None) -> int:
         pending = self._pending.get(owner, {})
-        todo = list(pending) if keys is None else [k for k in keys if k in pending]
+        todo = list(pending) if keys is None else [k for k in dict.fromkeys(keys) if k in pending]
         for k in todo:
             off, _ = pending.pop(k)
             self._alloc.free(off)
