@@ -297,16 +297,24 @@ class Client(_Core):
         with self._lock:
             if self._sock.fileno() < 0:
                 raise ConnectionError("client is closed")
-            self._flush_deferred()
-            self._send(msg)
-            while True:
-                body = self._frames.next_frame()
-                if body is not None:
-                    return protocol.reply_decoder.decode(body)
-                data = self._sock.recv(65536)
-                if not data:
-                    raise ConnectionError("the daemon closed the connection")
-                self._frames.feed(data)
+            try:
+                self._flush_deferred()
+                self._send(msg)
+                while True:
+                    body = self._frames.next_frame()
+                    if body is not None:
+                        return protocol.reply_decoder.decode(body)
+                    data = self._sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("the daemon closed the connection")
+                    self._frames.feed(data)
+            except BaseException as e:
+                # A request half sent or a reply half read leaves the stream out of step: the next
+                # reply would answer the wrong request. Close; the daemon frees what we held.
+                self._sock.close()
+                if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+                    raise ConnectionError(f"connection to the daemon lost: {e}") from e
+                raise
 
     def _release(self, lease_id: int) -> None:
         with self._lock:
@@ -426,17 +434,27 @@ class AsyncClient(_Core):
         async with self._lock:
             if self._closed:
                 raise ConnectionError("client is closed")
-            while self._deferred:
-                await self._send(protocol.Release(self._deferred.popleft()))
-            await self._send(msg)
-            while True:
-                body = self._frames.next_frame()
-                if body is not None:
-                    return protocol.reply_decoder.decode(body)
-                data = await self._stream.receive_some(65536)
-                if not data:
-                    raise ConnectionError("the daemon closed the connection")
-                self._frames.feed(data)
+            try:
+                while self._deferred:
+                    await self._send(protocol.Release(self._deferred.popleft()))
+                await self._send(msg)
+                while True:
+                    body = self._frames.next_frame()
+                    if body is not None:
+                        return protocol.reply_decoder.decode(body)
+                    data = await self._stream.receive_some(65536)
+                    if not data:
+                        raise ConnectionError("the daemon closed the connection")
+                    self._frames.feed(data)
+            except BaseException as e:
+                # Cancelled or broken mid-request: the stream is out of step with the replies.
+                # Close it; the daemon frees whatever this connection held.
+                self._closed = True
+                with trio.CancelScope(shield=True):
+                    await self._stream.aclose()
+                if isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError):
+                    raise ConnectionError(f"connection to the daemon lost: {e}") from e
+                raise
 
     def _release(self, lease_id: int) -> None:
         # Called from sync code (Lease.release): queue it; the next request sends it first.

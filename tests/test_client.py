@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import trio
+import trio.lowlevel
 
 from memkv_mesh.client import AsyncClient, MemkvError
 
@@ -145,3 +146,35 @@ async def test_trio_cancellation_mid_put_leaves_no_slots(daemon) -> None:
             await c.put_many(_keys(2), [b"x" * 4096] * 2)
         st = await c.stats()
         assert st["store"]["pending_slots"] == 0
+
+
+async def test_cancel_mid_request_closes_the_connection_cleanly(daemon) -> None:
+    c = await AsyncClient.connect(daemon.socket_path)
+    keys = _keys(3)
+    await c.put_many(keys, [b"v" * 4096] * 3)
+    with trio.CancelScope() as scope:
+        # Cancel while the Get is in flight (after it was sent, before the reply is read).
+        async def cancel_soon() -> None:
+            await trio.lowlevel.checkpoint()
+            scope.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(cancel_soon)
+            for _ in range(1000):
+                await c.get_many_into(keys, [bytearray(4096)] * 3)
+    # Either the cancel landed mid-request (the client closed itself: a stale reply can never
+    # answer a later request) or between requests (the client still works and stays in step).
+    try:
+        assert await c.lookup(keys) == 3
+        assert await c.get_many_into(keys, [bytearray(4096)] * 3) == [4096] * 3
+    except ConnectionError as e:
+        assert "closed" in str(e)
+    await c.aclose()
+    async with await AsyncClient.connect(daemon.socket_path) as c2:
+        # The daemon frees the closed connection's lease when its handler sees EOF.
+        with trio.fail_after(5):
+            leases = (await c2.stats())["store"]["active_leases"]
+            while leases:  # noqa: ASYNC110 - polling another process's state
+                await trio.sleep(0.01)
+                leases = (await c2.stats())["store"]["active_leases"]
+        assert await c2.lookup(keys) == 3
