@@ -1,0 +1,849 @@
+"""SWIM membership with the Lifeguard extensions, as a pure state machine.
+
+Theory of operation
+-------------------
+No I/O, no clock, no threads: the driver (``transport/gossip_driver.py`` under Trio, or
+``transport/memory.py`` in virtual time) passes ``now`` and messages in and takes messages and
+events out. Randomness comes from the ``random.Random`` given at construction, so a seeded run is
+reproducible.
+
+Failure detection (one probe per probe period, round-robin over a shuffled member list):
+``Ping`` the target; no ``Ack`` within ``probe_timeout`` -> ask ``indirect_checks`` random members
+to probe it for us (``PingReq``, they answer ``Nack`` if the target did not answer them either) and, like memberlist,
+send a TCP fallback ``Ping`` over a stream;
+no ack by the end of the probe period -> the target becomes *suspect*.
+
+Rules this module keeps (the gossip precedence):
+
+- a member's incarnation is raised only by the member itself;
+- ``Alive(i)`` overrides ``Suspect(j)``/``Dead(j)``/left only if ``i > j``; ``Suspect(i)``
+  overrides ``Alive(j)`` if ``i >= j``; ``Dead(i)`` overrides ``Alive(j)``/``Suspect(j)`` if
+  ``i >= j``. An old or replayed update therefore never resurrects a dead node or undoes a leave;
+- a node that hears itself suspected or declared dead *refutes*: it raises its incarnation above
+  the one in the rumour and gossips ``Alive`` (unless it is leaving); with ``refute_fanout`` it
+  also sends that ``Alive`` straight to that many random members;
+- suspect -> dead after the Lifeguard suspicion timeout (``gossip/suspicion.py``), which every node
+  runs on its own; independent confirmations shorten it;
+- local health (``gossip/awareness.py``) stretches the probe period of a node whose own probes
+  fail without nacks;
+- *buddy system*: the ping to a suspect always carries "you are suspected" first (and any queued
+  update about the target goes first on any packet to it), so the suspect learns and refutes on
+  the next probe even if the rumour ran out of retransmissions (e.g. it started on an isolated
+  node);
+- dead/left members are kept as tombstones for ``tombstone_s`` (longer than the transport's replay
+  window) and gossiped to for ``gossip_to_dead_s``, so they can refute a false death;
+- a graceful leave is ``Dead(self, inc, src=self)``.
+
+Public API (what drivers and simulators call):
+
+- ``Swim(node_id, addr, meta, config, rng, now, incarnation=1)``
+- ``handle_message(packet, src_addr, now)``, ``handle_timer(now)``, ``next_deadline()``
+- ``has_packets`` / ``has_streams`` / ``has_events`` (cheap checks), and
+  ``take_outbox() -> list[(addr, Packet)]``, ``take_streams() -> list[(addr, StreamMsg)]``
+  (a push-pull request or a TCP fallback ``Ping``; the driver opens a stream per item),
+  ``take_events() -> list[MembershipEvent]``
+- ``handle_stream(msg, src_addr, now) -> StreamMsg | None`` (push-pull, both ends)
+- ``join(seed_addrs, now)``, ``seed_members(...)``, ``leave(now)``, ``leave_pending()``,
+  ``farewell(limit)``,
+  ``update_meta(meta, now)``, ``members()``, ``counters()``, ``incarnation``, ``state_of(node)``
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+
+import msgspec
+
+from gossip.awareness import Awareness
+from gossip.broadcast_queue import BroadcastQueue
+from gossip.events import MemberInfo, MembershipEvent
+from gossip.members import Member, ProbeOrder
+from gossip.messages import (
+    STATE_ALIVE,
+    STATE_DEAD,
+    STATE_LEFT,
+    STATE_NAMES,
+    STATE_SUSPECT,
+    Ack,
+    Alive,
+    Dead,
+    Entry,
+    Gossip,
+    Nack,
+    NodeMeta,
+    Packet,
+    Ping,
+    PingReq,
+    PushPullFinal,
+    PushPullReply,
+    PushPullReq,
+    StreamMsg,
+    Suspect,
+    Update,
+    node_meta,
+    wire_meta,
+)
+from gossip.profile import SwimConfig
+from gossip.pushpull import diff, digest, entry, pushpull_scale
+from gossip.suspicion import Suspicion, suspicion_timeouts
+
+_INF = math.inf
+_SEQ_MASK = 0xFFFF  # 16-bit sequence numbers keep a ping at 3 bytes of seq
+_BASE_RESERVE = 48  # bytes reserved for a packet's own fields when packing updates
+
+
+class SwimCounters(msgspec.Struct, frozen=True, kw_only=True):
+    probes: int
+    probe_failures: int
+    indirect_probes: int
+    suspicions_started: int
+    deaths_declared: int
+    refutations: int
+    misdirected: int
+    pushpulls: int
+    alive: int
+    suspect: int
+    dead: int
+    left: int
+    health_score: int
+    incarnation: int
+
+
+class _Probe:
+    __slots__ = ("seq", "target", "direct_deadline", "end", "indirect", "nacks", "expected")
+
+    def __init__(self, seq: int, target: str, direct_deadline: float, end: float) -> None:
+        self.seq = seq
+        self.target = target
+        self.direct_deadline = direct_deadline
+        self.end = end
+        self.indirect = False
+        self.nacks = 0
+        self.expected = 0
+
+
+class _Relay:
+    __slots__ = ("addr", "seq", "deadline", "nack")
+
+    def __init__(self, addr: str, seq: int, deadline: float, nack: bool) -> None:
+        self.addr = addr
+        self.seq = seq
+        self.deadline = deadline
+        self.nack = nack
+
+
+class Swim:
+    def __init__(
+        self,
+        node_id: str,
+        addr: str,
+        meta: NodeMeta,
+        config: SwimConfig,
+        rng: random.Random,
+        now: float,
+        *,
+        incarnation: int = 1,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        if incarnation < 0:
+            raise ValueError(f"incarnation must be >= 0, got {incarnation}")
+        self.id = node_id
+        self.config = config
+        self.rng = rng
+        self._me = Member(node_id, addr, wire_meta(meta), incarnation, STATE_ALIVE, now)
+        self._members: dict[str, Member] = {node_id: self._me}
+        self._by_addr: dict[str, str] = {addr: node_id}
+        self._live: list[str] = []  # live members other than self, for random picks
+        self._live_pos: dict[str, int] = {}
+        self._recent_dead: dict[str, float] = {}
+        self._tombstones: dict[str, float] = {}  # dead/left members -> since
+        self.awareness = Awareness(config.awareness_max)
+        self.queue = BroadcastQueue(config.retransmit_mult)
+        self._order = ProbeOrder(rng)
+        self._suspicions: dict[str, Suspicion] = {}
+        self._susp_min = _INF
+        self._probe: _Probe | None = None
+        self._next_probe = now + rng.random() * config.probe_interval
+        self._next_gossip = _INF
+        self._next_pushpull = (
+            now + rng.random() * config.pushpull_interval if config.pushpull_interval > 0 else _INF
+        )
+        self._next_reap = now + config.tombstone_s / 4
+        self._relays: dict[int, _Relay] = {}
+        self._relay_min = _INF
+        self._seq = rng.randrange(_SEQ_MASK + 1)
+        self._outbox: list[tuple[str, Packet]] = []
+        self._streams: list[tuple[str, StreamMsg]] = []
+        self._events: list[MembershipEvent] = []
+        self._told: set[str] = set()  # suspecters already sent our refutation directly
+        self.leaving = False
+        self._budget = config.udp_limit - config.wire_overhead - _BASE_RESERVE
+        # counters
+        self._c_probes = 0
+        self._c_fail = 0
+        self._c_indirect = 0
+        self._c_susp = 0
+        self._c_dead = 0
+        self._c_refute = 0
+        self._c_misdirected = 0
+        self._c_pushpull = 0
+
+    # ---------------------------------------------------------------- inspection
+
+    @property
+    def incarnation(self) -> int:
+        return self._me.inc
+
+    @property
+    def addr(self) -> str:
+        return self._me.addr
+
+    @property
+    def meta(self) -> NodeMeta:
+        return node_meta(self._me.meta)
+
+    def n_live(self) -> int:
+        return len(self._live) + 1
+
+    def state_of(self, node: str) -> str | None:
+        m = self._members.get(node)
+        return STATE_NAMES[m.state] if m is not None else None
+
+    def incarnation_of(self, node: str) -> int | None:
+        m = self._members.get(node)
+        return m.inc if m is not None else None
+
+    def members(self) -> list[MemberInfo]:
+        return [
+            MemberInfo(
+                node_id=m.node,
+                addr=m.addr,
+                state=STATE_NAMES[m.state],
+                incarnation=m.inc,
+                meta=node_meta(m.meta),
+            )
+            for m in sorted(self._members.values(), key=lambda m: m.node)
+        ]
+
+    def counters(self) -> SwimCounters:
+        by_state = [0, 0, 0, 0]
+        for m in self._members.values():
+            by_state[m.state] += 1
+        return SwimCounters(
+            probes=self._c_probes,
+            probe_failures=self._c_fail,
+            indirect_probes=self._c_indirect,
+            suspicions_started=self._c_susp,
+            deaths_declared=self._c_dead,
+            refutations=self._c_refute,
+            misdirected=self._c_misdirected,
+            pushpulls=self._c_pushpull,
+            alive=by_state[STATE_ALIVE],
+            suspect=by_state[STATE_SUSPECT],
+            dead=by_state[STATE_DEAD],
+            left=by_state[STATE_LEFT],
+            health_score=self.awareness.score,
+            incarnation=self._me.inc,
+        )
+
+    # ---------------------------------------------------------------- driver interface
+
+    @property
+    def has_packets(self) -> bool:
+        return bool(self._outbox)
+
+    @property
+    def has_streams(self) -> bool:
+        return bool(self._streams)
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    def take_outbox(self) -> list[tuple[str, Packet]]:
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def take_streams(self) -> list[tuple[str, StreamMsg]]:
+        out = self._streams
+        self._streams = []
+        return out
+
+    def take_events(self) -> list[MembershipEvent]:
+        out = self._events
+        self._events = []
+        return out
+
+    def next_deadline(self) -> float:
+        t = self._next_probe
+        p = self._probe
+        if p is not None:
+            pt = p.end if p.indirect else p.direct_deadline
+            if pt < t:
+                t = pt
+        if self._susp_min < t:
+            t = self._susp_min
+        if self._relay_min < t:
+            t = self._relay_min
+        if self._next_gossip < t:
+            t = self._next_gossip
+        if self._next_pushpull < t:
+            t = self._next_pushpull
+        if self._next_reap < t:
+            t = self._next_reap
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        if self._relay_min <= now:
+            self._expire_relays(now)
+        p = self._probe
+        if p is not None:
+            if not p.indirect and p.direct_deadline <= now:
+                self._start_indirect(p, now)
+            if p.indirect and p.end <= now:
+                self._probe = None
+                self._probe_failed(p, now)
+        if self._susp_min <= now:
+            self._expire_suspicions(now)
+        if self._next_probe <= now:
+            self._start_probe(now)
+        if self._next_gossip <= now:
+            self._gossip_tick(now)
+        if self._next_pushpull <= now:
+            self._pushpull_tick(now)
+        if self._next_reap <= now:
+            self._reap(now)
+
+    def handle_message(self, pkt: Packet, src: str, now: float) -> None:
+        for u in pkt.updates:
+            self._apply(u, now)
+        if isinstance(pkt, Ping):
+            if pkt.target != self.id:
+                self._c_misdirected += 1
+                return
+            self._outbox.append((src, Ack(pkt.seq, self._piggy(self._by_addr.get(src)))))
+        elif isinstance(pkt, Ack):
+            p = self._probe
+            if p is not None and p.seq == pkt.seq:
+                if not p.indirect:
+                    self.awareness.apply_delta(-1)
+                self._probe = None
+                return
+            relay = self._relays.pop(pkt.seq, None)
+            if relay is not None:
+                self._outbox.append(
+                    (relay.addr, Ack(relay.seq, self._piggy(self._by_addr.get(relay.addr))))
+                )
+        elif isinstance(pkt, PingReq):
+            self._handle_ping_req(pkt, src, now)
+        elif isinstance(pkt, Nack):
+            p = self._probe
+            if p is not None and p.seq == pkt.seq:
+                p.nacks += 1
+
+    def handle_stream(self, msg: StreamMsg, src: str, now: float) -> StreamMsg | None:
+        """One push-pull frame in; the frame to answer on the same stream (or None)."""
+        if isinstance(msg, Ping):
+            return Ack(msg.seq) if msg.target == self.id else None
+        if isinstance(msg, Ack):
+            p = self._probe
+            if p is not None and p.seq == msg.seq:
+                self._probe = None
+            return None
+        peer = self._by_addr.get(src, src)
+        if isinstance(msg, PushPullReq):
+            self._c_pushpull += 1
+            self._merge(msg.entries, peer, now)
+            entries, want = diff(self._members, msg.digest)
+            return PushPullReply(entries, want)
+        if isinstance(msg, PushPullReply):
+            self._merge(msg.entries, peer, now)
+            if not msg.want:
+                return None
+            out = tuple(
+                entry(self._members[n]) for n in msg.want if n in self._members
+            )
+            return PushPullFinal(out)
+        self._merge(msg.entries, peer, now)
+        return None
+
+    # ---------------------------------------------------------------- membership control
+
+    def seed_members(self, entries: Iterable[Entry], now: float) -> None:
+        """Install members known out of band (simulator bootstrap), without gossiping them."""
+        members = self._members
+        by_addr = self._by_addr
+        live = self._live
+        live_pos = self._live_pos
+        for e in entries:
+            node = e.node
+            if node in members:
+                continue
+            m = Member(node, e.addr, e.meta, e.inc, e.state, now)
+            members[node] = m
+            by_addr[e.addr] = node
+            if (e.state == STATE_ALIVE or e.state == STATE_SUSPECT) and node not in live_pos:
+                live_pos[node] = len(live)
+                live.append(node)
+            elif e.state == STATE_DEAD or e.state == STATE_LEFT:
+                self._tombstones[node] = now
+
+    def join(self, seed_addrs: Iterable[str], now: float) -> None:
+        """Push-pull with each seed (join=True) and announce ourselves."""
+        me = self._me
+        req = PushPullReq(True, digest(self._members.values()), (entry(me),))
+        for addr in seed_addrs:
+            if addr != me.addr:
+                self._streams.append((addr, req))
+        self._enqueue(Alive(self.id, me.inc, me.addr, me.meta), now)
+
+    def leave(self, now: float) -> None:
+        """Start a graceful leave: gossip Dead(self, src=self) and stop probing."""
+        if self.leaving:
+            return
+        self.leaving = True
+        me = self._me
+        me.state = STATE_LEFT
+        self._probe = None
+        self._next_probe = _INF
+        self._enqueue(Dead(self.id, me.inc, self.id), now)
+        self._gossip_tick(now)
+
+    def farewell(self, limit: int) -> list[tuple[str, Packet]]:
+        """Our leave, addressed straight to up to ``limit`` random live members.
+
+        For a driver whose event loop is stopping: it can send these once without waiting for
+        gossip rounds. Call ``leave`` first.
+        """
+        me = self._me
+        pkt = Gossip((Dead(self.id, me.inc, self.id),))
+        return [(m.addr, pkt) for m in self._pick(limit, exclude=None, alive_only=False)]
+
+    def leave_pending(self) -> bool:
+        """True while our leave has not been sent to ``gossip_nodes`` members (or all of them)."""
+        if not self.leaving or not self._live:
+            return False
+        sent = self.queue.transmits(self.id)
+        return sent is not None and sent < min(self.config.gossip_nodes, len(self._live))
+
+    def update_meta(self, meta: NodeMeta, now: float, addr: str | None = None) -> None:
+        """Publish new metadata (and/or address) under a new incarnation."""
+        me = self._me
+        me.inc += 1
+        me.meta = wire_meta(meta)
+        if addr is not None and addr != me.addr:
+            self._by_addr.pop(me.addr, None)
+            me.addr = addr
+            self._by_addr[addr] = self.id
+        self._enqueue(Alive(self.id, me.inc, me.addr, me.meta), now)
+
+    def set_addr(self, addr: str) -> None:
+        """Set our own address before any traffic (the driver learns it when it binds)."""
+        me = self._me
+        self._by_addr.pop(me.addr, None)
+        me.addr = addr
+        self._by_addr[addr] = self.id
+
+    # ---------------------------------------------------------------- probing
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & _SEQ_MASK
+        return self._seq
+
+    def _start_probe(self, now: float) -> None:
+        cfg = self.config
+        period = self.awareness.scale(cfg.probe_interval)
+        self._next_probe = now + period
+        if self.leaving:
+            self._next_probe = _INF
+            return
+        target = self._order.next(self._members, self.id)
+        if target is None:
+            return
+        seq = self._next_seq()
+        self._c_probes += 1
+        self._probe = _Probe(seq, target.node, now + cfg.probe_timeout, now + period)
+        ups = self._piggy(target.node)
+        if target.state == STATE_SUSPECT and not (ups and ups[0].node == target.node):
+            # buddy system: a suspect always hears about it from its prober, even after the
+            # rumour has used up its retransmissions
+            ups = (Suspect(target.node, target.inc, self.id), *ups)
+        self._outbox.append((target.addr, Ping(seq, target.node, ups)))
+
+    def _start_indirect(self, p: _Probe, now: float) -> None:
+        p.indirect = True
+        target = self._members.get(p.target)
+        if target is None or not target.live:
+            self._probe = None
+            return
+        k = self.config.indirect_checks
+        helpers = self._pick(k, exclude=p.target, alive_only=True)
+        p.expected = len(helpers)
+        if helpers:
+            self._c_indirect += 1
+        for h in helpers:
+            self._outbox.append(
+                (h.addr, PingReq(p.seq, p.target, True, self._piggy(h.node)))
+            )
+        if self.config.tcp_fallback:
+            self._streams.append((target.addr, Ping(p.seq, p.target)))
+
+    def _probe_failed(self, p: _Probe, now: float) -> None:
+        self._c_fail += 1
+        if p.expected > 0:
+            missed = p.expected - p.nacks
+            if missed > 0:
+                self.awareness.apply_delta(missed)
+        else:
+            self.awareness.apply_delta(1)
+        m = self._members.get(p.target)
+        if m is None or not m.live:
+            return
+        self._apply(Suspect(m.node, m.inc, self.id), now, local=True)
+
+    def _handle_ping_req(self, pkt: PingReq, src: str, now: float) -> None:
+        target = self._members.get(pkt.target)
+        if target is None or pkt.target == self.id:
+            if pkt.nack:
+                self._outbox.append((src, Nack(pkt.seq, self._piggy(self._by_addr.get(src)))))
+            return
+        seq = self._next_seq()
+        deadline = now + self.config.probe_timeout
+        self._relays[seq] = _Relay(src, pkt.seq, deadline, pkt.nack)
+        if deadline < self._relay_min:
+            self._relay_min = deadline
+        self._outbox.append((target.addr, Ping(seq, target.node, self._piggy(target.node))))
+
+    def _expire_relays(self, now: float) -> None:
+        lo = _INF
+        for seq, r in list(self._relays.items()):
+            if r.deadline <= now:
+                del self._relays[seq]
+                if r.nack:
+                    self._outbox.append(
+                        (r.addr, Nack(r.seq, self._piggy(self._by_addr.get(r.addr))))
+                    )
+            elif r.deadline < lo:
+                lo = r.deadline
+        self._relay_min = lo
+
+    # ---------------------------------------------------------------- dissemination
+
+    def _piggy(self, dest: str | None) -> tuple[Update, ...]:
+        q = self.queue
+        if not len(q):
+            return ()
+        return q.take(self._budget, len(self._live) + 1, dest)
+
+    def _enqueue(self, u: Update, now: float) -> None:
+        self.queue.queue(u)
+        if self._next_gossip == _INF:
+            self._next_gossip = now + self.rng.random() * self.config.gossip_interval
+
+    def _gossip_tick(self, now: float) -> None:
+        cfg = self.config
+        if not len(self.queue):
+            self._next_gossip = _INF
+            return
+        self._next_gossip = now + cfg.gossip_interval
+        targets = self._pick(cfg.gossip_nodes, exclude=None, alive_only=False)
+        if self._recent_dead:
+            horizon = now - cfg.gossip_to_dead_s
+            for node, since in list(self._recent_dead.items()):
+                if since < horizon:
+                    del self._recent_dead[node]
+            if self._recent_dead and self.rng.random() < 0.5:
+                node = self.rng.choice(list(self._recent_dead))
+                m = self._members.get(node)
+                if m is not None:
+                    targets.append(m)
+        n = len(self._live) + 1
+        for m in targets:
+            ups = self.queue.take(self._budget, n, m.node)
+            if not ups:
+                break
+            self._outbox.append((m.addr, Gossip(ups)))
+        if not len(self.queue):
+            self._next_gossip = _INF
+
+    def _pick(self, k: int, exclude: str | None, alive_only: bool) -> list[Member]:
+        live = self._live
+        if not live or k <= 0:
+            return []
+        out: list[Member] = []
+        members = self._members
+        if len(live) <= 2 * k + 2:
+            cands = list(live)
+            self.rng.shuffle(cands)
+            for node in cands:
+                m = members[node]
+                if node == exclude or (alive_only and m.state != STATE_ALIVE):
+                    continue
+                out.append(m)
+                if len(out) == k:
+                    break
+            return out
+        seen: set[str] = set()
+        tries = 0
+        rng = self.rng
+        while len(out) < k and tries < 4 * k + 8:
+            tries += 1
+            node = live[int(rng.random() * len(live))]
+            if node == exclude or node in seen:
+                continue
+            seen.add(node)
+            m = members[node]
+            if alive_only and m.state != STATE_ALIVE:
+                continue
+            out.append(m)
+        return out
+
+    def _pushpull_tick(self, now: float) -> None:
+        cfg = self.config
+        n = len(self._live) + 1
+        self._next_pushpull = now + pushpull_scale(cfg.pushpull_interval, n)
+        peers = self._pick(1, exclude=None, alive_only=True)
+        if not peers:
+            return
+        self._c_pushpull += 1
+        self._streams.append((peers[0].addr, PushPullReq(False, digest(self._members.values()))))
+
+    def _merge(self, entries: Iterable[Entry], peer: str, now: float) -> None:
+        for e in entries:
+            if e.state == STATE_ALIVE:
+                self._apply(Alive(e.node, e.inc, e.addr, e.meta), now)
+            elif e.state == STATE_LEFT:
+                if e.node not in self._members:
+                    continue
+                self._apply(Dead(e.node, e.inc, e.node), now)
+            else:
+                # A remote suspect or dead becomes a suspicion here (as in memberlist), so a
+                # node that is in fact alive still gets its chance to refute.
+                if e.node not in self._members:
+                    if e.state == STATE_DEAD:
+                        continue
+                    self._apply(Alive(e.node, e.inc, e.addr, e.meta), now)
+                self._apply(Suspect(e.node, e.inc, peer), now)
+
+    # ---------------------------------------------------------------- state changes
+
+    def _live_add(self, node: str) -> None:
+        if node not in self._live_pos:
+            self._live_pos[node] = len(self._live)
+            self._live.append(node)
+
+    def _live_remove(self, node: str) -> None:
+        pos = self._live_pos.pop(node, None)
+        if pos is None:
+            return
+        last = self._live.pop()
+        if last != node:
+            self._live[pos] = last
+            self._live_pos[last] = pos
+
+    def _event(self, kind: str, m: Member, source: str, now: float) -> None:
+        self._events.append(
+            MembershipEvent(
+                kind=kind,
+                node_id=m.node,
+                addr=m.addr,
+                incarnation=m.inc,
+                meta=node_meta(m.meta),
+                source=source,
+                at=now,
+            )
+        )
+
+    def _apply(self, u: Update, now: float, local: bool = False) -> None:
+        t = type(u)
+        if t is Alive:
+            assert isinstance(u, Alive)
+            self._apply_alive(u, now)
+        elif t is Suspect:
+            assert isinstance(u, Suspect)
+            self._apply_suspect(u, now, local)
+        else:
+            assert isinstance(u, Dead)
+            self._apply_dead(u, now)
+
+    def _apply_alive(self, u: Alive, now: float) -> None:
+        node = u.node
+        if node == self.id:
+            me = self._me
+            if not self.leaving and (
+                u.inc > me.inc or (u.inc == me.inc and (u.addr != me.addr or u.meta != me.meta))
+            ):
+                self._refute(u.inc, None, now)
+            return
+        m = self._members.get(node)
+        if m is None:
+            m = Member(node, u.addr, u.meta, u.inc, STATE_ALIVE, now)
+            self._members[node] = m
+            self._by_addr[u.addr] = node
+            self._live_add(node)
+            self._order.add(node)
+            self._event("join", m, node, now)
+            self._enqueue(u, now)
+            return
+        if u.inc <= m.inc:
+            return
+        old = m.state
+        m.inc = u.inc
+        if m.addr != u.addr:
+            if self._by_addr.get(m.addr) == node:
+                del self._by_addr[m.addr]
+            m.addr = u.addr
+        self._by_addr[u.addr] = node
+        m.meta = u.meta
+        m.state = STATE_ALIVE
+        m.since = now
+        self._cancel_suspicion(node)
+        if old == STATE_DEAD or old == STATE_LEFT:
+            self._recent_dead.pop(node, None)
+            self._tombstones.pop(node, None)
+            self._live_add(node)
+            self._order.add(node)
+            self._event("join", m, node, now)
+        elif old == STATE_SUSPECT:
+            self._event("alive", m, node, now)
+        else:
+            self._event("update", m, node, now)
+        self._enqueue(u, now)
+
+    def _apply_suspect(self, u: Suspect, now: float, local: bool) -> None:
+        node = u.node
+        m = self._members.get(node)
+        if m is None or u.inc < m.inc:
+            if node == self.id:
+                self._tell_suspecter(u.src)
+            return
+        if node == self.id:
+            if not self.leaving:
+                self._refute(u.inc, u.src, now)
+            return
+        cfg = self.config
+        s = self._suspicions.get(node)
+        if s is not None and m.state == STATE_SUSPECT and u.inc == m.inc:
+            if s.confirm(u.src):
+                if s.deadline < self._susp_min:
+                    self._susp_min = s.deadline
+                else:
+                    self._recompute_susp_min()
+                self._enqueue(u, now)
+                if local and cfg.direct_refute:
+                    self._outbox.append((m.addr, Gossip((u,))))
+            return
+        if m.state == STATE_DEAD or m.state == STATE_LEFT:
+            return
+        if m.state == STATE_SUSPECT and u.inc == m.inc:
+            return  # suspect without a running timer (should not happen); nothing new
+        m.inc = u.inc
+        m.state = STATE_SUSPECT
+        m.since = now
+        n = len(self._live) + 1
+        k = int(cfg.suspicion_mult) - 2
+        if n - 2 < k:
+            k = 0
+        lo, hi = suspicion_timeouts(
+            cfg.suspicion_mult, cfg.suspicion_max_mult, n, cfg.probe_interval,
+            cfg.suspicion_log_base,
+        )
+        s = Suspicion(now, k, lo, hi, u.src)
+        self._suspicions[node] = s
+        if s.deadline < self._susp_min:
+            self._susp_min = s.deadline
+        if local:
+            self._c_susp += 1
+        self._event("suspect", m, u.src, now)
+        self._enqueue(u, now)
+        if local and cfg.direct_refute:
+            self._outbox.append((m.addr, Gossip((u,))))
+
+    def _apply_dead(self, u: Dead, now: float) -> None:
+        node = u.node
+        m = self._members.get(node)
+        if m is None or u.inc < m.inc:
+            return
+        if m.state == STATE_DEAD or m.state == STATE_LEFT:
+            if m.state == STATE_DEAD and u.src == node and u.inc >= m.inc:
+                m.state = STATE_LEFT  # a leave supersedes a death at the same incarnation
+            return
+        if node == self.id:
+            if not self.leaving:
+                self._refute(u.inc, u.src, now)
+            return
+        m.inc = u.inc
+        m.state = STATE_LEFT if u.src == node else STATE_DEAD
+        m.since = now
+        self._cancel_suspicion(node)
+        self._live_remove(node)
+        self._recent_dead[node] = now
+        self._tombstones[node] = now
+        self._event("leave" if m.state == STATE_LEFT else "dead", m, u.src, now)
+        self._enqueue(u, now)
+
+    def _refute(self, inc: int, suspecter: str | None, now: float) -> None:
+        me = self._me
+        if inc >= me.inc:
+            me.inc = inc + 1
+            self._c_refute += 1
+            self.awareness.apply_delta(1)
+            self._told = set()
+            alive = Alive(self.id, me.inc, me.addr, me.meta)
+            self._enqueue(alive, now)
+            if self.config.refute_fanout:
+                burst = Gossip((alive,))
+                for m in self._pick(self.config.refute_fanout, exclude=None, alive_only=False):
+                    self._told.add(m.node)
+                    self._outbox.append((m.addr, burst))
+        if suspecter is not None:
+            self._tell_suspecter(suspecter)
+
+    def _tell_suspecter(self, suspecter: str) -> None:
+        if not self.config.direct_refute or suspecter in self._told or suspecter == self.id:
+            return
+        m = self._members.get(suspecter)
+        if m is None or not m.live:
+            return
+        self._told.add(suspecter)
+        me = self._me
+        self._outbox.append((m.addr, Gossip((Alive(self.id, me.inc, me.addr, me.meta),))))
+
+    def _cancel_suspicion(self, node: str) -> None:
+        s = self._suspicions.pop(node, None)
+        if s is not None and s.deadline <= self._susp_min:
+            self._recompute_susp_min()
+
+    def _recompute_susp_min(self) -> None:
+        self._susp_min = min((s.deadline for s in self._suspicions.values()), default=_INF)
+
+    def _expire_suspicions(self, now: float) -> None:
+        due = [n for n, s in self._suspicions.items() if s.deadline <= now]
+        for node in due:
+            del self._suspicions[node]
+            m = self._members.get(node)
+            if m is not None and m.state == STATE_SUSPECT:
+                self._c_dead += 1
+                self._apply_dead(Dead(node, m.inc, self.id), now)
+        self._recompute_susp_min()
+
+    def _reap(self, now: float) -> None:
+        cfg = self.config
+        self._next_reap = now + cfg.tombstone_s / 4
+        horizon = now - cfg.tombstone_s
+        for node, since in list(self._tombstones.items()):
+            if since >= horizon:
+                continue
+            del self._tombstones[node]
+            m = self._members.get(node)
+            if m is None or node == self.id or not (
+                m.state == STATE_DEAD or m.state == STATE_LEFT
+            ):
+                continue
+            del self._members[node]
+            if self._by_addr.get(m.addr) == node:
+                del self._by_addr[m.addr]

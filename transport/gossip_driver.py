@@ -1,0 +1,587 @@
+"""Trio driver of the SWIM core: UDP packets, TCP push-pull, encryption, events to the daemon.
+
+Theory of operation
+-------------------
+``GossipService`` owns one pure ``gossip.swim.Swim`` core and does all its I/O:
+
+- one UDP socket (datagrams <= 1400 bytes, each sealed with the mesh key) and a TCP listener on
+  the same port number for streams (push-pull state sync and the TCP fallback ping), frames
+  being ``u32 length | sealed message``;
+- a timer task sleeps until ``core.next_deadline()`` and is woken early when handling a message
+  moves that deadline forward;
+- a receive task opens, authenticates and decodes each datagram: a packet no key opens is dropped
+  and counted (``dropped_bad_key``), a stale or replayed one likewise (``dropped_replay``), a
+  malformed one too (``dropped_malformed``); nothing reaches the core unauthenticated;
+- after every core step the outbox is sealed and queued to a sender task (never blocking the
+  core), streams are opened in their own tasks, and membership events are handed to
+  ``on_event`` (the daemon);
+- the incarnation is persisted to ``<state_dir>/gossip.incarnation`` (in a worker thread) before
+  the service reports started and whenever it changes, so a restarted node always comes back with
+  a higher incarnation than anything it said before.
+
+Join: the seeds of the config (and peers found by mDNS when enabled) are contacted by push-pull;
+while the node knows no other member it retries every ``join_retry_s``.
+
+Public API: ``GossipService`` (``run``, ``leave``, ``members``, ``statistics``, ``local_addr``),
+``GossipStats``; re-exports ``NodeMeta``, ``MembershipEvent``, ``MemberInfo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import trio
+
+from gossip.events import MemberInfo, MembershipEvent
+from gossip.messages import (
+    MessageError,
+    NodeMeta,
+    Packet,
+    PushPullFinal,
+    StreamMsg,
+    decode_packet,
+    decode_stream,
+    encode,
+)
+from gossip.swim import Swim
+from transport.gossip_config import GossipConfig, parse_hostport
+from transport.gossip_crypto import (
+    CHANNEL_TCP,
+    CHANNEL_UDP,
+    CryptoError,
+    Keyring,
+    ReplayGuard,
+    Sealer,
+)
+
+__all__ = ["GossipService", "GossipStats", "MemberInfo", "MembershipEvent", "NodeMeta"]
+
+log = logging.getLogger("gossip")
+
+_FRAME = struct.Struct(">I")
+MAX_FRAME = 16 << 20  # a push-pull of 100k members is ~10 MB; anything bigger is an attack
+INCARNATION_FILE = "gossip.incarnation"
+_SEND_QUEUE = 4096
+
+
+class GossipStats(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    local_addr: str
+    profile: str
+    encrypted: bool
+    packets_in: int
+    packets_out: int
+    bytes_in: int
+    bytes_out: int
+    streams_in: int
+    streams_out: int
+    stream_errors: int
+    send_errors: int
+    dropped_bad_key: int
+    dropped_replay: int
+    dropped_malformed: int
+    dropped_send_queue: int
+    members_alive: int
+    members_suspect: int
+    members_dead: int
+    members_left: int
+    incarnation: int
+    health_score: int
+    probes: int
+    probe_failures: int
+    suspicions_started: int
+    deaths_declared: int
+    refutations: int
+
+
+def _fmt_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GossipService:
+    def __init__(
+        self,
+        config: GossipConfig,
+        *,
+        node_id: str,
+        meta: NodeMeta,
+        on_event: Callable[[MembershipEvent], None] | None = None,
+        state_dir: Path | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        keys = config.key_bytes()
+        if not keys and not config.insecure_no_key:
+            raise ValueError(
+                "gossip.keys: no mesh key configured (set gossip.keys, or gossip.insecure_no_key "
+                "= true to run unencrypted)"
+            )
+        self.config = config
+        self.node_id = node_id
+        self.meta = meta
+        self.on_event = on_event
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._wall = wall_clock
+        self._rng = rng if rng is not None else random.Random()
+        self._swim_cfg = config.swim_config()
+        self._sealer = Sealer(Keyring(keys) if keys else None)
+        self._guard = ReplayGuard(config.replay_window_s)
+        self._core: Swim | None = None
+        self._local_addr = ""
+        self._udp: trio.socket.SocketType | None = None
+        self._nursery: trio.Nursery | None = None
+        self._send_tx, self._send_rx = trio.open_memory_channel[tuple[tuple[str, int], bytes]](
+            _SEND_QUEUE
+        )
+        self._wake = trio.Event()
+        self._timer_target = float("inf")
+        self._persist_wanted = trio.Event()
+        self._persisted_inc = -1
+        self._leave_done = trio.Event()
+        self._running = False
+        self._extra_seeds: list[str] = []
+        self._c = dict.fromkeys(
+            (
+                "packets_in", "packets_out", "bytes_in", "bytes_out", "streams_in",
+                "streams_out", "stream_errors", "send_errors", "dropped_bad_key",
+                "dropped_replay", "dropped_malformed", "dropped_send_queue",
+            ),
+            0,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def local_addr(self) -> str:
+        """The "host:port" peers use to reach us (bound port, advertised host)."""
+        return self._local_addr
+
+    def members(self) -> list[MemberInfo]:
+        return self._core.members() if self._core is not None else []
+
+    def statistics(self) -> GossipStats:
+        core = self._core
+        c = self._c
+        counters = core.counters() if core is not None else None
+        return GossipStats(
+            node_id=self.node_id,
+            local_addr=self._local_addr,
+            profile=self.config.profile,
+            encrypted=self._sealer.keyring is not None,
+            packets_in=c["packets_in"],
+            packets_out=c["packets_out"],
+            bytes_in=c["bytes_in"],
+            bytes_out=c["bytes_out"],
+            streams_in=c["streams_in"],
+            streams_out=c["streams_out"],
+            stream_errors=c["stream_errors"],
+            send_errors=c["send_errors"],
+            dropped_bad_key=c["dropped_bad_key"],
+            dropped_replay=c["dropped_replay"],
+            dropped_malformed=c["dropped_malformed"],
+            dropped_send_queue=c["dropped_send_queue"],
+            members_alive=counters.alive if counters else 0,
+            members_suspect=counters.suspect if counters else 0,
+            members_dead=counters.dead if counters else 0,
+            members_left=counters.left if counters else 0,
+            incarnation=counters.incarnation if counters else 0,
+            health_score=counters.health_score if counters else 0,
+            probes=counters.probes if counters else 0,
+            probe_failures=counters.probe_failures if counters else 0,
+            suspicions_started=counters.suspicions_started if counters else 0,
+            deaths_declared=counters.deaths_declared if counters else 0,
+            refutations=counters.refutations if counters else 0,
+        )
+
+    def add_seeds(self, addrs: list[str]) -> None:
+        """Join through more peers (mDNS discovery calls this); safe from the Trio thread."""
+        core = self._core
+        new = [a for a in addrs if a not in self._extra_seeds]
+        self._extra_seeds.extend(new)
+        if core is None or not new or not self._running:
+            return
+        known = {m.addr for m in core.members()}
+        todo = [a for a in new if a not in known and a != self._local_addr]
+        if todo:
+            core.join(todo, trio.current_time())
+            self._flush()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        inc = await self._load_incarnation()
+        udp, listener, port = await self._bind()
+        self._udp = udp
+        host = self.config.advertise_host()
+        self._local_addr = _fmt_addr(host, self.config.advertise_port(port))
+        self._core = Swim(
+            self.node_id,
+            self._local_addr,
+            self.meta,
+            self._swim_cfg,
+            self._rng,
+            trio.current_time(),
+            incarnation=inc,
+        )
+        await self._persist(inc)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._recv_loop, udp)
+                nursery.start_soon(self._send_loop, udp)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._persist_loop)
+                nursery.start_soon(trio.serve_listeners, self._serve_stream, [listener])
+                if self.config.mdns:
+                    from transport.discovery import run_mdns
+
+                    await nursery.start(run_mdns, self)
+                self._running = True
+                log.info(
+                    "gossip started",
+                    extra={"fields": {
+                        "node": self.node_id, "addr": self._local_addr,
+                        "profile": self.config.profile, "incarnation": inc,
+                        "encrypted": self._sealer.keyring is not None,
+                        "transport": "udp+tcp",
+                    }},
+                )  # fmt: skip
+                nursery.start_soon(self._join_loop)
+                task_status.started()
+        finally:
+            self._running = False
+            self._nursery = None
+            udp.close()
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def leave(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 (the daemon's API)
+        """Tell the mesh we are leaving; waits until it was gossiped (or ``timeout``)."""
+        core = self._core
+        if core is None or core.leaving:
+            return
+        now = trio.current_time()
+        core.leave(now)
+        direct = core.farewell(8)
+        if self._running and self._udp is not None:
+            self._flush()
+            # the direct farewell goes out now, before we return, not through the send queue
+            await self._send_direct(self._udp, direct)
+            if core.leave_pending():
+                with trio.move_on_after(timeout):
+                    await self._leave_done.wait()
+            return
+        # run() has ended: send the farewell once from a fresh socket
+        packets = core.take_outbox() + direct
+        family = trio.socket.AF_INET6 if ":" in self.config.bind else trio.socket.AF_INET
+        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+        with sock, trio.move_on_after(timeout):
+            await self._send_direct(sock, packets)
+
+    async def _send_direct(
+        self, sock: trio.socket.SocketType, packets: list[tuple[str, Packet]]
+    ) -> None:
+        for addr, pkt in packets:
+            try:
+                data = self._sealer.seal(encode(pkt), CHANNEL_UDP, self._now_ms())
+                await sock.sendto(data, parse_hostport(addr, "member address"))
+                self._c["packets_out"] += 1
+                self._c["bytes_out"] += len(data)
+            except (OSError, ValueError):
+                self._c["send_errors"] += 1
+
+    # ------------------------------------------------------------------ binding & state
+
+    async def _bind(self) -> tuple[trio.socket.SocketType, trio.SocketListener, int]:
+        cfg = self.config
+        family = trio.socket.AF_INET6 if ":" in cfg.bind else trio.socket.AF_INET
+        last: OSError | None = None
+        for _ in range(20 if cfg.port == 0 else 1):
+            udp = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+            try:
+                await udp.bind((cfg.bind, cfg.port))
+                port = udp.getsockname()[1]
+                tcp = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+                try:
+                    tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                    await tcp.bind((cfg.bind, port))
+                    tcp.listen(128)
+                except OSError as exc:
+                    tcp.close()
+                    raise exc
+                return udp, trio.SocketListener(tcp), port
+            except OSError as exc:
+                udp.close()
+                last = exc
+        raise OSError(
+            f"gossip: cannot bind UDP+TCP {cfg.bind}:{cfg.port}: {last} "
+            "(set [gossip] port to a free port, or 0)"
+        )
+
+    async def _load_incarnation(self) -> int:
+        if self.state_dir is None:
+            return 1
+        path = self.state_dir / INCARNATION_FILE
+
+        def read() -> int:
+            try:
+                text = path.read_text().strip()
+            except FileNotFoundError:
+                return 0
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{path}: not an incarnation number: {text[:40]!r}") from None
+
+        return await trio.to_thread.run_sync(read) + 1
+
+    async def _persist(self, inc: int) -> None:
+        if self.state_dir is None or inc <= self._persisted_inc:
+            return
+        path = self.state_dir / INCARNATION_FILE
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                f.write(f"{inc}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        await trio.to_thread.run_sync(write)
+        self._persisted_inc = inc
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await self._persist_wanted.wait()
+            self._persist_wanted = trio.Event()
+            core = self._core
+            if core is not None:
+                try:
+                    await self._persist(core.incarnation)
+                except OSError as exc:
+                    log.warning("cannot persist the gossip incarnation: %s", exc)
+
+    # ------------------------------------------------------------------ core stepping
+
+    def _now_ms(self) -> int:
+        return int(self._wall() * 1000)
+
+    def _flush(self) -> None:
+        core = self._core
+        if core is None:
+            return
+        if core.has_packets:
+            now_ms = self._now_ms()
+            for addr, pkt in core.take_outbox():
+                try:
+                    dest = parse_hostport(addr, "member address")
+                except ValueError:
+                    self._c["send_errors"] += 1
+                    continue
+                data = self._sealer.seal(encode(pkt), CHANNEL_UDP, now_ms)
+                try:
+                    self._send_tx.send_nowait((dest, data))
+                except trio.WouldBlock:
+                    self._c["dropped_send_queue"] += 1
+        if core.has_streams and self._nursery is not None:
+            for addr, msg in core.take_streams():
+                self._nursery.start_soon(self._stream_client, addr, msg)
+        if core.has_events:
+            cb = self.on_event
+            for ev in core.take_events():
+                if cb is not None:
+                    try:
+                        cb(ev)
+                    except Exception:  # the daemon's bug must not stop membership
+                        log.exception("gossip on_event callback failed")
+        if core.incarnation > self._persisted_inc and self.state_dir is not None:
+            self._persist_wanted.set()
+        if core.leaving and not core.leave_pending():
+            self._leave_done.set()
+        if core.next_deadline() < self._timer_target:
+            self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        core = self._core
+        assert core is not None
+        while True:
+            target = core.next_deadline()
+            self._timer_target = target
+            self._wake = trio.Event()
+            with trio.move_on_at(target):
+                await self._wake.wait()
+            now = trio.current_time()
+            if now >= core.next_deadline():
+                core.handle_timer(now)
+                self._flush()
+
+    async def _recv_loop(self, udp: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, src = await udp.recvfrom(65536)
+            except OSError:  # e.g. ICMP port unreachable surfacing on some platforms
+                continue
+            self._on_datagram(data, _fmt_addr(src[0], src[1]))
+
+    def _open(self, data: bytes, channel: bytes) -> bytes | None:
+        try:
+            plain, sealed_ms, nonce = self._sealer.open(data, channel)
+            if nonce is not None and sealed_ms is not None:
+                self._guard.check(nonce, sealed_ms, self._now_ms())
+        except CryptoError as exc:
+            if exc.reason in ("replay", "stale"):
+                self._c["dropped_replay"] += 1
+            elif exc.reason == "malformed":
+                self._c["dropped_malformed"] += 1
+            else:
+                self._c["dropped_bad_key"] += 1
+            return None
+        return plain
+
+    def _on_datagram(self, data: bytes, src: str) -> None:
+        self._c["packets_in"] += 1
+        self._c["bytes_in"] += len(data)
+        plain = self._open(data, CHANNEL_UDP)
+        if plain is None:
+            return
+        try:
+            pkt: Packet = decode_packet(plain)
+        except MessageError:
+            self._c["dropped_malformed"] += 1
+            return
+        core = self._core
+        if core is None:
+            return
+        core.handle_message(pkt, src, trio.current_time())
+        self._flush()
+
+    async def _send_loop(self, udp: trio.socket.SocketType) -> None:
+        async for dest, data in self._send_rx:
+            try:
+                await udp.sendto(data, dest)
+                self._c["packets_out"] += 1
+                self._c["bytes_out"] += len(data)
+            except OSError:
+                self._c["send_errors"] += 1
+
+    # ------------------------------------------------------------------ streams
+
+    async def _read_frame(self, stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | None:
+        async def need(n: int) -> bool:
+            while len(buf) < n:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return False
+                buf.extend(chunk)
+            return True
+
+        if not await need(4):
+            if buf:
+                raise MessageError("stream closed inside a frame header")
+            return None
+        (n,) = _FRAME.unpack_from(buf)
+        if n > MAX_FRAME:
+            raise MessageError(f"frame of {n} bytes exceeds the {MAX_FRAME} byte limit")
+        if not await need(4 + n):
+            raise MessageError("stream closed inside a frame")
+        frame = bytes(buf[4 : 4 + n])
+        del buf[: 4 + n]
+        return frame
+
+    async def _write_frame(self, stream: trio.abc.SendStream, msg: StreamMsg) -> None:
+        data = self._sealer.seal(encode(msg), CHANNEL_TCP, self._now_ms())
+        await stream.send_all(_FRAME.pack(len(data)) + data)
+        self._c["bytes_out"] += len(data) + 4
+
+    def _open_frame(self, frame: bytes) -> StreamMsg:
+        self._c["bytes_in"] += len(frame) + 4
+        plain = self._open(frame, CHANNEL_TCP)
+        if plain is None:
+            raise CryptoError("bad_key", "stream frame rejected")
+        try:
+            return decode_stream(plain)
+        except MessageError:
+            self._c["dropped_malformed"] += 1
+            raise
+
+    async def _stream_client(self, addr: str, msg: StreamMsg) -> None:
+        core = self._core
+        assert core is not None
+        try:
+            host, port = parse_hostport(addr, "peer address")
+            with trio.fail_after(self.config.stream_timeout_s):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await self._write_frame(stream, msg)
+                    buf = bytearray()
+                    answered = False
+                    while True:
+                        frame = await self._read_frame(stream, buf)
+                        if frame is None:
+                            if not answered:  # the peer hung up: it could not open our frame
+                                raise MessageError(f"{addr} closed the stream without answering")
+                            break
+                        answered = True
+                        reply = core.handle_stream(
+                            self._open_frame(frame), addr, trio.current_time()
+                        )
+                        self._flush()
+                        if reply is None:
+                            break
+                        await self._write_frame(stream, reply)
+                        if isinstance(reply, PushPullFinal):
+                            break  # the last frame of a push-pull: nothing comes back
+            self._c["streams_out"] += 1
+        except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self._c["stream_errors"] += 1
+            log.debug("gossip stream to %s failed: %s", addr, exc)
+
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        core = self._core
+        if core is None:
+            await stream.aclose()
+            return
+        try:
+            peer = stream.socket.getpeername()
+            src = _fmt_addr(peer[0], peer[1])
+        except OSError:
+            src = "?"
+        self._c["streams_in"] += 1
+        try:
+            async with stream:
+                with trio.fail_after(self.config.stream_timeout_s):
+                    buf = bytearray()
+                    while True:
+                        frame = await self._read_frame(stream, buf)
+                        if frame is None:
+                            return
+                        reply = core.handle_stream(
+                            self._open_frame(frame), src, trio.current_time()
+                        )
+                        self._flush()
+                        if reply is not None:
+                            await self._write_frame(stream, reply)
+        except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self._c["stream_errors"] += 1
+            log.debug("gossip stream from %s dropped: %s", src, exc)
+
+    # ------------------------------------------------------------------ join
+
+    async def _join_loop(self) -> None:
+        core = self._core
+        assert core is not None
+        while True:
+            seeds = [s for s in [*self.config.seeds, *self._extra_seeds] if s != self._local_addr]
+            if core.n_live() == 1 and seeds and not core.leaving:
+                core.join(seeds, trio.current_time())
+                self._flush()
+            await trio.sleep(self.config.join_retry_s)
