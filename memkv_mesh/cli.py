@@ -24,6 +24,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
     ("simulate", "membership"): "simulations.membership_cli:main",
     ("simulate", "mesh"): "simulations.mesh_cli:main",
     ("simulate", "eviction"): "simulations.eviction_cli:main",
+    ("simulate", "directory"): "simulations.directory_sim:main",
 }
 
 _HELP = {
@@ -32,7 +33,7 @@ _HELP = {
     "bench": "benchmarks (local, anchors, mesh)",
     "demo": "end-to-end time-to-first-token demo with a transformers model",
     "members": "list the mesh members a running daemon knows",
-    "simulate": "simulators (membership, mesh, eviction)",
+    "simulate": "simulators (membership, mesh, eviction, directory)",
 }
 
 
