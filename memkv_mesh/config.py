@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from memkv_mesh.eviction import DEFAULT_POLICY, POLICIES
+from transport.dataplane_config import DataPlaneConfig
 from transport.gossip_config import GossipConfig
 
 __all__ = [
@@ -150,6 +151,12 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     format: Literal["json", "text"] = "json"
 
 
+class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Replicas of each block on flash-capable peers (rendezvous owners). 2 survives the loss of
+    # any one node with half the flash of 3; a cache can afford to recompute what two losses cost.
+    replicas: int = 2
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     node: NodeConfig = NodeConfig()
     store: StoreConfig = StoreConfig()
@@ -158,6 +165,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Membership gossip (SWIM + Lifeguard); off in the single-node default. Fields and reasons:
     # transport/gossip_config.py.
     gossip: GossipConfig = GossipConfig()
+    # The bulk data plane between daemons (TCP, or UCX where it brings RDMA/CUDA). Runs whenever
+    # gossip does; empty keys reuse [gossip] keys. Fields and reasons: transport/dataplane_config.py.
+    dataplane: DataPlaneConfig = DataPlaneConfig()
+    # Placement of replicas in the mesh.
+    mesh: MeshConfig = MeshConfig()
     # Where the file was read from (empty for defaults); relative paths resolve against its dir.
     source: str = ""
 
@@ -210,6 +222,10 @@ def _validate(cfg: Config) -> None:
         )
     if s.eviction not in POLICIES:
         raise ValueError(f"store.eviction {s.eviction!r} is not one of {', '.join(POLICIES)}")
+    if cfg.mesh.replicas < 1:
+        raise ValueError(f"mesh.replicas must be at least 1, got {cfg.mesh.replicas}")
+    if cfg.gossip.enabled:
+        cfg.dataplane.validate()
     if cfg.metrics.enabled:
         host, sep, port = cfg.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:

@@ -92,6 +92,8 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         self.gossip: Any = None
+        self.dataplane: Any = None
+        self.mesh: Any = None
         self.nvme_recovery: Any = None
         self._arena: Arena | None = None
         self._lock_fds: list[int] = []
@@ -174,16 +176,28 @@ class Daemon:
             log.info("daemon stopped", extra={"fields": {"node": self.node_id}})
 
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
+        """With [gossip] enabled: the data plane, then membership advertising it, then the mesh."""
         gcfg = self.config.gossip
         if not gcfg.enabled:
             return
+        from memkv_mesh.mesh import Mesh
+        from transport.dataplane import DataPlane, DataPlaneError
         from transport.gossip_driver import GossipService, NodeMeta
 
+        assert self.store is not None
+        dcfg = self.config.dataplane
+        if not dcfg.keys and gcfg.keys:
+            dcfg = msgspec.structs.replace(dcfg, keys=list(gcfg.keys))
+        try:
+            self.dataplane = DataPlane(dcfg, self.store, node_id=self.node_id)
+            data_addr = await nursery.start(self.dataplane.run)
+        except (OSError, ValueError, DataPlaneError) as e:
+            raise DaemonError(f"cannot start the data plane ({dcfg.transport}): {e}") from None
         meta = NodeMeta(
             role=self.config.node.role,
             # Rendezvous weight of a flash peer: its NVMe capacity in GiB (at least 1).
             capacity_weight=float(max(1, int(self.config.store.nvme_bytes) >> 30)),
-            data_addr="",
+            data_addr=data_addr,
             protocol_version=protocol.PROTOCOL_VERSION,
         )
         try:
@@ -191,6 +205,11 @@ class Daemon:
             await nursery.start(self.gossip.run)
         except (OSError, ValueError) as e:
             raise DaemonError(f"cannot start gossip on {gcfg.bind}:{gcfg.port}: {e}") from None
+        self.mesh = Mesh(
+            node_id=self.node_id, gossip=self.gossip, dataplane=self.dataplane, store=self.store,
+            replicas=self.config.mesh.replicas,
+        )  # fmt: skip
+        await nursery.start(self.mesh.run)
 
     def _take_lock(self, data_dir: Path) -> None:
         """Exclusive locks on the data dir and on the socket path, or DaemonError saying whose.
@@ -404,9 +423,15 @@ class Daemon:
                     protocol.BAD_KEY, f"key {i} is {len(keys[i])} bytes; keys are {KEY_BYTES} bytes"
                 )
         if isinstance(req, protocol.Lookup):
-            return protocol.Count(store.lookup(req.keys))
+            return protocol.Count(self.mesh.lookup(req.keys) if self.mesh is not None else store.lookup(req.keys))
         if isinstance(req, protocol.Get):
             lease, blocks = await store.get(conn, req.keys)
+            if self.mesh is not None and None in blocks:
+                # Fetch what this node lacks from the mesh, then serve everything in one lease.
+                if await self.mesh.fetch_missing([k for k, b in zip(req.keys, blocks, strict=True) if b is None]):
+                    if lease:
+                        store.release(conn, lease)
+                    lease, blocks = await store.get(conn, req.keys)
             return protocol.Located(lease, blocks)
         if isinstance(req, protocol.Release):
             store.release(conn, req.lease)
@@ -421,7 +446,10 @@ class Daemon:
                     protocol.BAD_REQUEST,
                     f"checksum {i} is {req.checksums[i]}; checksums are xxh3-64 digests, 0 <= c < 2**64",
                 )
-            return protocol.Count(store.commit(conn, req.keys, req.checksums))
+            stored = store.commit(conn, req.keys, req.checksums)
+            if self.mesh is not None:
+                self.mesh.replicate_soon(req.keys)  # to the owners, behind this reply
+            return protocol.Count(stored)
         if isinstance(req, protocol.Abort):
             return protocol.Count(store.abort(conn, req.keys))
         if isinstance(req, protocol.Contains):
@@ -461,4 +489,8 @@ class Daemon:
         if self.gossip is not None:
             out["gossip"] = msgspec.to_builtins(self.gossip.statistics())
             out["gossip_addr"] = self.gossip.local_addr
+        if self.dataplane is not None:
+            out["dataplane"] = msgspec.to_builtins(self.dataplane.statistics())
+        if self.mesh is not None:
+            out["mesh"] = msgspec.to_builtins(self.mesh.statistics())
         return out

@@ -1,0 +1,219 @@
+"""The daemon's view of the mesh: membership + placement + data plane, glued for the store.
+
+Theory of operation
+-------------------
+* Membership comes from the gossip service: the alive members whose role is ``flash`` or
+  ``both`` and who advertise a data-plane address are the placement candidates, weighted by their
+  advertised capacity. ``Rendezvous`` is rebuilt only when that set changes.
+* The *owners* of a block are the ``replicas`` best-scoring candidates (``placement.py``); every
+  node computes the same owners with no coordinator.
+* Put: the daemon stores the block locally and acknowledges; ``replicate_soon`` queues the keys,
+  and a background task pushes each block to its owners other than this node, batched per
+  owner. The queue is bounded: when it is full, the oldest keys are dropped and counted (a block
+  without its replicas is still served locally; re-replication repairs it).
+* Get: keys the local store misses are fetched from their owners (then any other holder the
+  directory names, when the gossiped directory is present), batched per peer, straight into the
+  arena by the data plane, which verifies every block's checksum; then the store serves them. A
+  peer that is down or returns a corrupt block costs that attempt only: the next candidate is
+  tried, and what no candidate has is a miss.
+* Nothing here blocks the Trio loop: placement is a few xxh3 calls per key; transfers are the
+  data plane's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from memkv_mesh.placement import Candidate, Rendezvous
+
+log = logging.getLogger("memkv_mesh.mesh")
+
+__all__ = ["Mesh", "MeshStats"]
+
+# Keys queued for replication at most; beyond this the oldest are dropped (counted).
+_REPLICATION_QUEUE = 65536
+# Keys per push batch.
+_PUSH_BATCH = 64
+
+
+class MeshStats(msgspec.Struct, frozen=True):
+    replicas: int
+    candidates: int
+    fetched: int
+    fetch_misses: int
+    fetch_errors: int
+    replicated: int
+    replication_failures: int
+    replication_dropped: int
+    replication_queued: int
+
+
+class Mesh:
+    def __init__(self, *, node_id: str, gossip: Any, dataplane: Any, store: Any, replicas: int) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.node_id = node_id
+        self.gossip = gossip
+        self.dataplane = dataplane
+        self.store = store
+        self.replicas = replicas
+        self._ring_key: tuple[tuple[str, float], ...] | None = None
+        self._ring: Rendezvous | None = None
+        self._addrs: dict[str, str] = {}
+        self._queue: dict[bytes, None] = {}  # insertion-ordered set of keys to replicate
+        self._wake = trio.Event()
+        self._c = dict.fromkeys(
+            ("fetched", "fetch_misses", "fetch_errors", "replicated", "replication_failures", "replication_dropped"),
+            0,
+        )
+
+    # ---- membership view --------------------------------------------------------------------
+    def _refresh(self) -> Rendezvous | None:
+        members = self.gossip.members()
+        cands: list[tuple[str, float]] = []
+        addrs: dict[str, str] = {}
+        for m in members:
+            meta = m.meta
+            if m.state != "alive" or meta.role not in ("flash", "both") or not meta.data_addr:
+                continue
+            if meta.capacity_weight <= 0:
+                continue
+            cands.append((m.node_id, float(meta.capacity_weight)))
+            addrs[m.node_id] = meta.data_addr
+        key = tuple(sorted(cands))
+        if key != self._ring_key:
+            self._ring_key = key
+            self._ring = Rendezvous([Candidate(n, w) for n, w in key]) if key else None
+        self._addrs = addrs
+        return self._ring
+
+    def owners(self, key: bytes) -> list[str]:
+        ring = self._refresh()
+        if ring is None:
+            return []
+        return ring.owners(key, min(self.replicas, len(ring)))
+
+    def _peers_for(self, key: bytes) -> list[str]:
+        """Nodes to try for a block we lack: its owners, then directory holders; never ourselves."""
+        out = [n for n in self.owners(key) if n != self.node_id]
+        holders = getattr(self.gossip, "lookup_holders", None)
+        if holders is not None:
+            for n in holders([key])[0]:
+                if n != self.node_id and n not in out:
+                    out.append(n)
+        return out
+
+    def _addr(self, node: str) -> str | None:
+        addr = self._addrs.get(node)
+        if addr is None:
+            for m in self.gossip.members():
+                if m.node_id == node and m.state == "alive" and m.meta.data_addr:
+                    return str(m.meta.data_addr)
+        return addr
+
+    # ---- lookup --------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Leading keys held here or, by the gossiped directory, by an alive peer. No network."""
+        n = self.store.lookup(keys)
+        if n == len(keys):
+            return n
+        holders = getattr(self.gossip, "lookup_holders", None)
+        if holders is None:
+            return n
+        for h in holders(list(keys[n:])):
+            if not h:
+                break
+            n += 1
+        return n
+
+    # ---- get path --------------------------------------------------------------------------------
+    async def fetch_missing(self, keys: Sequence[bytes]) -> int:
+        """Fetch blocks this node lacks from their owners/holders; returns how many arrived."""
+        todo = [k for k, have in zip(keys, self.store.contains(keys), strict=True) if not have]
+        got = 0
+        tried: dict[bytes, int] = dict.fromkeys(todo, 0)
+        plans = {k: self._peers_for(k) for k in todo}
+        while todo:
+            by_peer: dict[str, list[bytes]] = {}
+            rest: list[bytes] = []
+            for k in todo:
+                cands = plans[k]
+                if tried[k] >= len(cands):
+                    self._c["fetch_misses"] += 1
+                    continue
+                by_peer.setdefault(cands[tried[k]], []).append(k)
+                tried[k] += 1
+            if not by_peer:
+                break
+            for peer, ks in by_peer.items():
+                addr = self._addr(peer)
+                ok = [False] * len(ks)
+                if addr is not None:
+                    try:
+                        ok = await self.dataplane.fetch(addr, ks)
+                    except Exception as e:  # DataPlaneError, or a peer gone mid-transfer
+                        self._c["fetch_errors"] += 1
+                        log.info("fetch from %s failed: %s", peer, e, extra={"fields": {"peer": peer, "keys": len(ks)}})
+                for k, o in zip(ks, ok, strict=True):
+                    if o:
+                        got += 1
+                    else:
+                        rest.append(k)
+            todo = rest
+        self._c["fetched"] += got
+        return got
+
+    # ---- put path --------------------------------------------------------------------------------
+    def replicate_soon(self, keys: Sequence[bytes]) -> None:
+        """Queue freshly committed blocks for their owners (behind the client's reply)."""
+        for k in keys:
+            self._queue[k] = None
+        while len(self._queue) > _REPLICATION_QUEUE:
+            self._queue.pop(next(iter(self._queue)))
+            self._c["replication_dropped"] += 1
+        self._wake.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                batch = [self._queue.popitem()[0] for _ in range(min(len(self._queue), 1024))]
+                await self._replicate(batch)
+
+    async def _replicate(self, keys: list[bytes]) -> None:
+        by_owner: dict[str, list[bytes]] = {}
+        for k in keys:
+            for o in self.owners(k):
+                if o != self.node_id:
+                    by_owner.setdefault(o, []).append(k)
+        for owner, ks in by_owner.items():
+            addr = self._addr(owner)
+            for i in range(0, len(ks), _PUSH_BATCH):
+                chunk = ks[i : i + _PUSH_BATCH]
+                if addr is None:
+                    self._c["replication_failures"] += len(chunk)
+                    continue
+                try:
+                    ok = await self.dataplane.push(addr, chunk)
+                except Exception as e:
+                    self._c["replication_failures"] += len(chunk)
+                    log.info("replication to %s failed: %s", owner, e, extra={"fields": {"peer": owner}})
+                    continue
+                self._c["replicated"] += sum(ok)
+                self._c["replication_failures"] += len(ok) - sum(ok)
+
+    def statistics(self) -> MeshStats:
+        ring = self._refresh()
+        return MeshStats(
+            replicas=self.replicas,
+            candidates=len(ring) if ring is not None else 0,
+            replication_queued=len(self._queue),
+            **self._c,
+        )

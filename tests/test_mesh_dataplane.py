@@ -1,0 +1,95 @@
+"""Daemons in a mesh: replication to rendezvous owners on put, fetch on a local miss, over real
+gossip (UDP/TCP on loopback) and the Trio TCP data plane."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from memkv_mesh.client import AsyncClient
+from memkv_mesh.config import load_config
+from memkv_mesh.daemon import Daemon
+from conftest import write_config
+
+MiB = 1 << 20
+KEY = base64.b64encode(os.urandom(32)).decode()
+
+
+def _cfg(tmp: Path, sock_dir: Path, name: str, role: str, seeds: list[str], key: str = KEY) -> Any:
+    d = tmp / name
+    d.mkdir()
+    path = write_config(
+        d / "mesh.toml", d / "data", sock_dir / f"{name}.sock",
+        node={"id": name, "role": role},
+        store={"dram_bytes": 32 * MiB, "nvme_bytes": 0, "max_block_bytes": 2 * MiB},
+        gossip={"enabled": True, "port": 0, "seeds": seeds, "keys": [key]},
+        dataplane={"transport": "tcp"},
+        mesh={"replicas": 2},
+    )  # fmt: skip
+    return load_config(path)
+
+
+async def _wait_alive(daemons: list[Daemon], n: int) -> None:
+    with trio.fail_after(15):
+        while True:
+            if all(sum(m.state == "alive" for m in d.gossip.members()) >= n for d in daemons):
+                return
+            await trio.sleep(0.05)
+
+
+async def test_put_replicates_to_owners_and_a_miss_fetches(tmp_path: Path, short_dir: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "a", "gpu", [])).run)
+        seed = [a.gossip.local_addr]
+        b = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "b", "flash", seed)).run)
+        c = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "c", "flash", seed)).run)
+        g = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "g", "gpu", seed)).run)
+        nodes = [a, b, c, g]
+        await _wait_alive(nodes, 4)
+        keys = [os.urandom(32) for _ in range(20)]
+        vals = [os.urandom(100_000 + i) for i in range(20)]
+        async with await AsyncClient.connect(a.socket_path) as ca:
+            assert await ca.put_many(keys, vals) == 20
+        # R=2 with two flash peers: both hold every block once replication has run.
+        with trio.fail_after(15):
+            while not (all(b.store.contains(keys)) and all(c.store.contains(keys))):
+                await trio.sleep(0.05)
+        assert a.mesh.statistics().replicated == 40
+        # A gpu node that never saw the blocks gets them from an owner through its own client.
+        async with await AsyncClient.connect(g.socket_path) as cg:
+            assert not any(g.store.contains(keys))
+            bufs = [bytearray(200_000) for _ in keys]
+            got = await cg.get_many_into(keys, bufs)
+            assert got == [len(v) for v in vals]
+            assert all(bytes(buf[: len(v)]) == v for buf, v in zip(bufs, vals, strict=True))
+            assert g.mesh.statistics().fetched == 20
+            # An owner going away: the other replica serves the next miss.
+            await cg.delete(keys)
+            nursery_b_gone = b.store
+            await nursery_b_gone.delete(keys)  # b loses its copies (as if its disk was wiped)
+            assert await cg.get_many_into(keys[:5], bufs[:5]) == [len(v) for v in vals[:5]]
+            # A key nobody holds is a plain miss.
+            assert await cg.get_many_into([os.urandom(32)], [bytearray(10)]) == [None]
+        nursery.cancel_scope.cancel()
+
+
+async def test_wrong_key_peer_can_neither_fetch_nor_store(tmp_path: Path, short_dir: Path) -> None:
+    other = base64.b64encode(os.urandom(32)).decode()
+    async with trio.open_nursery() as nursery:
+        b = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "b", "flash", [])).run)
+        x = await nursery.start(Daemon(_cfg(tmp_path, short_dir, "x", "both", [b.gossip.local_addr], key=other)).run)
+        keys = [os.urandom(32) for _ in range(3)]
+        async with await AsyncClient.connect(b.socket_path) as cb:
+            await cb.put_many(keys, [b"v" * 5000] * 3)
+        # x cannot join b's gossip and its data plane is refused by b's.
+        with pytest.raises(Exception, match="auth|key|refused|closed"):
+            await x.dataplane.fetch(b.dataplane.address, keys)
+        with pytest.raises(Exception, match="auth|key|refused|closed"):
+            await x.dataplane.push(b.dataplane.address, keys)
+        assert x.store.contains(keys) == [False] * 3
+        nursery.cancel_scope.cancel()
