@@ -179,6 +179,16 @@ class Mesh:
         self._wake.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # Feed the gossiped block directory (when this build's gossip carries one) with what the
+        # store holds now (blocks recovered from NVMe) and every change from here on.
+        added = getattr(self.gossip, "directory_added", None)
+        removed = getattr(self.gossip, "directory_removed", None)
+        if added is not None and removed is not None:
+            self.store.on_added = added
+            self.store.on_removed = removed
+            held = list(self.store.held_keys())
+            if held:
+                added(held)
         task_status.started()
         while True:
             await self._wake.wait()

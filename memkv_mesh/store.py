@@ -23,7 +23,7 @@ Theory of operation
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -113,6 +113,10 @@ class BlockStore:
         self._owner_leases: dict[Hashable, set[int]] = {}
         self._lease_ids = itertools.count(1)
         self._promoting: dict[bytes, trio.Event] = {}
+        # Told when a key becomes held by this node (any tier) or stops being held at all; the
+        # mesh feeds these to the gossiped block directory. Plain calls: they must not block.
+        self.on_added: Callable[[list[bytes]], None] | None = None
+        self.on_removed: Callable[[list[bytes]], None] | None = None
         self._unpromote: set[bytes] = set()  # deleted while being promoted
         self._c = dict.fromkeys(
             (
@@ -137,6 +141,13 @@ class BlockStore:
             else:
                 break
         return n
+
+    def held_keys(self) -> set[bytes]:
+        """Every key held in any tier (for announcing holdings at start-up)."""
+        out = set(self._index)
+        if self.nvme is not None:
+            out.update(self.nvme.keys())
+        return out
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [self._present(k) for k in keys]
@@ -191,6 +202,7 @@ class BlockStore:
                 "not_allocated", f"key {missing[0]} of the commit was not allocated on this connection"
             )
         stored = 0
+        added: list[bytes] = []
         for k, c in zip(keys, checksums, strict=True):
             off, size = pending.pop(k)
             old = self._index.get(k)
@@ -202,6 +214,10 @@ class BlockStore:
             self._c["puts"] += 1
             self._c["put_bytes"] += size
             stored += 1
+            if self.nvme is None or k not in self.nvme:
+                added.append(k)
+        if added and self.on_added is not None:
+            self.on_added(added)
         return stored
 
     def abort(self, owner: Hashable, keys: Sequence[bytes] | None = None) -> int:
@@ -244,11 +260,14 @@ class BlockStore:
                 # data file): it is a cache, so the block is dropped rather than failing the put.
                 self._c["nvme_drops"] += len(getattr(err, "dropped", ()))
                 self._c["dram_drops"] += 1
+                self._gone(getattr(err, "dropped", ()))
             else:
                 self._c["demotions"] += 1
                 self._c["nvme_drops"] += len(dropped)
+                self._gone(dropped)
                 if e.doomed:  # deleted while it was being written: do not resurrect it
                     await trio.to_thread.run_sync(nvme.delete, e.key)
+                    self._gone([e.key])
             finally:
                 view.release()
                 e.pins -= 1
@@ -256,9 +275,23 @@ class BlockStore:
                     self._alloc.free(e.offset)
             if e.doomed:
                 return
-        elif nvme is None:
+            self._remove(e)
+            self._gone([e.key])  # gone only if NVMe could not take it
+            return
+        if nvme is None:
             self._c["dram_drops"] += 1
         self._remove(e)
+        if nvme is None or e.key not in nvme:
+            self._gone([e.key])
+
+    def _gone(self, keys: Sequence[bytes]) -> None:
+        """Tell the listener which of ``keys`` this node no longer holds in any tier."""
+        if self.on_removed is None or not keys:
+            return
+        nvme = self.nvme
+        gone = [k for k in keys if k not in self._index and (nvme is None or k not in nvme)]
+        if gone:
+            self.on_removed(gone)
 
     def _remove(self, e: _Entry) -> None:
         """Take a block out of the DRAM index; its extent is freed now or at its last unpin."""
@@ -329,6 +362,8 @@ class BlockStore:
             if got is None or existing is not None or key in self._unpromote:
                 # Corrupt (dropped by the tier), put again meanwhile, or deleted meanwhile.
                 self._alloc.free(off)
+                if got is None:
+                    self._gone([key])
                 return existing
             e = _Entry(key, off, got, checksum)
             self._index[key] = e
@@ -380,6 +415,7 @@ class BlockStore:
                 found = await trio.to_thread.run_sync(self.nvme.delete, k) or found
             n += found
         self._c["deletes"] += n
+        self._gone(list(keys))
         return n
 
     # ---- introspection ----------------------------------------------------------------------------

@@ -165,3 +165,23 @@ async def test_policies_work_end_to_end(make_config, policy: str) -> None:
             st = (await c.stats())["store"]
             assert st["dram_used_bytes"] <= 8 * MiB and st["nvme_used_bytes"] <= 16 * MiB
         nursery.cancel_scope.cancel()
+
+
+async def test_listeners_hear_what_the_node_holds(make_config) -> None:
+    added: list[bytes] = []
+    removed: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        d = await nursery.start(Daemon(_tiered(make_config, dram=4 * MiB, nvme=6 * MiB)).run)
+        d.store.on_added = added.extend
+        d.store.on_removed = removed.extend
+        async with await AsyncClient.connect(d.socket_path) as c:
+            keys, vals = _keys(14), _vals(14)
+            for k, v in zip(keys, vals, strict=True):
+                await c.put(k, v)
+            assert added == keys  # each block announced once, demotions are not news
+            held = set(added) - set(removed)
+            assert held == {k for k, p in zip(keys, await c.contains(keys), strict=True) if p}
+            assert removed  # 14 MiB into 4 + 6 MiB: some blocks left the node
+            await c.delete(keys[-1])
+            assert removed[-1] == keys[-1]
+        nursery.cancel_scope.cancel()
