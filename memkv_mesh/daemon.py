@@ -94,6 +94,7 @@ class Daemon:
         self.gossip: Any = None
         self.dataplane: Any = None
         self.mesh: Any = None
+        self._left = False
         self.nvme_recovery: Any = None
         self._arena: Arena | None = None
         self._lock_fds: list[int] = []
@@ -161,7 +162,7 @@ class Daemon:
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
-                if self.gossip is not None:
+                if self.gossip is not None and not self._left:
                     with trio.move_on_after(2):
                         await self.gossip.leave()
             try:
@@ -174,6 +175,25 @@ class Daemon:
                 self._arena.close()
             self._release_lock()
             log.info("daemon stopped", extra={"fields": {"node": self.node_id}})
+
+    def _on_member_event(self, event: Any) -> None:
+        # A join, leave or death moves the owners of some blocks: wake the mesh's repair.
+        if self.mesh is not None:
+            self.mesh.membership_changed()
+
+    async def leave_gracefully(self) -> None:
+        """Before stopping a mesh node: hand owned blocks to the owners that remain, then leave.
+
+        Runs while the daemon still serves (the data plane is needed to push the blocks).
+        """
+        if self.mesh is not None:
+            with trio.move_on_after(self.config.mesh.handoff_timeout_s):
+                n = await self.mesh.handoff()
+                log.info("handed off blocks before leaving", extra={"fields": {"blocks": n}})
+        if self.gossip is not None:
+            with trio.move_on_after(2):
+                await self.gossip.leave()
+            self._left = True
 
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
         """With [gossip] enabled: the data plane, then membership advertising it, then the mesh."""
@@ -201,13 +221,17 @@ class Daemon:
             protocol_version=protocol.PROTOCOL_VERSION,
         )
         try:
-            self.gossip = GossipService(gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir)
+            self.gossip = GossipService(
+                gcfg, node_id=self.node_id, meta=meta, state_dir=self.config.data_dir, on_event=self._on_member_event
+            )
             await nursery.start(self.gossip.run)
         except (OSError, ValueError) as e:
             raise DaemonError(f"cannot start gossip on {gcfg.bind}:{gcfg.port}: {e}") from None
         self.mesh = Mesh(
             node_id=self.node_id, gossip=self.gossip, dataplane=self.dataplane, store=self.store,
             replicas=self.config.mesh.replicas,
+            repair_bytes_per_s=float(self.config.mesh.repair_bytes_per_s),
+            repair_interval_s=self.config.mesh.repair_interval_s,
         )  # fmt: skip
         await nursery.start(self.mesh.run)
 

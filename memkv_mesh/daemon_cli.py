@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from memkv_mesh.daemon import Daemon, DaemonError
 
     async def _run() -> None:
+        daemon = Daemon(cfg)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
 
@@ -68,11 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # verify_on_start) stops it at once instead of after it finishes.
                     async for signum in signals:
                         log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+                        if daemon.started_at:
+                            # A mesh node hands its blocks on and says goodbye before stopping;
+                            # a second signal stops it at once.
+                            with trio.move_on_after(cfg.mesh.handoff_timeout_s + 5):
+                                async with trio.open_nursery() as inner:
+
+                                    async def second_signal() -> None:
+                                        async for _ in signals:
+                                            inner.cancel_scope.cancel()
+                                            return
+
+                                    inner.start_soon(second_signal)
+                                    await daemon.leave_gracefully()
+                                    inner.cancel_scope.cancel()
                         nursery.cancel_scope.cancel()
                         return
 
                 nursery.start_soon(stop_on_signal)
-                await nursery.start(Daemon(cfg).run)
+                await nursery.start(daemon.run)
 
     try:
         trio.run(_run)

@@ -51,12 +51,30 @@ class MeshStats(msgspec.Struct, frozen=True):
     replication_failures: int
     replication_dropped: int
     replication_queued: int
+    repair_passes: int
+    repaired: int
+    repaired_bytes: int
+    handed_off: int
 
 
 class Mesh:
-    def __init__(self, *, node_id: str, gossip: Any, dataplane: Any, store: Any, replicas: int) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        gossip: Any,
+        dataplane: Any,
+        store: Any,
+        replicas: int,
+        repair_bytes_per_s: float = 256e6,
+        repair_interval_s: float = 30.0,
+    ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.repair_bytes_per_s = repair_bytes_per_s
+        self.repair_interval_s = repair_interval_s
+        self._prev_owners: dict[bytes, tuple[str, ...]] = {}
+        self._repair_wake = trio.Event()
         self.node_id = node_id
         self.gossip = gossip
         self.dataplane = dataplane
@@ -68,7 +86,10 @@ class Mesh:
         self._queue: dict[bytes, None] = {}  # insertion-ordered set of keys to replicate
         self._wake = trio.Event()
         self._c = dict.fromkeys(
-            ("fetched", "fetch_misses", "fetch_errors", "replicated", "replication_failures", "replication_dropped"),
+            (
+                "fetched", "fetch_misses", "fetch_errors", "replicated", "replication_failures",
+                "replication_dropped", "repair_passes", "repaired", "repaired_bytes", "handed_off",
+            ),
             0,
         )
 
@@ -89,6 +110,7 @@ class Mesh:
         if key != self._ring_key:
             self._ring_key = key
             self._ring = Rendezvous([Candidate(n, w) for n, w in key]) if key else None
+            self._repair_wake.set()  # owners moved for some keys: re-replicate
         self._addrs = addrs
         return self._ring
 
@@ -189,7 +211,12 @@ class Mesh:
             held = list(self.store.held_keys())
             if held:
                 added(held)
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._repair_loop)
+            task_status.started()
+            await self._replication_loop()
+
+    async def _replication_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -218,6 +245,101 @@ class Mesh:
                     continue
                 self._c["replicated"] += sum(ok)
                 self._c["replication_failures"] += len(ok) - sum(ok)
+
+    # ---- self-healing ----------------------------------------------------------------------------
+    def membership_changed(self) -> None:
+        """Called on every membership event; a repair pass follows if the owner set moved."""
+        self._refresh()
+
+    async def _repair_loop(self) -> None:
+        """Re-replicate when the owner set changes (a join, leave or death), and now and then."""
+        while True:
+            with trio.move_on_after(self.repair_interval_s):
+                await self._repair_wake.wait()
+            self._repair_wake = trio.Event()
+            await self.repair_pass()
+
+    async def repair_pass(self) -> int:
+        """Push every block this node should hand on to owners that may lack it; returns blocks sent.
+
+        Who pushes a block, with no coordinator: an owner that also owned it before the change
+        (the first such survivor in owner order), so one copy travels; if no earlier owner
+        survives, every holder (a GPU node that still has the block in DRAM) pushes. A push
+        first asks the peer, so a block it already has costs one control message.
+        """
+        ring = self._refresh()
+        self._c["repair_passes"] += 1
+        if ring is None:
+            return 0
+        alive = set(self._addrs)
+        by_owner: dict[str, list[bytes]] = {}
+        prev = self._prev_owners
+        nxt: dict[bytes, tuple[str, ...]] = {}
+        for k in self.store.held_keys():
+            owners = tuple(ring.owners(k, min(self.replicas, len(ring))))
+            nxt[k] = owners
+            before = prev.get(k)
+            if before == owners:
+                continue  # nothing moved for this key since the last pass
+            survivors = [o for o in (before or owners) if o in alive and o in owners]
+            if survivors and survivors[0] != self.node_id:
+                continue  # another surviving owner hands this block on
+            for o in owners:
+                if o != self.node_id:
+                    by_owner.setdefault(o, []).append(k)
+        sent = await self._push_limited(by_owner)
+        self._prev_owners = nxt
+        return sent
+
+    async def _push_limited(self, by_owner: dict[str, list[bytes]]) -> int:
+        """Push blocks to peers, at most ``repair_bytes_per_s`` on average."""
+        sent = 0
+        for owner, keys in by_owner.items():
+            addr = self._addr(owner)
+            if addr is None:
+                continue
+            for i in range(0, len(keys), _PUSH_BATCH):
+                chunk = keys[i : i + _PUSH_BATCH]
+                t0 = trio.current_time()
+                try:
+                    ok = await self.dataplane.push(addr, chunk)
+                except Exception as e:
+                    log.info("repair push to %s failed: %s", owner, e, extra={"fields": {"peer": owner}})
+                    continue
+                moved = self._block_bytes(chunk, ok)
+                sent += sum(ok)
+                self._c["repaired"] += sum(ok)
+                self._c["repaired_bytes"] += moved
+                # Token bucket of one batch: sleep so this batch took moved / rate seconds.
+                wait = moved / self.repair_bytes_per_s - (trio.current_time() - t0)
+                if wait > 0:
+                    await trio.sleep(wait)
+        return sent
+
+    def _block_bytes(self, keys: list[bytes], ok: list[bool]) -> int:
+        lengths = getattr(self.store, "lengths", None)
+        if lengths is None:
+            return 0
+        return sum(n or 0 for n, o in zip(lengths(keys), ok, strict=True) if o)
+
+    async def handoff(self) -> int:
+        """Before a graceful leave: push the blocks this node owns to the owners that remain."""
+        ring = self._refresh()
+        if ring is None:
+            return 0
+        others = [Candidate(n, w) for n, w in (self._ring_key or ()) if n != self.node_id]
+        if not others:
+            return 0
+        rest = Rendezvous(others)
+        by_owner: dict[str, list[bytes]] = {}
+        for k in self.store.held_keys():
+            if self.node_id not in ring.owners(k, min(self.replicas, len(ring))):
+                continue
+            for o in rest.owners(k, min(self.replicas, len(rest))):
+                by_owner.setdefault(o, []).append(k)
+        n = await self._push_limited(by_owner)
+        self._c["handed_off"] += n
+        return n
 
     def statistics(self) -> MeshStats:
         ring = self._refresh()

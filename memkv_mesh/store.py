@@ -142,6 +142,14 @@ class BlockStore:
                 break
         return n
 
+    def lengths(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Each key's block length in whichever tier holds it (None: not held)."""
+        out: list[int | None] = []
+        for k in keys:
+            e = self._index.get(k)
+            out.append(e.length if e is not None else (self.nvme.length(k) if self.nvme is not None else None))
+        return out
+
     def held_keys(self) -> set[bytes]:
         """Every key held in any tier (for announcing holdings at start-up)."""
         out = set(self._index)

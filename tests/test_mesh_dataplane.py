@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import write_config
 
 from memkv_mesh.client import AsyncClient
 from memkv_mesh.config import load_config
 from memkv_mesh.daemon import Daemon
-from conftest import write_config
 
 MiB = 1 << 20
 KEY = base64.b64encode(os.urandom(32)).decode()
@@ -32,6 +32,13 @@ def _cfg(tmp: Path, sock_dir: Path, name: str, role: str, seeds: list[str], key:
         mesh={"replicas": 2},
     )  # fmt: skip
     return load_config(path)
+
+
+async def _until(pred: Any, timeout: float) -> None:
+    """Poll state that other tasks and processes change (there is no event to wait on)."""
+    with trio.fail_after(timeout):
+        while not pred():  # noqa: ASYNC110
+            await trio.sleep(0.02)
 
 
 async def _wait_alive(daemons: list[Daemon], n: int) -> None:
@@ -56,9 +63,7 @@ async def test_put_replicates_to_owners_and_a_miss_fetches(tmp_path: Path, short
         async with await AsyncClient.connect(a.socket_path) as ca:
             assert await ca.put_many(keys, vals) == 20
         # R=2 with two flash peers: both hold every block once replication has run.
-        with trio.fail_after(15):
-            while not (all(b.store.contains(keys)) and all(c.store.contains(keys))):
-                await trio.sleep(0.05)
+        await _until(lambda: all(b.store.contains(keys)) and all(c.store.contains(keys)), 15)
         assert a.mesh.statistics().replicated == 40
         # A gpu node that never saw the blocks gets them from an owner through its own client.
         async with await AsyncClient.connect(g.socket_path) as cg:
@@ -92,4 +97,52 @@ async def test_wrong_key_peer_can_neither_fetch_nor_store(tmp_path: Path, short_
         with pytest.raises(Exception, match="auth|key|refused|closed"):
             await x.dataplane.push(b.dataplane.address, keys)
         assert x.store.contains(keys) == [False] * 3
+        nursery.cancel_scope.cancel()
+
+
+async def _start_cancellable(nursery: trio.Nursery, cfg: Any) -> tuple[Daemon, trio.CancelScope]:
+    async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            d = Daemon(cfg)
+            task_status.started((d, scope))
+            await d.run()
+
+    # started() hands back the daemon before it runs; wait until it serves.
+    d, scope = await nursery.start(run)
+    await _until(lambda: d.started_at, 10)
+    return d, scope
+
+
+async def test_replicas_come_back_after_a_flash_node_goes(tmp_path: Path, short_dir: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        a, _ = await _start_cancellable(nursery, _cfg(tmp_path, short_dir, "a", "gpu", []))
+        seed = [a.gossip.local_addr]
+        flash = {}
+        for name in ("b", "c", "d"):
+            flash[name] = await _start_cancellable(nursery, _cfg(tmp_path, short_dir, name, "flash", seed))
+        await _wait_alive([a] + [d for d, _ in flash.values()], 4)
+        keys = [os.urandom(32) for _ in range(60)]
+        vals = [os.urandom(20_000) for _ in keys]
+        async with await AsyncClient.connect(a.socket_path) as ca:
+            await ca.put_many(keys, vals)
+
+        def copies(k: bytes) -> int:
+            return sum(d.store.contains([k])[0] for d, _ in flash.values())
+
+        await _until(lambda: all(copies(k) >= 2 for k in keys), 15)
+        # b goes away (its scope is cancelled: it says goodbye but hands nothing off).
+        b, b_scope = flash.pop("b")
+        lost = [k for k in keys if b.store.contains([k])[0]]
+        assert lost
+        b_scope.cancel()
+        # c and d are now the owners of everything: every block is back to two flash copies.
+        await _until(lambda: all(copies(k) >= 2 for k in keys), 20)
+        repaired = sum(d.mesh.statistics().repaired for d, _ in flash.values())
+        assert repaired >= len(lost)
+        # And the bytes are right on both.
+        for d, _ in flash.values():
+            async with await AsyncClient.connect(d.socket_path) as c:
+                bufs = [bytearray(20_000) for _ in keys]
+                assert await c.get_many_into(keys, bufs) == [20_000] * len(keys)
+                assert [bytes(x) for x in bufs] == vals
         nursery.cancel_scope.cancel()
