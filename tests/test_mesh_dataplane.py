@@ -34,9 +34,9 @@ def _cfg(tmp: Path, sock_dir: Path, name: str, role: str, seeds: list[str], key:
     return load_config(path)
 
 
-async def _until(pred: Any, timeout: float) -> None:
+async def _until(pred: Any, limit_s: float) -> None:
     """Poll state that other tasks and processes change (there is no event to wait on)."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit_s):
         while not pred():  # noqa: ASYNC110
             await trio.sleep(0.02)
 
