@@ -9,16 +9,24 @@ The public surface, used by ``transport/gossip_driver.py`` (Trio), ``transport/m
 - the wire messages and codec (``gossip/messages.py``);
 - the Lifeguard pieces, one file each: ``Suspicion`` (``suspicion.py``), ``Awareness``
   (``awareness.py``), ``BroadcastQueue`` (``broadcast_queue.py``), push-pull digests
-  (``pushpull.py``), the member table entry and probe order (``members.py``).
+  (``pushpull.py``), the member table entry and probe order (``members.py``);
+- the block directory: ``Directory``, ``DirectoryConfig``, ``DirectoryStats``
+  (``directory.py``), its filter ``BloomWords`` and ``fingerprint`` (``directory_filter.py``) and
+  its messages ``DirDelta``, ``DirSummaryReq``, ``DirSummary``.
 """
 
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
+from gossip.directory import Directory, DirectoryConfig, DirectoryStats
+from gossip.directory_filter import BloomWords, fingerprint
 from gossip.events import EVENT_KINDS, MemberInfo, MembershipEvent
 from gossip.messages import (
     Ack,
     Alive,
     Dead,
+    DirDelta,
+    DirSummary,
+    DirSummaryReq,
     Entry,
     Gossip,
     MessageError,
@@ -49,8 +57,15 @@ __all__ = [
     "Ack",
     "Alive",
     "Awareness",
+    "BloomWords",
     "BroadcastQueue",
     "Dead",
+    "DirDelta",
+    "DirSummary",
+    "DirSummaryReq",
+    "Directory",
+    "DirectoryConfig",
+    "DirectoryStats",
     "Entry",
     "Gossip",
     "MemberInfo",
@@ -76,6 +91,7 @@ __all__ = [
     "decode_stream",
     "default_profile",
     "encode",
+    "fingerprint",
     "memberlist_profile",
     "node_meta",
     "profile",

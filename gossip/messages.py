@@ -16,6 +16,10 @@ The TCP push-pull exchange (anti-entropy and join) uses three stream messages: t
 the initiator closes with ``PushPullFinal`` carrying the wanted entries. In steady state a digest
 entry is ~8 bytes instead of ~45 for a full entry.
 
+The block directory (``gossip/directory.py``) adds one packet, ``DirDelta`` (a holder's added and
+removed key fingerprints between two versions, sent straight to each member), and one stream
+exchange, ``DirSummaryReq`` -> ``DirSummary`` (a holder's whole filter, fetched on a gap).
+
 Rules:
 
 - Messages are msgspec Structs, ``array_like`` and tagged. Tags are never renumbered and new
@@ -26,7 +30,8 @@ Rules:
 Public API: ``NodeMeta`` (named fields, public), ``WireMeta`` (its positional wire form),
 ``wire_meta``, ``node_meta``, ``Alive``, ``Suspect``, ``Dead``, ``Update``, ``Ping``, ``Ack``,
 ``PingReq``, ``Nack``, ``Gossip``, ``Packet``, ``Entry``, ``PushPullReq``, ``PushPullReply``,
-``PushPullFinal``, ``StreamMsg``, ``encode``, ``decode_packet``, ``decode_stream``,
+``PushPullFinal``, ``DirDelta``, ``DirSummaryReq``, ``DirSummary``, ``StreamMsg``, ``encode``,
+``decode_packet``, ``decode_stream``,
 ``encoded_size``, ``STATE_*`` state codes.
 """
 
@@ -142,7 +147,42 @@ class Gossip(msgspec.Struct, tag=4, frozen=True, array_like=True):
     updates: tuple[Update, ...] = ()
 
 
-Packet = Ping | Ack | PingReq | Nack | Gossip
+# ---- block directory (gossip/directory.py) ------------------------------------------------------
+# Appended after the membership messages: DirDelta is packet tag 5, the summary exchange stream
+# tags 35 and 36. Fingerprints are 64-bit xxh3 of the 32-byte block keys (9 bytes of msgpack each).
+
+
+class DirDelta(msgspec.Struct, tag=5, frozen=True, array_like=True):
+    """A holder's changes from version ``prev`` to ``ver`` (``prev == ver``: a version marker)."""
+
+    node: str
+    epoch: int  # the holder's process epoch (its incarnation at start): a restart starts over
+    gen: int  # the holder's filter generation: a higher one asks receivers to refetch a summary
+    prev: int
+    ver: int
+    added: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+
+
+class DirSummaryReq(msgspec.Struct, tag=35, frozen=True, array_like=True):
+    """Ask a holder (over a stream) for its current directory summary."""
+
+    node: str
+
+
+class DirSummary(msgspec.Struct, tag=36, frozen=True, array_like=True):
+    """A holder's filter, built from its true holdings at version ``ver``."""
+
+    node: str
+    epoch: int
+    gen: int
+    ver: int
+    k: int
+    words: bytes  # little-endian uint64 words of a blocked Bloom filter (gossip/directory_filter)
+    count: int = 0  # keys the holder held when it built the filter
+
+
+Packet = Ping | Ack | PingReq | Nack | Gossip | DirDelta
 
 # ---- TCP push-pull -------------------------------------------------------------------------------
 
@@ -174,7 +214,9 @@ class PushPullFinal(msgspec.Struct, tag=34, frozen=True, array_like=True):
 
 # A stream may also carry a Ping answered by an Ack: the TCP fallback probe, sent alongside the
 # indirect probes so that plain UDP loss does not make a healthy node suspect.
-StreamMsg = PushPullReq | PushPullReply | PushPullFinal | Ping | Ack
+StreamMsg = (
+    PushPullReq | PushPullReply | PushPullFinal | Ping | Ack | DirSummaryReq | DirSummary
+)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _PACKET_DECODER = msgspec.msgpack.Decoder(Packet)

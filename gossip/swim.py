@@ -30,13 +30,18 @@ Rules this module keeps (the gossip precedence):
   update about the target goes first on any packet to it), so the suspect learns and refutes on
   the next probe even if the rumour ran out of retransmissions (e.g. it started on an isolated
   node);
+- the block directory (``gossip/directory.py``), when given, rides on this core: its delta
+  packets and summary streams go out through ``take_outbox`` / ``take_streams``, its timers are
+  part of ``next_deadline``, a member that becomes live gets its marker and one that dies or
+  leaves has its view dropped;
 - dead/left members are kept as tombstones for ``tombstone_s`` (longer than the transport's replay
   window) and gossiped to for ``gossip_to_dead_s``, so they can refute a false death;
 - a graceful leave is ``Dead(self, inc, src=self)``.
 
 Public API (what drivers and simulators call):
 
-- ``Swim(node_id, addr, meta, config, rng, now, incarnation=1)``
+- ``Swim(node_id, addr, meta, config, rng, now, incarnation=1, directory=None)``; ``directory``
+  (the ``Directory`` core or None) and ``live_peers()``
 - ``handle_message(packet, src_addr, now)``, ``handle_timer(now)``, ``next_deadline()``
 - ``has_packets`` / ``has_streams`` / ``has_events`` (cheap checks), and
   ``take_outbox() -> list[(addr, Packet)]``, ``take_streams() -> list[(addr, StreamMsg)]``
@@ -58,6 +63,7 @@ import msgspec
 
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
+from gossip.directory import Directory
 from gossip.events import MemberInfo, MembershipEvent
 from gossip.members import Member, ProbeOrder
 from gossip.messages import (
@@ -69,6 +75,9 @@ from gossip.messages import (
     Ack,
     Alive,
     Dead,
+    DirDelta,
+    DirSummary,
+    DirSummaryReq,
     Entry,
     Gossip,
     Nack,
@@ -145,6 +154,7 @@ class Swim:
         now: float,
         *,
         incarnation: int = 1,
+        directory: Directory | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -152,6 +162,7 @@ class Swim:
             raise ValueError(f"incarnation must be >= 0, got {incarnation}")
         self.id = node_id
         self.config = config
+        self.directory = directory
         self.rng = rng
         self._me = Member(node_id, addr, wire_meta(meta), incarnation, STATE_ALIVE, now)
         self._members: dict[str, Member] = {node_id: self._me}
@@ -253,11 +264,13 @@ class Swim:
 
     @property
     def has_packets(self) -> bool:
-        return bool(self._outbox)
+        d = self.directory
+        return bool(self._outbox) or (d is not None and d.has_packets)
 
     @property
     def has_streams(self) -> bool:
-        return bool(self._streams)
+        d = self.directory
+        return bool(self._streams) or (d is not None and d.has_streams)
 
     @property
     def has_events(self) -> bool:
@@ -266,12 +279,23 @@ class Swim:
     def take_outbox(self) -> list[tuple[str, Packet]]:
         out = self._outbox
         self._outbox = []
+        d = self.directory
+        if d is not None and d.has_packets:
+            out.extend(d.take_outbox())
         return out
 
     def take_streams(self) -> list[tuple[str, StreamMsg]]:
         out = self._streams
         self._streams = []
+        d = self.directory
+        if d is not None and d.has_streams:
+            out.extend(d.take_streams())
         return out
+
+    def live_peers(self) -> list[tuple[str, str]]:
+        """(node id, address) of the live members other than us."""
+        members = self._members
+        return [(n, members[n].addr) for n in self._live]
 
     def take_events(self) -> list[MembershipEvent]:
         out = self._events
@@ -295,6 +319,11 @@ class Swim:
             t = self._next_pushpull
         if self._next_reap < t:
             t = self._next_reap
+        d = self.directory
+        if d is not None:
+            dt = d.next_deadline()
+            if dt < t:
+                t = dt
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -317,8 +346,16 @@ class Swim:
             self._pushpull_tick(now)
         if self._next_reap <= now:
             self._reap(now)
+        d = self.directory
+        if d is not None and d.next_deadline() <= now:
+            d.handle_timer(now, self.live_peers())
 
     def handle_message(self, pkt: Packet, src: str, now: float) -> None:
+        if isinstance(pkt, DirDelta):
+            m = self._members.get(pkt.node)
+            if self.directory is not None and m is not None and m.live:
+                self.directory.handle_delta(pkt, src, now)  # views exist for live members only
+            return
         for u in pkt.updates:
             self._apply(u, now)
         if isinstance(pkt, Ping):
@@ -354,6 +391,15 @@ class Swim:
             if p is not None and p.seq == msg.seq:
                 self._probe = None
             return None
+        if isinstance(msg, (DirSummaryReq, DirSummary)):
+            d = self.directory
+            if d is None:
+                return None
+            if isinstance(msg, DirSummary):
+                m = self._members.get(msg.node)
+                if m is None or not m.live:
+                    return None
+            return d.handle_stream(msg, src, now)
         peer = self._by_addr.get(src, src)
         if isinstance(msg, PushPullReq):
             self._c_pushpull += 1
@@ -635,8 +681,12 @@ class Swim:
         if node not in self._live_pos:
             self._live_pos[node] = len(self._live)
             self._live.append(node)
+            if self.directory is not None:
+                self.directory.peer_joined(self._members[node].addr)
 
     def _live_remove(self, node: str) -> None:
+        if self.directory is not None:
+            self.directory.forget(node)
         pos = self._live_pos.pop(node, None)
         if pos is None:
             return

@@ -142,6 +142,11 @@ class BlockStore:
                 break
         return n
 
+    def dram_checksum(self, key: bytes, offset: int) -> int | None:
+        """The checksum recorded at put time for the DRAM block at ``offset`` (None: not that block)."""
+        e = self._index.get(key)
+        return e.checksum if e is not None and e.offset == offset else None
+
     def lengths(self, keys: Sequence[bytes]) -> list[int | None]:
         """Each key's block length in whichever tier holds it (None: not held)."""
         out: list[int | None] = []

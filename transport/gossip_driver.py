@@ -22,8 +22,17 @@ Theory of operation
 Join: the seeds of the config (and peers found by mDNS when enabled) are contacted by push-pull;
 while the node knows no other member it retries every ``join_retry_s``.
 
-Public API: ``GossipService`` (``run``, ``leave``, ``members``, ``statistics``, ``local_addr``),
-``GossipStats``; re-exports ``NodeMeta``, ``MembershipEvent``, ``MemberInfo``.
+The block directory (``gossip/directory.py``) rides on the same core, sockets and key: the daemon
+reports its holdings with ``directory_added(keys)`` / ``directory_removed(keys)`` (plain calls
+from the Trio thread, callable before ``run``), and asks ``lookup_holders(keys)`` (per key, the
+alive members other than us that may hold it) and ``prefix_in_mesh(keys)`` (leading keys held
+here or maybe elsewhere), answered from local memory. Its epoch is the wall-clock time of the start
+in ms, so a restarted node's directory supersedes what the mesh remembered of the previous process.
+
+Public API: ``GossipService`` (``run``, ``leave``, ``members``, ``statistics``, ``local_addr``,
+``directory_added``, ``directory_removed``, ``lookup_holders``, ``prefix_in_mesh``,
+``directory_statistics``), ``GossipStats``; re-exports ``NodeMeta``, ``MembershipEvent``,
+``MemberInfo``.
 """
 
 from __future__ import annotations
@@ -33,12 +42,13 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import msgspec
 import trio
 
+from gossip.directory import Directory, DirectoryConfig, DirectoryStats
 from gossip.events import MemberInfo, MembershipEvent
 from gossip.messages import (
     MessageError,
@@ -116,6 +126,7 @@ class GossipService:
         state_dir: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        directory_config: DirectoryConfig | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -133,6 +144,14 @@ class GossipService:
         self._wall = wall_clock
         self._rng = rng if rng is not None else random.Random()
         self._swim_cfg = config.swim_config()
+        self._directory = Directory(
+            node_id,
+            directory_config if directory_config is not None else DirectoryConfig(),
+            self._rng,
+            epoch=0,  # set in run(), before anything is published
+            udp_limit=self._swim_cfg.udp_limit,
+            wire_overhead=self._swim_cfg.wire_overhead,
+        )
         self._sealer = Sealer(Keyring(keys) if keys else None)
         self._guard = ReplayGuard(config.replay_window_s)
         self._core: Swim | None = None
@@ -202,6 +221,44 @@ class GossipService:
             refutations=counters.refutations if counters else 0,
         )
 
+    # ------------------------------------------------------------------ block directory
+
+    def directory_added(self, keys: Iterable[bytes]) -> None:
+        """Blocks now held by this node (the store's put/commit, replica fetch, recovery)."""
+        self._directory.local_added(keys, trio.current_time())
+        self._flush()
+
+    def directory_removed(self, keys: Iterable[bytes]) -> None:
+        """Blocks no longer held by this node (eviction, drop, delete)."""
+        self._directory.local_removed(keys, trio.current_time())
+        self._flush()
+
+    def lookup_holders(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Per key, the alive members other than us that may hold it (no network round trip)."""
+        found = self._directory.lookup_holders(keys)
+        core = self._core
+        if core is None:
+            return [[] for _ in found]
+        alive: dict[str, bool] = {}
+        out: list[list[str]] = []
+        for names in found:
+            row = []
+            for n in names:
+                ok = alive.get(n)
+                if ok is None:
+                    ok = alive[n] = core.state_of(n) == "alive"
+                if ok:
+                    row.append(n)
+            out.append(row)
+        return out
+
+    def prefix_in_mesh(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are held here or (maybe, per the directory) by another node."""
+        return self._directory.prefix_in_mesh(keys)
+
+    def directory_statistics(self) -> DirectoryStats:
+        return self._directory.statistics()
+
     def add_seeds(self, addrs: list[str]) -> None:
         """Join through more peers (mDNS discovery calls this); safe from the Trio thread."""
         core = self._core
@@ -219,6 +276,9 @@ class GossipService:
         inc = await self._load_incarnation()
         udp, listener, port = await self._bind()
         self._udp = udp
+        # wall-clock ms: grows across restarts even without a state_dir (the incarnation then
+        # restarts at 1), so receivers drop what they knew of the previous process
+        self._directory.epoch = max(inc, self._now_ms())
         host = self.config.advertise_host()
         self._local_addr = _fmt_addr(host, self.config.advertise_port(port))
         self._core = Swim(
@@ -229,6 +289,7 @@ class GossipService:
             self._rng,
             trio.current_time(),
             incarnation=inc,
+            directory=self._directory,
         )
         await self._persist(inc)
         try:

@@ -1,0 +1,789 @@
+"""The mesh data plane: moving block bytes between the stores of two daemons.
+
+Theory of operation
+-------------------
+* One ``DataPlane`` per daemon. ``run`` picks the transport (``choose_transport``: "tcp", "ucx", or
+  "auto", which takes UCX only where it offers RDMA or CUDA transports and says why), listens, and
+  serves peers; ``fetch`` pulls blocks from a peer into our store, ``push`` replicates ours to a
+  peer. The protocol below is written once, against a ``Channel``; ``tcp_dataplane`` and
+  ``ucx_dataplane`` only provide channels (framed control messages + bulk byte runs).
+* Every connection is authenticated in both directions before any block moves: HMAC-SHA256
+  challenge-response over fresh 32-byte nonces from both sides (``client_handshake`` /
+  ``server_handshake``), with distinct labels per direction, so a recorded proof cannot be
+  replayed or reflected. A peer without a key from our keyring can neither fetch nor store.
+  Bulk bytes are not encrypted; their integrity is the xxh3-64 checksum verified on arrival.
+* Bytes land straight in the arena: the receiver allocates a slot (``store.alloc``), receives into
+  ``store.arena.slice``, verifies the sender's checksum (which is the checksum the store recorded
+  at put time), and only then commits. A corrupt block is aborted (slot freed) and reported
+  False; a peer that dies mid-block raises ``DataPlaneError`` and every slot of that transfer is
+  freed (``store.drop_owner``), so a half-written block is never committed.
+* A connection carries one transfer at a time, strictly request/reply; connections are kept in a
+  small per-peer pool and reused. A pooled connection found broken before its first reply is
+  replaced once by a fresh one (the peer may simply have restarted).
+* Wire format: control frames are a 4-byte little-endian length then one msgpack message (tagged,
+  array_like msgspec Structs; ONLY APPEND). Block bytes follow their control frame raw, in the
+  order of the frame's lists, each exactly ``size`` bytes.
+
+  fetch:  C->S FetchRequest(keys)            S->C FetchReply(sizes, checksums) + bytes of each size >= 0
+  push:   C->S PushRequest(keys, sizes, cks) S->C PushReady(status)  C->S bytes of each status SEND
+          S->C PushDone(stored)
+  errors: S->C Error(code, message) instead of a reply; the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+import trio
+import xxhash
+
+from memkv_mesh.keys import KEY_BYTES
+from memkv_mesh.store import BlockStore, StoreError
+from transport.dataplane_config import DataPlaneConfig
+
+log = logging.getLogger("memkv_mesh.dataplane")
+
+__all__ = [
+    "Channel",
+    "DataPlane",
+    "DataPlaneError",
+    "DataPlaneStats",
+    "choose_transport",
+    "client_handshake",
+    "server_handshake",
+]
+
+DATAPLANE_VERSION = 1
+MAX_BATCH = 65536
+NONCE_BYTES = 32
+LEN = struct.Struct("<I")
+# No block on the wire is larger (the store's own limit is 128 MiB by default); a bigger announced
+# size is a broken peer, not something to drain.
+_MAX_WIRE_BLOCK = 1 << 30
+
+# PushReady status per block. ONLY APPEND.
+SEND = 0  # send the bytes
+ALREADY = 1  # already stored here: nothing to send, counts as stored
+REFUSED = 2  # cannot store it (full, too large): nothing to send
+
+
+class DataPlaneError(Exception):
+    """A peer is down, unauthenticated, or broke the protocol; or a transport cannot start."""
+
+
+class PeerClosed(DataPlaneError):
+    """The peer closed the connection (EOF) where a frame or bytes were expected."""
+
+
+class AuthError(DataPlaneError):
+    """The handshake failed: wrong key, unknown key, or a bad proof."""
+
+
+# ---- wire messages. ONLY APPEND: never renumber a tag or reorder fields. ---------------------------
+class Msg(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class Hello(Msg, tag=0):
+    version: int
+    node_id: str
+    key_id: bytes
+    nonce: bytes
+
+
+class Challenge(Msg, tag=1):
+    version: int
+    node_id: str
+    nonce: bytes
+    proof: bytes
+
+
+class Proof(Msg, tag=2):
+    proof: bytes
+
+
+class Welcome(Msg, tag=3):
+    pass
+
+
+class FetchRequest(Msg, tag=4):
+    keys: list[bytes]
+
+
+class FetchReply(Msg, tag=5):
+    """Per key: size (-1: not held) and xxh3-64 checksum (0 when not held)."""
+
+    sizes: list[int]
+    checksums: list[int]
+
+
+class PushRequest(Msg, tag=6):
+    keys: list[bytes]
+    sizes: list[int]
+    checksums: list[int]
+
+
+class PushReady(Msg, tag=7):
+    status: list[int]
+
+
+class PushDone(Msg, tag=8):
+    stored: list[bool]
+
+
+class Error(Msg, tag=63):
+    code: str
+    message: str
+
+
+AnyMsg = Hello | Challenge | Proof | Welcome | FetchRequest | FetchReply | PushRequest | PushReady | PushDone | Error
+_decoder: msgspec.msgpack.Decoder[AnyMsg] = msgspec.msgpack.Decoder(AnyMsg)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(msg: Msg) -> bytearray:
+    out = bytearray()
+    _encoder.encode_into(msg, out, 4)
+    LEN.pack_into(out, 0, len(out) - 4)
+    return out
+
+
+def decode_body(body: bytes | bytearray | memoryview) -> Msg:
+    try:
+        return _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise DataPlaneError(f"malformed data-plane frame: {e}") from None
+
+
+# ---- channels -----------------------------------------------------------------------------------
+class Channel(Protocol):
+    """One authenticated-or-not connection to a peer, as the protocol sees it."""
+
+    peer: str
+
+    async def send_msg(self, msg: Msg) -> None: ...
+
+    async def recv_msg(self, limit_s: float | None) -> Msg:
+        """Next control message; ``PeerClosed`` on EOF, ``DataPlaneError`` on timeout or garbage."""
+        ...
+
+    async def send_blocks(self, views: list[memoryview]) -> None:
+        """Send the views back to back (one batch: one thread hop or one set of posted sends)."""
+        ...
+
+    async def recv_blocks(self, targets: list[memoryview | int]) -> list[int]:
+        """Receive one run per target, in order: a view is filled exactly, an int is that many
+        bytes read and discarded. Returns the xxh3-64 of each filled view (0 for discards),
+        computed where it is cheapest (TCP: in the thread that received it, while it is hot)."""
+        ...
+
+    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
+        """Called once authenticated; a transport may derive per-connection state (UCX tags)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+    ucx_transports: list[str]
+
+    async def serve(
+        self, handler: Callable[[Channel], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+    async def connect(self, peer: str) -> Channel: ...
+
+
+def split_peer(peer: str) -> tuple[str, int]:
+    """"host:port" (IPv6 in brackets) -> (host, port); ``DataPlaneError`` naming the bad address."""
+    host, sep, port = peer.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DataPlaneError(f"peer address {peer!r} is not 'host:port'")
+    return host, int(port)
+
+
+# ---- authentication -------------------------------------------------------------------------------
+def key_id(key: bytes) -> bytes:
+    """Names a key without revealing it, so the server knows which key of its ring to use."""
+    return hashlib.sha256(b"memkv-dataplane key-id\0" + key).digest()[:8]
+
+
+def _proof(key: bytes, label: bytes, nonce_c: bytes, nonce_s: bytes, client: str, server: str) -> bytes:
+    msg = b"".join(
+        (label, b"\0", nonce_c, nonce_s, LEN.pack(len(client)), client.encode(), LEN.pack(len(server)),
+         server.encode())
+    )  # fmt: skip
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+_CLIENT = b"memkv-dataplane client proof v1"
+_SERVER = b"memkv-dataplane server proof v1"
+
+
+async def client_handshake(chan: Channel, keys: list[bytes], node_id: str, limit_s: float) -> str:
+    """Prove our key and check the server's proof; returns the server's node id."""
+    if not keys:
+        raise AuthError("no mesh key configured ([dataplane] keys is empty): cannot talk to peers")
+    key = keys[0]
+    nonce_c = os.urandom(NONCE_BYTES)
+    await chan.send_msg(Hello(DATAPLANE_VERSION, node_id, key_id(key), nonce_c))
+    msg = await chan.recv_msg(limit_s)
+    if isinstance(msg, Error):
+        raise AuthError(f"peer {chan.peer} refused the connection: {msg.code}: {msg.message}")
+    if not isinstance(msg, Challenge) or len(msg.nonce) != NONCE_BYTES:
+        raise AuthError(f"peer {chan.peer} answered Hello with {type(msg).__name__}, not a Challenge")
+    want = _proof(key, _SERVER, nonce_c, msg.nonce, node_id, msg.node_id)
+    if not hmac.compare_digest(want, msg.proof):
+        raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) could not prove it holds the mesh key")
+    await chan.send_msg(Proof(_proof(key, _CLIENT, nonce_c, msg.nonce, node_id, msg.node_id)))
+    msg2 = await chan.recv_msg(limit_s)
+    if isinstance(msg2, Error):
+        raise AuthError(f"peer {chan.peer} refused our proof: {msg2.code}: {msg2.message}")
+    if not isinstance(msg2, Welcome):
+        raise AuthError(f"peer {chan.peer} answered our proof with {type(msg2).__name__}")
+    chan.start_session(nonce_c, msg.nonce)
+    return msg.node_id
+
+
+async def server_handshake(chan: Channel, keys: list[bytes], node_id: str, limit_s: float) -> str:
+    """Check the client's key and proof (proving ours); returns the client's node id."""
+    msg = await chan.recv_msg(limit_s)
+    if not isinstance(msg, Hello):
+        await _refuse(chan, "bad_request", f"expected Hello, got {type(msg).__name__}")
+        raise AuthError(f"peer {chan.peer} did not start with Hello")
+    if msg.version != DATAPLANE_VERSION:
+        await _refuse(chan, "version", f"data-plane version {msg.version} is not {DATAPLANE_VERSION}")
+        raise AuthError(f"peer {chan.peer} speaks data-plane version {msg.version}")
+    if len(msg.nonce) != NONCE_BYTES:
+        await _refuse(chan, "bad_request", f"nonce must be {NONCE_BYTES} bytes")
+        raise AuthError(f"peer {chan.peer} sent a {len(msg.nonce)}-byte nonce")
+    key = next((k for k in keys if hmac.compare_digest(key_id(k), msg.key_id)), None)
+    if key is None:
+        await _refuse(chan, "auth", "unknown mesh key")
+        raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) uses a key not in our keyring")
+    nonce_s = os.urandom(NONCE_BYTES)
+    proof_s = _proof(key, _SERVER, msg.nonce, nonce_s, msg.node_id, node_id)
+    await chan.send_msg(Challenge(DATAPLANE_VERSION, node_id, nonce_s, proof_s))
+    reply = await chan.recv_msg(limit_s)
+    want = _proof(key, _CLIENT, msg.nonce, nonce_s, msg.node_id, node_id)
+    if not isinstance(reply, Proof) or not hmac.compare_digest(want, reply.proof):
+        await _refuse(chan, "auth", "bad proof")
+        raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) failed to prove the mesh key")
+    await chan.send_msg(Welcome())
+    chan.start_session(nonce_s, msg.nonce)
+    return msg.node_id
+
+
+async def _refuse(chan: Channel, code: str, message: str) -> None:
+    with trio.move_on_after(1):
+        try:
+            await chan.send_msg(Error(code, message))
+        except DataPlaneError:
+            pass
+
+
+# ---- transport choice -----------------------------------------------------------------------------
+def choose_transport(config: DataPlaneConfig) -> tuple[str, str]:
+    """(transport, reason). ``ucx`` that cannot start raises ``DataPlaneError``; never falls back."""
+    if config.transport == "tcp":
+        return "tcp", "configured: transport = \"tcp\""
+    from transport import ucx_dataplane
+
+    if config.transport == "ucx":
+        probe = ucx_dataplane.probe()
+        if probe.error:
+            raise DataPlaneError(f"transport = \"ucx\" but UCX cannot start: {probe.error}")
+        return "ucx", f"configured: transport = \"ucx\" (UCX transports: {', '.join(probe.transports)})"
+    probe = ucx_dataplane.probe()
+    if probe.error:
+        return "tcp", f"auto: UCX unavailable ({probe.error}); using the Trio TCP data plane"
+    fast = probe.fast_transports()
+    if fast:
+        return "ucx", f"auto: UCX offers {', '.join(fast)} (RDMA/CUDA), which TCP sockets cannot"
+    return "tcp", (
+        f"auto: UCX offers only {', '.join(probe.transports) or 'nothing'} (no RDMA or CUDA transport); "
+        "plain TCP sockets are faster there (measured 2.8-3.5 GB/s vs 0.75 GB/s for ucxx over tcp)"
+    )
+
+
+def make_backend(name: str, config: DataPlaneConfig) -> Backend:
+    if name == "tcp":
+        from transport.tcp_dataplane import TcpBackend
+
+        return TcpBackend(config)
+    from transport.ucx_dataplane import UcxBackend
+
+    return UcxBackend(config)
+
+
+# ---- the service --------------------------------------------------------------------------------
+class DataPlaneStats(msgspec.Struct, frozen=True):
+    transport: str
+    reason: str
+    ucx_transports: list[str]
+    address: str
+    connections_open: int
+    connections_accepted: int
+    connections_opened: int
+    active_transfers: int
+    fetches: int
+    pushes: int
+    blocks_in: int
+    bytes_in: int
+    blocks_out: int
+    bytes_out: int
+    corrupt_blocks: int
+    auth_failures: int
+    protocol_errors: int
+    peer_errors: int
+    requests_served: int
+
+
+class _Owner:
+    """Identity under which one transfer holds store slots and leases."""
+
+    __slots__ = ("id",)
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self.id = next(self._ids)
+
+    def __repr__(self) -> str:
+        return f"<dataplane transfer {self.id}>"
+
+
+_COUNTERS = (
+    "connections_accepted", "connections_opened", "fetches", "pushes", "blocks_in", "bytes_in",
+    "blocks_out", "bytes_out", "corrupt_blocks", "auth_failures", "protocol_errors", "peer_errors",
+    "requests_served",
+)  # fmt: skip
+
+
+class DataPlane:
+    def __init__(self, config: DataPlaneConfig, store: BlockStore, *, node_id: str) -> None:
+        try:
+            config.validate()
+        except ValueError as e:
+            raise DataPlaneError(str(e)) from None
+        self.config = config
+        self.store = store
+        self.node_id = node_id
+        self._keys = config.keyring()
+        self._transport: str = config.transport
+        self._reason = "not started"
+        self._backend: Backend | None = None
+        self._ucx_transports: list[str] = []
+        self._address = ""
+        self._idle: dict[str, list[Channel]] = {}
+        self._open = 0
+        self._active = 0
+        self._limiter = trio.CapacityLimiter(config.max_concurrent_transfers)
+        self._c = dict.fromkeys(_COUNTERS, 0)
+        # Test hook: called with (key, view) on every block we send; may alter the bytes on the wire.
+        self._send_hook: Callable[[bytes, memoryview], memoryview] | None = None
+
+    @property
+    def transport(self) -> str:
+        return self._transport
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        name, reason = await trio.to_thread.run_sync(choose_transport, self.config)
+        self._transport, self._reason = name, reason
+        backend = self._backend = make_backend(name, self.config)
+        self._ucx_transports = list(backend.ucx_transports)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._address = await nursery.start(backend.serve, self._serve_channel)
+                log.info(
+                    "data plane started",
+                    extra={"fields": {
+                        "node": self.node_id, "transport": name, "ucx_transports": backend.ucx_transports,
+                        "reason": reason, "address": self._address,
+                    }},
+                )  # fmt: skip
+                task_status.started(self._address)
+        finally:
+            with trio.CancelScope(shield=True):
+                for chans in self._idle.values():
+                    for ch in chans:
+                        await self._close(ch)
+                self._idle.clear()
+            self._backend = None
+
+    def statistics(self) -> DataPlaneStats:
+        c = self._c
+        return DataPlaneStats(
+            transport=self._transport,
+            reason=self._reason,
+            ucx_transports=list(self._ucx_transports),
+            address=self._address,
+            connections_open=self._open,
+            active_transfers=self._active,
+            **c,
+        )
+
+    # ---- client side ------------------------------------------------------------------------------
+    async def fetch(self, peer: str, keys: list[bytes]) -> list[bool]:
+        """Pull ``keys`` from ``peer`` into our store. True per block now held here."""
+        _check_batch(keys)
+        result = self.store.contains(keys)
+        todo = [i for i, have in enumerate(result) if not have]
+        if not todo:
+            return result
+        want = [keys[i] for i in todo]
+        got = await self._transfer(peer, lambda ch, fresh: self._fetch_on(ch, want))
+        for i, ok in zip(todo, got, strict=True):
+            result[i] = ok
+        self._c["fetches"] += 1
+        return result
+
+    async def push(self, peer: str, keys: list[bytes]) -> list[bool]:
+        """Replicate ``keys`` from our store to ``peer``. True per block the peer now holds."""
+        _check_batch(keys)
+        if not keys:
+            return []
+        out = await self._transfer(peer, lambda ch, fresh: self._push_on(ch, keys))
+        self._c["pushes"] += 1
+        return out
+
+    async def _transfer(
+        self, peer: str, op: Callable[[Channel, bool], Awaitable[list[bool]]]
+    ) -> list[bool]:
+        split_peer(peer)
+        async with self._limiter:
+            self._active += 1
+            try:
+                for attempt in (0, 1):
+                    chan, fresh = await self._checkout(peer)
+                    try:
+                        out = await op(chan, fresh)
+                    except _StaleConnection:
+                        await self._close(chan)
+                        if fresh or attempt:
+                            self._c["peer_errors"] += 1
+                            raise DataPlaneError(f"peer {peer} closed the connection") from None
+                        continue
+                    except BaseException as e:
+                        await self._close(chan)
+                        if isinstance(e, DataPlaneError):
+                            self._c["peer_errors"] += 1
+                            if isinstance(e, PeerClosed):
+                                raise DataPlaneError(f"peer {peer} went away mid-transfer: {e}") from None
+                        raise
+                    await self._checkin(peer, chan)
+                    return out
+                raise AssertionError("unreachable")  # pragma: no cover
+            finally:
+                self._active -= 1
+
+    async def _checkout(self, peer: str) -> tuple[Channel, bool]:
+        idle = self._idle.get(peer)
+        if idle:
+            return idle.pop(), False
+        if self._backend is None:
+            raise DataPlaneError("the data plane is not running (start DataPlane.run first)")
+        cfg = self.config
+        try:
+            with trio.fail_after(cfg.connect_timeout_s):
+                chan = await self._backend.connect(peer)
+                self._open += 1
+                self._c["connections_opened"] += 1
+                try:
+                    await client_handshake(chan, self._keys, self.node_id, cfg.connect_timeout_s)
+                except BaseException:
+                    await self._close(chan)
+                    raise
+        except trio.TooSlowError:
+            self._c["peer_errors"] += 1
+            raise DataPlaneError(
+                f"peer {peer} did not connect and authenticate within {cfg.connect_timeout_s} s"
+            ) from None
+        except AuthError:
+            self._c["auth_failures"] += 1
+            raise
+        except DataPlaneError as e:
+            self._c["peer_errors"] += 1
+            raise DataPlaneError(f"cannot reach peer {peer}: {e}") from None
+        return chan, True
+
+    async def _checkin(self, peer: str, chan: Channel) -> None:
+        idle = self._idle.setdefault(peer, [])
+        if len(idle) < self.config.max_connections_per_peer:
+            idle.append(chan)
+        else:
+            await self._close(chan)
+
+    async def _close(self, chan: Channel) -> None:
+        self._open -= 1
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await chan.aclose()
+            except (DataPlaneError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _fetch_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
+        store, to = self.store, self.config.io_timeout_s
+        try:
+            await chan.send_msg(FetchRequest(keys))
+            reply = await chan.recv_msg(to)
+        except PeerClosed:
+            raise _StaleConnection() from None
+        if isinstance(reply, Error):
+            raise DataPlaneError(f"peer {chan.peer} refused the fetch: {reply.code}: {reply.message}")
+        if not isinstance(reply, FetchReply) or len(reply.sizes) != len(keys) or len(reply.checksums) != len(keys):
+            self._c["protocol_errors"] += 1
+            raise DataPlaneError(f"peer {chan.peer} answered a fetch of {len(keys)} keys with a bad reply")
+        if any(s > _MAX_WIRE_BLOCK for s in reply.sizes):
+            self._c["protocol_errors"] += 1
+            raise DataPlaneError(f"peer {chan.peer} announced a block over {_MAX_WIRE_BLOCK} bytes")
+        owner = _Owner()
+        try:
+            return await self._receive(chan, owner, keys, reply.sizes, reply.checksums)
+        finally:
+            store.drop_owner(owner)
+
+    async def _receive(
+        self, chan: Channel, owner: _Owner, keys: list[bytes], sizes: list[int], cks: list[int],
+        offsets: list[int] | None = None,
+    ) -> list[bool]:
+        """Receive the announced blocks (size >= 0) straight into fresh arena slots, verify, commit.
+
+        ``offsets`` are slots already reserved (push: reserved before PushReady), else each block
+        is allocated here; a block that cannot or need not be stored (already held, full) is read
+        and discarded. True per block stored here now. Slots are freed by the caller's
+        ``drop_owner`` whatever happens.
+        """
+        store = self.store
+        if offsets is None:
+            offsets = []
+            for k, size in zip(keys, sizes, strict=True):
+                if size < 0:
+                    offsets.append(-2)
+                    continue
+                try:
+                    offsets.append((await store.alloc(owner, [k], [size]))[0])
+                except StoreError:
+                    offsets.append(-2)
+        out = [off == -1 for off in offsets]  # -1: stored already (by a put or another transfer)
+        targets: list[memoryview | int] = []
+        views: list[memoryview] = []
+        try:
+            for off, size in zip(offsets, sizes, strict=True):
+                if size < 0:
+                    continue
+                if off < 0:
+                    targets.append(size)
+                else:
+                    v = store.arena.slice(off, size)
+                    views.append(v)
+                    targets.append(v)
+            digests = await chan.recv_blocks(targets) if targets else []
+        finally:
+            for v in views:
+                v.release()
+        j = 0
+        for i, (k, off, size, ck) in enumerate(zip(keys, offsets, sizes, cks, strict=True)):
+            if size < 0:
+                continue
+            digest = digests[j]
+            j += 1
+            if off < 0:
+                continue
+            if digest == ck:
+                store.commit(owner, [k], [ck])
+                self._c["blocks_in"] += 1
+                self._c["bytes_in"] += size
+                out[i] = True
+            else:
+                store.abort(owner, [k])
+                self._c["corrupt_blocks"] += 1
+                log.warning(
+                    "corrupt block from peer dropped",
+                    extra={"fields": {"peer": chan.peer, "key": k.hex(), "size": size}},
+                )
+        return out
+
+    async def _push_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
+        store, to = self.store, self.config.io_timeout_s
+        owner = _Owner()
+        try:
+            lease, locs = await store.get(owner, keys)
+            held = [i for i, loc in enumerate(locs) if loc is not None]
+            out = [False] * len(keys)
+            if not held:
+                return out
+            sizes = [locs[i][1] for i in held]  # type: ignore[index]
+            cks = [_stored_checksum(store, keys[i], locs[i]) for i in held]  # type: ignore[arg-type]
+            try:
+                await chan.send_msg(PushRequest([keys[i] for i in held], sizes, cks))
+                ready = await chan.recv_msg(to)
+            except PeerClosed:
+                raise _StaleConnection() from None
+            if isinstance(ready, Error):
+                raise DataPlaneError(f"peer {chan.peer} refused the push: {ready.code}: {ready.message}")
+            if not isinstance(ready, PushReady) or len(ready.status) != len(held):
+                self._c["protocol_errors"] += 1
+                raise DataPlaneError(f"peer {chan.peer} answered a push with a bad reply")
+            wanted = [(keys[i], locs[i]) for i, st in zip(held, ready.status, strict=True) if st == SEND]
+            await self._send(chan, wanted)  # type: ignore[arg-type]
+            done = await chan.recv_msg(to)
+            if not isinstance(done, PushDone) or len(done.stored) != len(held):
+                self._c["protocol_errors"] += 1
+                raise DataPlaneError(f"peer {chan.peer} did not confirm the push")
+            for i, ok in zip(held, done.stored, strict=True):
+                out[i] = bool(ok)
+            return out
+        finally:
+            store.drop_owner(owner)
+
+    async def _send(self, chan: Channel, blocks: list[tuple[bytes, tuple[int, int]]]) -> None:
+        """Send pinned blocks (key, (offset, length)) straight from the arena, as one batch."""
+        if not blocks:
+            return
+        store = self.store
+        views = [store.arena.slice(off, n) for _, (off, n) in blocks]
+        try:
+            hook = self._send_hook
+            wire = [hook(k, v) for (k, _), v in zip(blocks, views, strict=True)] if hook else views
+            await chan.send_blocks(wire)
+        finally:
+            for v in views:
+                v.release()
+        self._c["blocks_out"] += len(blocks)
+        self._c["bytes_out"] += sum(n for _, (_, n) in blocks)
+
+    # ---- server side ------------------------------------------------------------------------------
+    async def _serve_channel(self, chan: Channel) -> None:
+        self._open += 1
+        self._c["connections_accepted"] += 1
+        cfg = self.config
+        try:
+            try:
+                with trio.fail_after(cfg.connect_timeout_s):
+                    await server_handshake(chan, self._keys, self.node_id, cfg.connect_timeout_s)
+            except AuthError as e:
+                self._c["auth_failures"] += 1
+                log.warning("data-plane peer refused: %s", e)
+                return
+            except (trio.TooSlowError, DataPlaneError):
+                self._c["peer_errors"] += 1
+                return
+            while True:
+                try:
+                    msg = await chan.recv_msg(None)
+                except PeerClosed:
+                    return
+                owner = _Owner()
+                try:
+                    if isinstance(msg, FetchRequest):
+                        await self._serve_fetch(chan, owner, msg)
+                    elif isinstance(msg, PushRequest):
+                        await self._serve_push(chan, owner, msg)
+                    else:
+                        self._c["protocol_errors"] += 1
+                        await chan.send_msg(Error("bad_request", f"unexpected {type(msg).__name__}"))
+                        return
+                    self._c["requests_served"] += 1
+                finally:
+                    self.store.drop_owner(owner)
+        except DataPlaneError as e:
+            self._c["peer_errors"] += 1
+            log.debug("data-plane peer connection ended: %s", e)
+        finally:
+            self._open -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await chan.aclose()
+                except (DataPlaneError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    async def _serve_fetch(self, chan: Channel, owner: _Owner, req: FetchRequest) -> None:
+        store = self.store
+        bad = _batch_problem(req.keys)
+        if bad:
+            self._c["protocol_errors"] += 1
+            await chan.send_msg(Error("bad_request", bad))
+            return
+        lease, locs = await store.get(owner, req.keys)
+        sizes = [loc[1] if loc else -1 for loc in locs]
+        cks = [_stored_checksum(store, k, loc) if loc else 0 for k, loc in zip(req.keys, locs, strict=True)]
+        await chan.send_msg(FetchReply(sizes, cks))
+        await self._send(chan, [(k, loc) for k, loc in zip(req.keys, locs, strict=True) if loc is not None])
+        if lease:
+            store.release(owner, lease)
+
+    async def _serve_push(self, chan: Channel, owner: _Owner, req: PushRequest) -> None:
+        store = self.store
+        n = len(req.keys)
+        bad = _batch_problem(req.keys)
+        if not bad and (len(req.sizes) != n or len(req.checksums) != n):
+            bad = f"{n} keys but {len(req.sizes)} sizes and {len(req.checksums)} checksums"
+        if not bad and any(s <= 0 for s in req.sizes):
+            bad = "block sizes must be > 0"
+        if bad:
+            self._c["protocol_errors"] += 1
+            await chan.send_msg(Error("bad_request", bad))
+            return
+        status: list[int] = []
+        offsets: list[int] = []
+        for k, size in zip(req.keys, req.sizes, strict=True):
+            try:
+                off = (await store.alloc(owner, [k], [size]))[0]
+            except StoreError:
+                status.append(REFUSED)
+                offsets.append(-2)
+                continue
+            status.append(ALREADY if off == -1 else SEND)
+            offsets.append(off)
+        await chan.send_msg(PushReady(status))
+        sizes = [size if st == SEND else -1 for st, size in zip(status, req.sizes, strict=True)]
+        got = await self._receive(chan, owner, req.keys, sizes, req.checksums, offsets)
+        await chan.send_msg(PushDone([g or st == ALREADY for g, st in zip(got, status, strict=True)]))
+
+
+class _StaleConnection(Exception):
+    """The peer closed before answering: a pooled connection may simply have gone stale."""
+
+
+def _batch_problem(keys: list[bytes]) -> str:
+    if len(keys) > MAX_BATCH:
+        return f"{len(keys)} keys in one request; the limit is {MAX_BATCH}"
+    for i, k in enumerate(keys):
+        if len(k) != KEY_BYTES:
+            return f"key {i} is {len(k)} bytes; keys are {KEY_BYTES} bytes"
+    if len(set(keys)) != len(keys):
+        return "the same key appears twice in one request"
+    return ""
+
+
+def _check_batch(keys: list[bytes]) -> None:
+    bad = _batch_problem(keys)
+    if bad:
+        raise ValueError(bad)
+
+
+def _stored_checksum(store: BlockStore, key: bytes, loc: tuple[int, int]) -> int:
+    """The checksum recorded when the block was put (so corruption at rest is caught too)."""
+    recorded = store.dram_checksum(key, loc[0])
+    if recorded is not None:
+        return recorded
+    with store.arena.slice(loc[0], loc[1]) as view:
+        return xxhash.xxh3_64_intdigest(view)

@@ -1,0 +1,400 @@
+"""The UCX data plane: ucxx's core (non-asyncio) API driven from Trio.
+
+Theory of operation
+-------------------
+* ``ucxx`` is imported lazily (``probe``), so the package works without it; ``probe`` reports
+  either the UCX transports the context may use (its resources, after ``UCX_TLS``) or why UCX
+  cannot start. ``choose_transport`` turns that into the auto decision.
+* One UCX context and worker per backend, in *blocking progress mode*: the worker exposes an epoll
+  file descriptor. A single Trio task (``_Progress.run``) calls ``worker.progress()``, checks the
+  requests tasks are waiting on, then ``worker.arm()``; when arm says the worker is idle it sleeps
+  in ``trio.lowlevel.wait_readable(fd)``, otherwise it loops. There is no progress thread and no
+  asyncio loop: every ucxx call happens on the Trio thread, and listener callbacks (which ucxx
+  invokes from inside ``progress``) just queue the connection request for the serve loop.
+* A channel is one UCX endpoint (with error handling, so a dead peer fails its requests).
+  Control frames go over the endpoint's stream API (length then body); block bytes go over the
+  tag API, which is what uses rendezvous/zero-copy (RDMA, CUDA IPC) for large messages. Tags are
+  matched per worker, not per endpoint, so each side receives bulk on a tag taken from its own
+  handshake nonce (``start_session``): unique per connection, and the sender learns it only by
+  authenticating. Messages with one tag between one pair of endpoints match in order, which keeps
+  the protocol's "bytes follow their frame, in list order" rule.
+* A request must never outlive the buffer it reads into (an arena slice that may be freed and
+  reused): if a wait is cancelled or times out, the endpoint is closed, which cancels its
+  in-flight requests, and we wait (shielded, bounded) for the request to finish before returning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+import xxhash
+
+from transport.dataplane import (
+    LEN,
+    Channel,
+    DataPlaneError,
+    Msg,
+    PeerClosed,
+    decode_body,
+    encode_frame,
+    split_peer,
+)
+from transport.dataplane_config import DataPlaneConfig
+
+log = logging.getLogger("memkv_mesh.dataplane")
+
+__all__ = ["UcxBackend", "UcxChannel", "UcxProbe", "probe"]
+
+# Transport names that bring something sockets cannot: RDMA verbs/DevX, EFA, and GPU memory paths.
+RDMA_TRANSPORTS = frozenset(
+    {"rc", "rc_verbs", "rc_mlx5", "rc_x", "ud", "ud_verbs", "ud_mlx5", "ud_x", "dc", "dc_mlx5", "dc_x",
+     "ib", "srd", "gga", "gga_mlx5"}
+)  # fmt: skip
+CUDA_TRANSPORTS = frozenset({"cuda_copy", "cuda_ipc", "gdr_copy", "rocm_copy", "rocm_ipc", "rocm_gdr"})
+
+
+class UcxProbe(msgspec.Struct, frozen=True):
+    transports: list[str]  # e.g. ["tcp", "sysv", "posix", "cma"]
+    devices: list[str]  # e.g. ["tcp/lo", "posix/memory"]
+    error: str = ""
+    ucx_version: str = ""
+
+    def fast_transports(self) -> list[str]:
+        return [t for t in self.transports if t in RDMA_TRANSPORTS or t in CUDA_TRANSPORTS]
+
+
+_probe_lock = threading.Lock()
+_probe_cache: UcxProbe | None = None
+_RESOURCE = re.compile(r"^#\s+resource\s+\d+\s*:.*?\s(\S+)/(\S+)\s*$", re.MULTILINE)
+
+
+def parse_resources(info: str) -> list[str]:
+    """``ucp_context_print_info`` text -> ["tl/dev", ...] in order."""
+    return [f"{m.group(1)}/{m.group(2)}" for m in _RESOURCE.finditer(info)]
+
+
+def probe() -> UcxProbe:
+    """Can UCX start here, and with which transports? Cached; safe to call from a thread."""
+    global _probe_cache
+    with _probe_lock:
+        if _probe_cache is None:
+            _probe_cache = _probe_uncached()
+        return _probe_cache
+
+
+def _probe_uncached() -> UcxProbe:
+    # ucxx sets UCX_MEMTYPE_CACHE, which UCX >= 1.19 no longer knows and warns about on every
+    # context; the warning is noise in our logs (an explicit setting by the operator wins).
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        from ucxx._lib import libucxx as L
+    except ImportError as e:
+        return UcxProbe([], [], error=f"ucxx is not importable ({e}); install ucxx-cu12")
+    except Exception as e:  # a broken install (missing libucx, bad CUDA libs) is "cannot start"
+        return UcxProbe([], [], error=f"ucxx failed to load: {type(e).__name__}: {e}")
+    try:
+        ctx = L.UCXContext(feature_flags=(L.Feature.TAG, L.Feature.STREAM, L.Feature.WAKEUP))
+        info = ctx.info
+        del ctx
+    except Exception as e:
+        return UcxProbe([], [], error=f"UCX context failed to start: {type(e).__name__}: {e}")
+    devices = parse_resources(info)
+    transports: list[str] = []
+    for d in devices:
+        tl = d.split("/")[0]
+        if tl not in transports and tl != "self":
+            transports.append(tl)
+    try:
+        version = ".".join(map(str, L.get_ucx_version()))
+    except Exception:
+        version = ""
+    if not transports:
+        return UcxProbe([], devices, error="UCX found no usable transport (check UCX_TLS)", ucx_version=version)
+    return UcxProbe(transports, devices, ucx_version=version)
+
+
+class _Progress:
+    """Drives one UCX worker from Trio: progress, complete waiters, arm, sleep on the epoll fd."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.fd: int = worker.epoll_file_descriptor
+        self._waiters: list[tuple[Any, trio.Event]] = []
+        self._sleep: trio.CancelScope | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        w = self.worker
+        while True:
+            w.progress()
+            self._complete()
+            if w.arm():
+                # Idle: sleep until the fd fires or a task posts a request (``kick``). While
+                # requests are outstanding, also wake every 5 ms: a safety net for a transport
+                # without wake-up support (the fd is what normally wakes us).
+                wait = 0.005 if self._waiters else 0.25
+                with trio.CancelScope(deadline=trio.current_time() + wait) as self._sleep:
+                    await trio.lowlevel.wait_readable(self.fd)
+                self._sleep = None
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _complete(self) -> None:
+        if not self._waiters:
+            return
+        keep = []
+        for req, ev in self._waiters:
+            if req.completed:
+                ev.set()
+            else:
+                keep.append((req, ev))
+        self._waiters = keep
+
+    def kick(self) -> None:
+        if self._sleep is not None:
+            self._sleep.cancel()
+
+    async def wait(self, req: Any) -> None:
+        if not req.completed:
+            self.worker.progress()
+        if not req.completed:
+            ev = trio.Event()
+            self._waiters.append((req, ev))
+            self.kick()
+            await ev.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+def _digests(views: list[memoryview]) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(v) for v in views]
+
+
+class UcxChannel:
+    def __init__(self, backend: UcxBackend, ep: Any, peer: str) -> None:
+        self.peer = peer
+        self._b = backend
+        self._ep = ep
+        self._send_tag = 0
+        self._recv_tag = 0
+        self._closed = False
+        self._len = bytearray(4)
+        self._max = backend.config.max_frame_bytes
+        self._io_timeout = backend.config.io_timeout_s
+
+    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
+        self._recv_tag = int.from_bytes(local_nonce[:8], "little")
+        self._send_tag = int.from_bytes(remote_nonce[:8], "little")
+
+    async def _run(self, req: Any, keep: object, limit_s: float | None, what: str) -> None:
+        await self._run_all([req], keep, limit_s, what)
+
+    async def _run_all(self, reqs: list[Any], keep: object, limit_s: float | None, what: str) -> None:
+        """Wait for every request (each within ``limit_s``); on cancel, timeout or error, close the
+        endpoint and let *all* of them finish before returning, since they point into ``keep``."""
+        prog = self._b.progress
+        try:
+            for req in reqs:
+                with trio.fail_after(limit_s if limit_s else float("inf")):
+                    await prog.wait(req)
+                try:
+                    req.check_error()
+                except Exception as e:
+                    raise PeerClosed(f"peer {self.peer}: {what} failed: {type(e).__name__}: {e}") from None
+        except trio.TooSlowError:
+            await self._abandon(reqs)
+            raise DataPlaneError(f"peer {self.peer}: {what} stalled for {limit_s} s") from None
+        except BaseException:
+            await self._abandon(reqs)
+            raise
+
+    async def _abandon(self, reqs: list[Any]) -> None:
+        # Shielded, and driving progress ourselves: on shutdown the progress task is cancelled too.
+        with trio.CancelScope(shield=True):
+            self._close_ep()
+            worker = self._b.worker
+            deadline = trio.current_time() + 5
+            while not all(r.completed for r in reqs) and trio.current_time() < deadline:
+                worker.progress()
+                if not all(r.completed for r in reqs):
+                    await trio.sleep(0.001)
+            stuck = [r for r in reqs if not r.completed]
+            if stuck:  # pragma: no cover - UCX did not cancel in time
+                log.error("%d UCX requests did not finish after their endpoint closed", len(stuck))
+                self._b.leaked.extend(stuck)
+
+    async def send_msg(self, msg: Msg) -> None:
+        self._check()
+        from ucxx._lib.arr import Array
+
+        frame = bytes(encode_frame(msg))
+        arr = Array(frame)
+        req = self._ep.stream_send(arr)
+        await self._run(req, (frame, arr), self._io_timeout, "send")
+
+    async def recv_msg(self, limit_s: float | None) -> Msg:
+        self._check()
+        from ucxx._lib.arr import Array
+
+        lb = bytearray(4)
+        arr = Array(lb)
+        await self._run(self._ep.stream_recv(arr), (lb, arr), limit_s, "receive")
+        (n,) = LEN.unpack_from(lb, 0)
+        if n > self._max or n == 0:
+            raise DataPlaneError(f"peer {self.peer} sent a {n}-byte frame; the limit is {self._max}")
+        body = bytearray(n)
+        barr = Array(body)
+        self._check()
+        await self._run(self._ep.stream_recv(barr), (body, barr), self._io_timeout, "receive")
+        return decode_body(body)
+
+    async def send_blocks(self, views: list[memoryview]) -> None:
+        self._check()
+        from ucxx._lib import libucxx as L
+        from ucxx._lib.arr import Array
+
+        arrs = [Array(v) for v in views]
+        tag = L.UCXXTag(self._send_tag)
+        reqs = [self._ep.tag_send(a, tag) for a in arrs]  # all posted: UCX pipelines them
+        await self._run_all(reqs, (views, arrs), self._io_timeout, "bulk send")
+
+    async def recv_blocks(self, targets: list[memoryview | int]) -> list[int]:
+        self._check()
+        from ucxx._lib import libucxx as L
+        from ucxx._lib.arr import Array
+
+        bufs = [memoryview(bytearray(t)) if isinstance(t, int) else t for t in targets]
+        arrs = [Array(b) for b in bufs]
+        tag = L.UCXXTag(self._recv_tag)
+        # Posted in order; one tag between one pair of endpoints matches in send order.
+        reqs = [self._ep.tag_recv(a, tag, L.UCXXTagMaskFull) for a in arrs]
+        await self._run_all(reqs, (bufs, arrs), self._io_timeout, "bulk receive")
+        views = [t for t in targets if not isinstance(t, int)]
+        if sum(map(len, views)) >= self._b.config.thread_checksum_bytes:
+            digests = iter(await trio.to_thread.run_sync(_digests, views))
+        else:
+            digests = iter(_digests(views))
+        return [0 if isinstance(t, int) else next(digests) for t in targets]
+
+    def _check(self) -> None:
+        """Call right before posting (no await in between). Posting on an endpoint whose error
+        callback has already run blocks inside ucxx forever (reproduced: ucxx 0.52 / UCX 1.21,
+        connecting to a closed port), so a dead endpoint must be caught here."""
+        if self._closed:
+            raise PeerClosed(f"peer {self.peer}: connection already closed")
+        if not self._ep.alive:
+            self._close_ep()
+            raise PeerClosed(f"peer {self.peer}: the UCX endpoint failed (peer unreachable or gone)")
+
+    def _close_ep(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                # close_blocking (one attempt, no wait) also cancels the endpoint's posted tag
+                # receives, which plain close() leaves pending.
+                self._ep.close_blocking(0, 1)
+            except Exception:
+                pass
+            self._b.progress.kick()
+
+    async def aclose(self) -> None:
+        self._close_ep()
+        self._b.forget(self)
+        await trio.lowlevel.checkpoint()
+
+
+class UcxBackend:
+    name = "ucx"
+
+    def __init__(self, config: DataPlaneConfig) -> None:
+        self.config = config
+        p = probe()
+        if p.error:
+            raise DataPlaneError(f"UCX cannot start: {p.error}")
+        self.ucx_transports: list[str] = list(p.transports)
+        self.ucx_devices: list[str] = list(p.devices)
+        from ucxx._lib import libucxx as L
+
+        self._L = L
+        self._ctx = L.UCXContext(feature_flags=(L.Feature.TAG, L.Feature.STREAM, L.Feature.WAKEUP))
+        self.worker = L.UCXWorker(self._ctx)
+        self.worker.init_blocking_progress_mode()
+        self.progress = _Progress(self.worker)
+        self._pending: list[Any] = []
+        self._channels: set[UcxChannel] = set()
+        self._ids = itertools.count(1)
+        self._listener: Any = None
+        self.leaked: list[Any] = []
+        self._started = False
+
+    def forget(self, chan: UcxChannel) -> None:
+        self._channels.discard(chan)
+
+    async def serve(
+        self, handler: Callable[[Channel], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.config
+        send, recv = trio.open_memory_channel[Any](1024)
+
+        def on_conn(conn_request: Any) -> None:  # called by ucxx inside worker.progress()
+            try:
+                send.send_nowait(conn_request)
+            except trio.WouldBlock:
+                log.warning("UCX connection request dropped: too many pending")
+
+        try:
+            self._listener = self._L.UCXListener.create(worker=self.worker, port=cfg.port, cb_func=on_conn)
+        except Exception as e:
+            raise DataPlaneError(f"cannot start a UCX listener on port {cfg.port}: {e}") from None
+        address = f"{cfg.host}:{self._listener.port}"
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.progress.run)
+                self._started = True
+
+                async def accept_loop() -> None:
+                    async for conn_request in recv:
+                        try:
+                            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
+                        except Exception as e:
+                            log.warning("UCX accept failed: %s", e)
+                            continue
+                        chan = UcxChannel(self, ep, f"ucx-peer-{next(self._ids)}")
+                        self._channels.add(chan)
+                        nursery.start_soon(handler, chan)
+
+                nursery.start_soon(accept_loop)
+                task_status.started(address)
+        finally:
+            self._started = False
+            for chan in list(self._channels):
+                chan._close_ep()
+            self._channels.clear()
+            with trio.CancelScope(shield=True):
+                for _ in range(10):  # let UCX finish the closes before the listener goes away
+                    self.worker.progress()
+                    await trio.sleep(0.001)
+            self._listener = None
+
+    async def connect(self, peer: str) -> Channel:
+        if not self._started:
+            raise DataPlaneError("the UCX backend is not running")
+        host, port = split_peer(peer)
+        try:
+            ep = self._L.UCXEndpoint.create(self.worker, host, port, True)
+        except Exception as e:
+            raise DataPlaneError(f"cannot connect to {peer} over UCX: {e}") from None
+        chan = UcxChannel(self, ep, peer)
+        self._channels.add(chan)
+        self.progress.kick()
+        await trio.lowlevel.checkpoint()
+        return chan
+
