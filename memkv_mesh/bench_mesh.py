@@ -21,7 +21,12 @@ over their stdin/stdout with one JSON command per line. For each block size:
 
 Throughputs are total bytes / total timed seconds over the rounds after one untimed warm-up round;
 between rounds the fetched/pushed copies are deleted (untimed) so every round moves bytes.
-``lookup_remote_p50_us`` needs the daemon's gossiped directory and is null until that is wired.
+Then, unless ``--no-daemons``, the product path: two real daemons (A flash, B gpu) on the same
+transport; B's local client ``get_many_into`` blocks only A holds (B fetches them into its arena
+through the data plane; B's copies are deleted before every round), reported per size as
+``client_remote_get_GBps`` and ``client_remote_get_vs_raw``; and ``lookup_remote_p50_us`` /
+``lookup_remote_p99_us``: B's lookup of 64 keys held only on A, answered from the gossiped
+directory with no network round trip.
 """
 
 from __future__ import annotations
@@ -107,12 +112,112 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             }
             for size in args.sizes:
                 out["sizes"].append(_measure_size(args, size, n0, n1, replicas, out["transport"]))
+            if not args.no_daemons:
+                _through_daemons(args, Path(tmp), key, out)
             out["loadavg_after"] = os.getloadavg()[0]
             out["node0_stats"] = n0.call("stats")["stats"]
             return out
         finally:
             for n in nodes:
                 n.stop()
+
+
+def _start_daemon(tmp: Path, name: str, role: str, args: argparse.Namespace, key: str, seeds: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    from memkv_mesh.client import Client
+
+    d = tmp / name
+    d.mkdir()
+    arena = max(256 << 20, 3 * args.batch * max(args.sizes) + (64 << 20))
+    seed_list = ", ".join(f'"{x}"' for x in seeds)
+    (d / "mesh.toml").write_text(
+        f'[node]\nid = "{name}"\nrole = "{role}"\ndata_dir = "{d}"\narena_dir = "{d}"\n'
+        f"[store]\ndram_bytes = {arena}\nnvme_bytes = 0\nmax_block_bytes = {max(args.sizes)}\n"
+        '[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
+        f'[gossip]\nenabled = true\nport = 0\nseeds = [{seed_list}]\nkeys = ["{key}"]\n'
+        f'[dataplane]\ntransport = "{args.transport}"\n[mesh]\nreplicas = 1\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(d / "mesh.toml")])
+    sock = d / "memkv.sock"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bench daemon {name} exited with code {proc.returncode}")
+        if sock.exists():
+            try:
+                Client(sock, timeout=5).close()
+                return proc, sock
+            except ConnectionError:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"bench daemon {name} did not start within 60 s")
+
+
+def _through_daemons(args: argparse.Namespace, tmp: Path, key: str, out: dict[str, Any]) -> None:
+    """The product path: node B's local client gets blocks only node A holds (B fetches them over
+    the data plane into its arena), and B's lookup of a prefix held on A (gossiped directory)."""
+    import numpy as np
+
+    from memkv_mesh.client import Client
+
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        pa, sa = _start_daemon(tmp, "a", "flash", args, key, [])
+        procs.append(pa)
+        with Client(sa) as ca:
+            seed = str(ca.stats()["gossip_addr"])
+        pb, sb = _start_daemon(tmp, "b", "gpu", args, key, [seed])
+        procs.append(pb)
+        with Client(sa) as ca, Client(sb) as cb:
+            deadline = time.monotonic() + 30
+            while sum(m["state"] == "alive" for m in cb.members()) < 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("bench daemons did not see each other within 30 s")
+                time.sleep(0.05)
+            rng = np.random.default_rng(5)
+            for row in out["sizes"]:
+                size = row["size"]
+                keys = [os.urandom(32) for _ in range(args.batch)]
+                ca.put_many(keys, [rng.integers(0, 255, size, dtype=np.uint8) for _ in keys])
+                dest = np.empty(args.batch * size, dtype=np.uint8)
+                rounds = max(3, min(50, args.budget // (args.batch * size)))
+                secs = 0.0
+                for r in range(rounds + 1):
+                    cb.delete(keys)  # B never holds them when the get starts
+                    t0 = time.perf_counter()
+                    got = cb.get_many_into(keys, dest)
+                    dt = time.perf_counter() - t0
+                    if got != [size] * args.batch:
+                        raise RuntimeError(f"client remote get at {size}: {got}")
+                    if r:
+                        secs += dt
+                row["client_remote_get_GBps"] = round(args.batch * size * rounds / secs / 1e9, 3)
+                row["client_remote_get_vs_raw"] = round(row["client_remote_get_GBps"] / row["raw_GBps"], 3)
+                cb.delete(keys)
+                ca.delete(keys)
+            keys = [os.urandom(32) for _ in range(64)]
+            ca.put_many(keys, [b"x" * 4096] * 64)
+            deadline = time.monotonic() + 30
+            while cb.lookup(keys) < 64:  # the directory reaches B
+                if time.monotonic() > deadline:
+                    raise RuntimeError("B's lookup never saw A's blocks within 30 s")
+                time.sleep(0.02)
+            lat = []
+            for _ in range(2000):
+                t0 = time.perf_counter()
+                cb.lookup(keys)
+                lat.append(time.perf_counter() - t0)
+            lat.sort()
+            out["lookup_remote_p50_us"] = round(lat[len(lat) // 2] * 1e6, 1)
+            out["lookup_remote_p99_us"] = round(lat[int(len(lat) * 0.99)] * 1e6, 1)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _median(xs: list[float]) -> float:
@@ -199,6 +304,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeat", type=int, default=5, help="interleaved trials per size; medians are reported (default 5)")
     p.add_argument("--arena-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None, help="where the node arenas live")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-daemons", action="store_true", help="skip the measurement through real daemons' local clients")
     args = p.parse_args(argv)
     if args.nodes < 2:
         p.error(f"--nodes must be at least 2, got {args.nodes}")
@@ -223,6 +329,14 @@ def main(argv: list[str]) -> int:
             f"{row['size']:>10} {row['remote_get_GBps']:>16} {row['raw_GBps']:>9} "
             f"{row['remote_get_vs_raw']:>8} {row['replicate_GBps']:>15} {row['raw_hot_GBps']:>13}"
         )
+    for row in out["sizes"]:
+        if "client_remote_get_GBps" in row:
+            print(
+                f"through daemons at {row['size']}: client remote get {row['client_remote_get_GBps']} GB/s "
+                f"({row['client_remote_get_vs_raw']} x raw)"
+            )
+    if out.get("lookup_remote_p50_us") is not None:
+        print(f"lookup of 64 keys held on another node: p50 {out['lookup_remote_p50_us']} us, p99 {out['lookup_remote_p99_us']} us")
     return 0
 
 
