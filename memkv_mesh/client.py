@@ -93,6 +93,10 @@ def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
     return out
 
 
+def _any_device(values: list[Any]) -> bool:
+    return any(type(v) is not memoryview for v in values)
+
+
 def _copy(dst: memoryview, src: memoryview) -> None:
     # numpy copies with the GIL released, so other engine threads keep running.
     np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
@@ -183,6 +187,7 @@ class _Core:
         self._mmap: mmap.mmap | None = None
         self._arena: memoryview | None = None
         self._deferred: collections.deque[int] = collections.deque()
+        self._gpu: Any = None  # memkv_mesh.gpu.GpuPath, made when the first CUDA buffer shows up
 
     def _welcome(self, reply: protocol.Msg) -> None:
         w = self._expect(reply, protocol.Welcome)
@@ -211,7 +216,10 @@ class _Core:
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         ks = _check_keys(keys)
-        vs = [_as_view(v, i) for i, v in enumerate(values)]
+        try:
+            vs = [_as_view(v, i) for i, v in enumerate(values)]
+        except TypeError:
+            vs = self._gpu_views(values, "value", _as_view, writable=False)
         for i, v in enumerate(vs):
             if v.nbytes == 0:
                 raise ValueError(f"value {i} is empty")
@@ -229,7 +237,10 @@ class _Core:
                 jobs.append((self._slot(off, v.nbytes), v))
                 done_keys.append(k)
         try:
-            sums = _run_jobs(_copy_sum, jobs)
+            if self._gpu is not None and _any_device(values):
+                sums = self._gpu.fill(jobs)
+            else:
+                sums = _run_jobs(_copy_sum, jobs)
         finally:
             for slot, _ in jobs:
                 slot.release()
@@ -241,18 +252,27 @@ class _Core:
     def _copy_out(self, loc: protocol.Located, buffers: Any, n: int) -> list[int | None]:
         """Copy the located blocks into a list of buffers (one per key) or one packed buffer."""
         out: list[int | None] = [None if b is None else b[1] for b in loc.blocks]
-        jobs: list[tuple[memoryview, memoryview]] = []
+        jobs: list[tuple[Any, memoryview]] = []
+        device = False
         if isinstance(buffers, list | tuple):
             if len(buffers) != n:
                 raise ValueError(f"{n} keys but {len(buffers)} buffers")
-            targets = [_writable(b, i) for i, b in enumerate(buffers)]
+            try:
+                targets = [_writable(b, i) for i, b in enumerate(buffers)]
+            except TypeError:
+                targets = self._gpu_views(buffers, "buffer", _writable, writable=True)
+                device = True
             for i, (b, t) in enumerate(zip(loc.blocks, targets, strict=True)):
                 if b is not None and t.nbytes < b[1]:
                     raise ValueError(f"buffer {i} holds {t.nbytes} bytes; block {i} is {b[1]}")
             jobs = [(t[: b[1]], self._slot(*b)) for b, t in zip(loc.blocks, targets, strict=True) if b is not None]
         else:
             # One buffer: found blocks are packed back to back in key order.
-            t = _writable(buffers, 0)
+            try:
+                t = _writable(buffers, 0)
+            except TypeError:
+                t = self._gpu_views([buffers], "buffer", _writable, writable=True)[0]
+                device = True
             need = sum(b[1] for b in loc.blocks if b is not None)
             if t.nbytes < need:
                 raise ValueError(f"buffer holds {t.nbytes} bytes; the blocks found need {need}")
@@ -262,11 +282,23 @@ class _Core:
                     jobs.append((t[pos : pos + b[1]], self._slot(*b)))
                     pos += b[1]
         try:
-            _run_jobs(_copy, jobs)
+            if device:
+                self._gpu.copy_out(jobs)
+            else:
+                _run_jobs(_copy, jobs)
         finally:
             for _, src in jobs:
                 src.release()
         return out
+
+    def _gpu_views(self, objs: Sequence[Any], what: str, host: Any, *, writable: bool) -> list[Any]:
+        """Some object refused the buffer protocol: CUDA buffers go to memkv_mesh.gpu (imported
+        only now); anything else raises the host path's error."""
+        from memkv_mesh import gpu
+
+        if not any(gpu.is_cuda(o) for o in objs):
+            return [host(o, i) for i, o in enumerate(objs)]
+        return gpu.path_for(self).views(objs, what, host, writable=writable)
 
     def _release(self, lease_id: int) -> None:
         raise NotImplementedError
@@ -275,15 +307,19 @@ class _Core:
         self._deferred.append(lease_id)
 
     def _unmap(self) -> None:
-        if self._arena is not None:
-            self._arena.release()
-            self._arena = None
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass  # views still exported; the mapping goes with them
-            self._mmap = None
+        try:
+            if self._gpu is not None:
+                self._gpu.close()  # unregister the pinned arena before it is unmapped
+        finally:
+            if self._arena is not None:
+                self._arena.release()
+                self._arena = None
+            if self._mmap is not None:
+                try:
+                    self._mmap.close()
+                except BufferError:
+                    pass  # views still exported; the mapping goes with them
+                self._mmap = None
 
 
 class Client(_Core):
