@@ -144,14 +144,10 @@ class Mesh:
         n = self.store.lookup(keys)
         if n == len(keys):
             return n
-        holders = getattr(self.gossip, "lookup_holders", None)
-        if holders is None:
+        in_mesh = getattr(self.gossip, "prefix_in_mesh", None)
+        if in_mesh is None:
             return n
-        for h in holders(list(keys[n:])):
-            if not h:
-                break
-            n += 1
-        return n
+        return n + int(in_mesh(keys[n:]))
 
     # ---- get path --------------------------------------------------------------------------------
     async def fetch_missing(self, keys: Sequence[bytes]) -> int:
