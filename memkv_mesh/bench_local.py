@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from memkv_mesh.client import Client
+from memkv_mesh.spawn import spawn_daemon
 
 SIZES = (262144, 2097152, 16777216)
 BATCH = 16
@@ -46,21 +46,8 @@ def _start_daemon(tmp: Path, dram: int, max_block: int) -> tuple[subprocess.Pope
         f"[store]\ndram_bytes = {dram}\nnvme_bytes = 0\nmax_block_bytes = {max_block}\n"
         '[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(cfg)])
     sock = tmp / "memkv.sock"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the bench daemon exited with code {proc.returncode}")
-        if sock.exists():
-            try:
-                Client(sock, timeout=5).close()
-                return proc, sock
-            except ConnectionError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the bench daemon did not start within 30 s")
+    return spawn_daemon(cfg, sock, timeout=30), sock
 
 
 def _rounds(size: int, budget_bytes: int) -> int:

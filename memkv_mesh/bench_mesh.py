@@ -123,7 +123,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _start_daemon(tmp: Path, name: str, role: str, args: argparse.Namespace, key: str, seeds: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-    from memkv_mesh.client import Client
+    from memkv_mesh.spawn import spawn_daemon
 
     d = tmp / name
     d.mkdir()
@@ -136,21 +136,8 @@ def _start_daemon(tmp: Path, name: str, role: str, args: argparse.Namespace, key
         f'[gossip]\nenabled = true\nport = 0\nseeds = [{seed_list}]\nkeys = ["{key}"]\n'
         f'[dataplane]\ntransport = "{args.transport}"\n[mesh]\nreplicas = 1\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(d / "mesh.toml")])
     sock = d / "memkv.sock"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bench daemon {name} exited with code {proc.returncode}")
-        if sock.exists():
-            try:
-                Client(sock, timeout=5).close()
-                return proc, sock
-            except ConnectionError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"bench daemon {name} did not start within 60 s")
+    return spawn_daemon(d / "mesh.toml", sock), sock
 
 
 def _through_daemons(args: argparse.Namespace, tmp: Path, key: str, out: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 
 def start_daemon(tmp: Path, dram: int, max_block: int) -> tuple[subprocess.Popen[bytes], Path]:
-    from memkv_mesh.client import Client
+    from memkv_mesh.spawn import spawn_daemon
 
     cfg = tmp / "mesh.toml"
     sock = tmp / "memkv.sock"
@@ -38,20 +38,7 @@ def start_daemon(tmp: Path, dram: int, max_block: int) -> tuple[subprocess.Popen
         f"[store]\ndram_bytes = {dram}\nnvme_bytes = 0\nmax_block_bytes = {max_block}\n"
         '[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(cfg)], cwd=REPO)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with code {proc.returncode}")
-        if sock.exists():
-            try:
-                Client(sock, timeout=5).close()
-                return proc, sock
-            except ConnectionError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the daemon did not start within 60 s")
+    return spawn_daemon(cfg, sock, cwd=REPO), sock
 
 
 def gbps(nbytes: int, seconds: float) -> float:
