@@ -120,15 +120,16 @@ class Mesh:
             return []
         return ring.owners(key, min(self.replicas, len(ring)))
 
-    def _peers_for(self, key: bytes) -> list[str]:
-        """Nodes to try for a block we lack: its owners, then directory holders; never ourselves."""
-        out = [n for n in self.owners(key) if n != self.node_id]
+    def _peers_for(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Per key we lack, the nodes to try: its owners, then directory holders; never ourselves."""
+        ring = self._refresh()
+        r = min(self.replicas, len(ring)) if ring is not None else 0
+        plans = [[n for n in ring.owners(k, r) if n != self.node_id] if ring is not None else [] for k in keys]
         holders = getattr(self.gossip, "lookup_holders", None)
-        if holders is not None:
-            for n in holders([key])[0]:
-                if n != self.node_id and n not in out:
-                    out.append(n)
-        return out
+        if holders is not None and keys:
+            for plan, hs in zip(plans, holders(list(keys)), strict=True):
+                plan.extend(n for n in hs if n != self.node_id and n not in plan)
+        return plans
 
     def _addr(self, node: str) -> str | None:
         addr = self._addrs.get(node)
@@ -155,7 +156,7 @@ class Mesh:
         todo = [k for k, have in zip(keys, self.store.contains(keys), strict=True) if not have]
         got = 0
         tried: dict[bytes, int] = dict.fromkeys(todo, 0)
-        plans = {k: self._peers_for(k) for k in todo}
+        plans = dict(zip(todo, self._peers_for(todo), strict=True))
         while todo:
             by_peer: dict[str, list[bytes]] = {}
             rest: list[bytes] = []
