@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from memkv_mesh.eviction import DEFAULT_POLICY, POLICIES
+from memkv_mesh.nvme_kvikio import KvikioConfig
 from transport.dataplane_config import DataPlaneConfig
 from transport.gossip_config import GossipConfig
 
@@ -131,6 +132,11 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Reserve the arena's memory at start (fallocate on tmpfs). Without it a full /dev/shm would
     # kill the daemon with SIGBUS on first touch; with it start-up fails early and clearly instead.
     preallocate: bool = True
+    # How the NVMe tier moves payload bytes. "posix" (pread/pwrite through the page cache) works
+    # everywhere; "kvikio" uses kvikio's CuFile (GPUDirect Storage where cuFile works, its POSIX
+    # compat mode elsewhere) and needs the `gpu` extra; options in [store.kvikio].
+    nvme_backend: Literal["posix", "kvikio"] = "posix"
+    kvikio: KvikioConfig = KvikioConfig()
     # Verify every NVMe block's checksum at start-up (reads the whole tier). Off by default: the
     # checksum is verified on every read anyway, and a multi-TB scan delays start-up by minutes.
     verify_on_start: bool = False

@@ -113,7 +113,12 @@ class Daemon:
                 from memkv_mesh.nvme import NvmeTier
 
                 nvme_bytes = int(cfg.store.nvme_bytes) // 4096 * 4096
-                nvme = NvmeTier(cfg.nvme_dir, nvme_bytes, policy=cfg.store.eviction)
+                io: dict[str, Any] = {}
+                if cfg.store.nvme_backend == "kvikio":
+                    from memkv_mesh.nvme_kvikio import kvikio_io_factory
+
+                    io["io_factory"] = kvikio_io_factory(cfg.store.kvikio)
+                nvme = NvmeTier(cfg.nvme_dir, nvme_bytes, policy=cfg.store.eviction, **io)
                 if nvme.max_block_bytes < cfg.store.max_block_bytes:
                     raise DaemonError(
                         f"store.max_block_bytes ({int(cfg.store.max_block_bytes)}) does not fit the NVMe "
@@ -123,8 +128,11 @@ class Daemon:
                     self.nvme_recovery = await trio.to_thread.run_sync(
                         functools.partial(nvme.open, verify_all=cfg.store.verify_on_start)
                     )
-                except (OSError, ValueError) as e:
-                    raise DaemonError(f"cannot open the NVMe tier at {cfg.nvme_dir}: {e}") from None
+                except (OSError, ValueError, RuntimeError) as e:
+                    # RuntimeError: the kvikio backend without kvikio/CUDA (GpuUnavailableError).
+                    raise DaemonError(
+                        f"cannot open the NVMe tier at {cfg.nvme_dir} ({cfg.store.nvme_backend}): {e}"
+                    ) from None
             arena = self._arena = Arena(
                 arena_path(cfg.arena_dir, self.node_id, data_dir), int(cfg.store.dram_bytes),
                 preallocate=cfg.store.preallocate,

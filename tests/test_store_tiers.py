@@ -185,3 +185,22 @@ async def test_listeners_hear_what_the_node_holds(make_config) -> None:
             await c.delete(keys[-1])
             assert removed[-1] == keys[-1]
         nursery.cancel_scope.cancel()
+
+
+async def test_kvikio_backend_without_kvikio_is_a_clear_start_error(make_config) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("kvikio") is not None:
+        pytest.skip("kvikio is installed here")
+    from memkv_mesh.daemon import DaemonError
+
+    cfg = make_config(store={"dram_bytes": 8 * MiB, "nvme_bytes": 16 * MiB, "max_block_bytes": 2 * MiB,
+                             "nvme_backend": "kvikio"})
+    with pytest.raises(BaseException) as ei:  # noqa: PT011 - unwrapped below
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Daemon(cfg).run)
+    err = ei.value
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    assert isinstance(err, DaemonError)
+    assert "kvikio" in str(err) and "memkv-mesh[gpu]" in str(err)
