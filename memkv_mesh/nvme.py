@@ -686,17 +686,45 @@ class NvmeTier:
     def read_into(self, key: bytes, dest: object) -> int | None:
         """Copy the block into ``dest`` and return its length; None if absent or if a check fails
         (the block is then dropped and counted). ``dest`` may hold garbage after a None."""
-        _check_key(key)
         out = _byte_view(dest, "dest", writable=True)
+
+        def read(io: BlockIO, b: _Block) -> bool:
+            payload = out[: b.length]
+            hdr = bytearray(self._region)
+            io.read(b.file, b.offset, hdr, payload)
+            return decode_block_header(hdr) == b.header() and xxhash.xxh3_64_intdigest(payload) == b.checksum
+
+        return self.read_with(key, out.nbytes, read)
+
+    @property
+    def backend(self) -> BlockIO:
+        """The payload I/O backend of the open tier (for backend-specific reads)."""
+        with self._lock:
+            return self._check_open_locked()
+
+    @property
+    def header_region(self) -> int:
+        """Bytes in front of each payload: the block header padded to ``align``."""
+        return self._region
+
+    def read_with(self, key: bytes, capacity: int, read: Callable[[BlockIO, _Block], bool]) -> int | None:
+        """The one read path: pin the block under the lock, run ``read(io, block)`` outside it, then
+        count the read or, if ``read`` returned False or raised OSError, drop the block as corrupt.
+
+        ``read`` must check the header against ``block.header()`` and the payload against
+        ``block.checksum``; ``capacity`` is the destination's size. Returns the block's length, or
+        None (absent, or dropped). Used by ``read_into`` (host memory) and the kvikio backend.
+        """
+        _check_key(key)
         with self._lock:
             io = self._check_open_locked()
             b = self._index.get(key)
             if b is None:
                 self._c["misses"] += 1
                 return None
-            if out.nbytes < b.length:
+            if capacity < b.length:
                 raise ValueError(
-                    f"dest holds {out.nbytes} bytes but block {key.hex()} is {b.length} bytes"
+                    f"dest holds {capacity} bytes but block {key.hex()} is {b.length} bytes"
                 )
             b.pins += 1
             self._pinned += 1
@@ -704,17 +732,10 @@ class NvmeTier:
         ok = False
         io_error = False
         try:
-            payload = out[: b.length]
-            hdr = bytearray(self._region)
             try:
-                io.read(b.file, b.offset, hdr, payload)
+                ok = read(io, b)
             except OSError:
                 io_error = True
-            else:
-                ok = (
-                    decode_block_header(hdr) == b.header()
-                    and xxhash.xxh3_64_intdigest(payload) == b.checksum
-                )
         finally:
             with self._lock:
                 try:

@@ -172,8 +172,8 @@ def read_block_to_device(tier: Any, key: bytes, dest: Any, *, verify: bool = Tru
     """Read one block of an open ``NvmeTier`` into the CUDA array ``dest``; its length, or None
     if absent or if a check failed (the block is then dropped and counted, like ``read_into``).
 
-    The tier must have been opened with a ``KvikioBlockIO``. This reaches into the tier's
-    bookkeeping (pin under its lock, read outside it) the same way ``NvmeTier.read_into`` does.
+    The tier must have been opened with a ``KvikioBlockIO``; pinning, counting and dropping are the
+    tier's own (``NvmeTier.read_with``), shared with ``NvmeTier.read_into``.
     ``runtime``: the CUDA runtime seam of ``memkv_mesh.gpu`` (cupy's unless given).
     """
     if not is_cuda(dest):
@@ -181,48 +181,21 @@ def read_block_to_device(tier: Any, key: bytes, dest: Any, *, verify: bool = Tru
     span: DeviceSpan = span_from_interface(dest.__cuda_array_interface__, "dest")
     if span.readonly:
         raise ValueError("dest is read-only")
-    with tier._lock:
-        io = tier._check_open_locked()
-        if not isinstance(io, KvikioBlockIO):
-            raise TypeError(f"the tier's I/O backend is {type(io).__name__}; open it with io_factory=kvikio_io_factory()")
-        b = tier._index.get(key)
-        if b is None:
-            tier._c["misses"] += 1
-            return None
-        if span.nbytes < b.length:
-            raise ValueError(f"dest holds {span.nbytes} bytes but block {key.hex()} is {b.length} bytes")
-        b.pins += 1
-        tier._pinned += 1
-        tier._active += 1
-    ok = io_error = False
-    try:
-        try:
-            hdr = io.read_device(b.file, b.offset, tier._region, dest, b.length)
-        except OSError:
-            io_error = True
-        else:
-            ok = decode_block_header(hdr) == b.header()
-            if ok and verify:
-                rt = runtime if runtime is not None else CudaRuntime()
-                host = np.empty(b.length, dtype=np.uint8)
-                rt.memcpy_async(int(host.ctypes.data), span.ptr, b.length)
-                rt.synchronize()
-                ok = xxhash.xxh3_64_intdigest(host.data) == b.checksum
-    finally:
-        with tier._lock:
-            try:
-                if ok:
-                    tier._c["reads"] += 1
-                    tier._c["bytes_read"] += b.length
-                    if tier._index.get(key) is b:
-                        tier._policy.touch(key)
-                else:
-                    tier._c["dropped_corrupt"] += 1
-                    tier._c["io_errors"] += io_error
-                    if tier._index.get(key) is b:
-                        tier._remove_locked(b)
-            finally:
-                b.pins -= 1
-                tier._pinned -= 1
-                tier._unpin_locked(b)
-    return b.length if ok else None
+    io = tier.backend
+    if not isinstance(io, KvikioBlockIO):
+        raise TypeError(f"the tier's I/O backend is {type(io).__name__}; open it with io_factory=kvikio_io_factory()")
+
+    def read(backend: Any, b: Any) -> bool:
+        hdr = backend.read_device(b.file, b.offset, tier.header_region, dest, b.length)
+        if decode_block_header(hdr) != b.header():
+            return False
+        if not verify:
+            return True
+        rt = runtime if runtime is not None else CudaRuntime()
+        host = np.empty(b.length, dtype=np.uint8)
+        rt.memcpy_async(int(host.ctypes.data), span.ptr, b.length)
+        rt.synchronize()
+        return bool(xxhash.xxh3_64_intdigest(host.data) == b.checksum)
+
+    got: int | None = tier.read_with(key, span.nbytes, read)
+    return got
