@@ -161,7 +161,7 @@ reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_frame(msg: Msg, buf: bytearray | None = None) -> bytearray:
+def encode_frame(msg: msgspec.Struct, buf: bytearray | None = None) -> bytearray:
     """Length-prefixed frame of ``msg`` (reuses ``buf`` when given)."""
     out = buf if buf is not None else bytearray()
     _encoder.encode_into(msg, out, 4)

@@ -37,7 +37,6 @@ import hmac
 import itertools
 import logging
 import os
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -46,6 +45,7 @@ import trio
 import xxhash
 
 from memkv_mesh.keys import KEY_BYTES
+from memkv_mesh.protocol import LEN, encode_frame  # the same length-prefixed msgpack framing
 from memkv_mesh.store import BlockStore, StoreError
 from transport.dataplane_config import DataPlaneConfig
 
@@ -57,6 +57,7 @@ __all__ = [
     "DataPlaneError",
     "DataPlaneStats",
     "choose_transport",
+    "encode_frame",
     "client_handshake",
     "server_handshake",
 ]
@@ -64,7 +65,6 @@ __all__ = [
 DATAPLANE_VERSION = 1
 MAX_BATCH = 65536
 NONCE_BYTES = 32
-LEN = struct.Struct("<I")
 # No block on the wire is larger (the store's own limit is 128 MiB by default); a bigger announced
 # size is a broken peer, not something to drain.
 _MAX_WIRE_BLOCK = 1 << 30
@@ -146,16 +146,6 @@ class Error(Msg, tag=63):
 
 AnyMsg = Hello | Challenge | Proof | Welcome | FetchRequest | FetchReply | PushRequest | PushReady | PushDone | Error
 _decoder: msgspec.msgpack.Decoder[AnyMsg] = msgspec.msgpack.Decoder(AnyMsg)
-_encoder = msgspec.msgpack.Encoder()
-
-
-def encode_frame(msg: Msg) -> bytearray:
-    out = bytearray()
-    _encoder.encode_into(msg, out, 4)
-    LEN.pack_into(out, 0, len(out) - 4)
-    return out
-
-
 def decode_body(body: bytes | bytearray | memoryview) -> Msg:
     try:
         return _decoder.decode(body)
