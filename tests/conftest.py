@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -90,23 +87,16 @@ class DaemonProcess:
         self.log_path = config_path.with_suffix(".log")
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
-        from memkv_mesh.client import Client
+        from memkv_mesh.spawn import spawn_daemon
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_path.read_text()}")
-            if self.sock.exists():
-                with contextlib.suppress(ConnectionError):
-                    Client(self.sock, timeout=5).close()
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start: {self.log_path.read_text()}")
+        try:
+            self.proc = spawn_daemon(
+                self.config_path, self.sock, timeout=timeout, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {self.log_path.read_text()}") from None
+        return self
 
     def client(self) -> Any:
         from memkv_mesh.client import Client
