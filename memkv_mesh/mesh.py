@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 import trio
+import trio.lowlevel
 
 from memkv_mesh.placement import Candidate, Rendezvous
 
@@ -272,7 +273,9 @@ class Mesh:
         by_owner: dict[str, list[bytes]] = {}
         prev = self._prev_owners
         nxt: dict[bytes, tuple[str, ...]] = {}
-        for k in self.store.held_keys():
+        for i, k in enumerate(self.store.held_keys()):
+            if i % 4096 == 4095:
+                await trio.lowlevel.checkpoint()  # a pass over millions of keys must not hog the loop
             owners = tuple(ring.owners(k, min(self.replicas, len(ring))))
             nxt[k] = owners
             before = prev.get(k)
