@@ -66,6 +66,14 @@ def _tune(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
+    # trio.SocketStream caps unsent bytes at 16 KiB (TCP_NOTSENT_LOWAT), good for latency of
+    # small messages but it wakes the bulk sender every 16 KiB: measured on loopback at 2 MiB,
+    # 4.6-4.8 GB/s with the cap vs 5.4-5.5 without. The data plane moves bulk; lift the cap.
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, struct.pack("I", 0xFFFFFFFF))
+        except OSError:
+            pass
 
 
 def _stalled(deadline: float, peer: str, what: str) -> None:
