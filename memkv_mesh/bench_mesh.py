@@ -4,11 +4,14 @@ It starts ``--nodes`` node processes (``python -m memkv_mesh.bench_mesh``), each
 shared-memory arena, ``BlockStore`` and ``DataPlane`` on the chosen transport, and drives them
 over their stdin/stdout with one JSON command per line. For each block size:
 
-* ``remote_get_GBps``: node 0, which does not hold the blocks, gets batches of ``--batch`` blocks
-  held by node 1; the bytes land in node 0's arena, checksum verified. Today the get is
-  ``DataPlane.fetch`` called in node 0; once the daemon wires the data plane in, the ``remote_get``
-  command of the node process becomes a local-client get on node 0's daemon (one function,
-  ``_Node.remote_get``), and nothing else here changes.
+* ``remote_get_GBps``: the product path. Two real daemons, A (flash) and B (gpu), on the same
+  transport; B's local client ``get_many_into`` batches of ``--batch`` blocks only A holds: B
+  fetches them over the data plane into its arena and streams each to the client as it lands
+  (B's copies are deleted, untimed, before every round). ``remote_get_vs_raw`` is the median of
+  the per-trial ratios to ``raw_GBps`` (target >= 0.7). Left out (null) with ``--no-daemons``.
+* ``dataplane_get_GBps``: the data plane alone: node process 0, which does not hold the blocks,
+  calls ``DataPlane.fetch`` for blocks node process 1 holds; the bytes land in node 0's arena,
+  checksum verified. No daemon, no client, no copy-out.
 * ``replicate_GBps``: node 0 puts fresh blocks and pushes each batch to R = min(2, nodes - 1)
   peers in parallel; block bytes leaving node 0 per second (each block counted once per replica).
 * ``raw_GBps``: the bare transport between two node processes, same sizes, same run: a plain
@@ -17,16 +20,14 @@ over their stdin/stdout with one JSON command per line. For each block size:
   ``--batch`` sends/receives posted at once, as the data plane posts a batch). Sender and
   receiver cycle through ``--batch`` distinct buffers, the same working set the data plane moves
   per call. ``raw_hot_GBps`` is the same with one buffer reused, which stays in the CPU caches and
-  measured 15-30% faster on this VM: the cache-friendly upper bound, reported for transparency. This is the ceiling remote_get is judged against (target >= 0.7 x raw).
+  measured 15-30% faster on this VM: the cache-friendly upper bound, reported for transparency.
+  ``raw_GBps`` is the ceiling remote_get is judged against (target >= 0.7 x raw).
 
 Throughputs are total bytes / total timed seconds over the rounds after one untimed warm-up round;
 between rounds the fetched/pushed copies are deleted (untimed) so every round moves bytes.
-Then, unless ``--no-daemons``, the product path: two real daemons (A flash, B gpu) on the same
-transport; B's local client ``get_many_into`` blocks only A holds (B fetches them into its arena
-through the data plane; B's copies are deleted before every round), reported per size as
-``client_remote_get_GBps`` and ``client_remote_get_vs_raw``; and ``lookup_remote_p50_us`` /
-``lookup_remote_p99_us``: B's lookup of 64 keys held only on A, answered from the gossiped
-directory with no network round trip.
+Every trial runs raw, data plane, remote get and replicate back to back. Then, unless
+``--no-daemons``, ``lookup_remote_p50_us`` / ``lookup_remote_p99_us``: B's lookup of 64 keys held
+only on A, answered from the gossiped directory with no network round trip.
 """
 
 from __future__ import annotations
@@ -95,9 +96,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     key = base64.b64encode(os.urandom(32)).decode()
     with tempfile.TemporaryDirectory(prefix="memkv-bench-mesh-", dir=args.arena_dir) as tmp:
         nodes: list[_NodeProc] = []
+        daemons: _Daemons | None = None
         try:
             for i in range(args.nodes):
                 nodes.append(_NodeProc(i, args, Path(tmp), key))
+            if not args.no_daemons:
+                daemons = _Daemons(args, Path(tmp), key)
             n0, n1 = nodes[0], nodes[1]
             replicas = nodes[1 : 1 + min(2, args.nodes - 1)]
             out: dict[str, Any] = {
@@ -111,13 +115,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "loadavg_before": os.getloadavg()[0],
             }
             for size in args.sizes:
-                out["sizes"].append(_measure_size(args, size, n0, n1, replicas, out["transport"]))
-            if not args.no_daemons:
-                _through_daemons(args, Path(tmp), key, out)
+                out["sizes"].append(_measure_size(args, size, n0, n1, replicas, out["transport"], daemons))
+            if daemons is not None:
+                out.update(daemons.lookup_latency())
             out["loadavg_after"] = os.getloadavg()[0]
             out["node0_stats"] = n0.call("stats")["stats"]
             return out
         finally:
+            if daemons is not None:
+                daemons.stop()
             for n in nodes:
                 n.stop()
 
@@ -140,67 +146,79 @@ def _start_daemon(tmp: Path, name: str, role: str, args: argparse.Namespace, key
     return spawn_daemon(d / "mesh.toml", sock), sock
 
 
-def _through_daemons(args: argparse.Namespace, tmp: Path, key: str, out: dict[str, Any]) -> None:
-    """The product path: node B's local client gets blocks only node A holds (B fetches them over
-    the data plane into its arena), and B's lookup of a prefix held on A (gossiped directory)."""
-    import numpy as np
+class _Daemons:
+    """The product path: two real daemons, A (flash) holding the blocks and B (gpu) whose local
+    client gets them (B fetches them into its arena through the data plane and streams them to
+    the client), and B's lookup of a prefix held only on A (the gossiped directory)."""
 
-    from memkv_mesh.client import Client
+    def __init__(self, args: argparse.Namespace, tmp: Path, key: str) -> None:
+        from memkv_mesh.client import Client
 
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.clients: list[Client] = []
         pa, sa = _start_daemon(tmp, "a", "flash", args, key, [])
-        procs.append(pa)
-        with Client(sa) as ca:
-            seed = str(ca.stats()["gossip_addr"])
-        pb, sb = _start_daemon(tmp, "b", "gpu", args, key, [seed])
-        procs.append(pb)
-        with Client(sa) as ca, Client(sb) as cb:
-            deadline = time.monotonic() + 30
-            while sum(m["state"] == "alive" for m in cb.members()) < 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("bench daemons did not see each other within 30 s")
-                time.sleep(0.05)
-            rng = np.random.default_rng(5)
-            for row in out["sizes"]:
-                size = row["size"]
-                keys = [os.urandom(32) for _ in range(args.batch)]
-                ca.put_many(keys, [rng.integers(0, 255, size, dtype=np.uint8) for _ in keys])
-                dest = np.empty(args.batch * size, dtype=np.uint8)
-                rounds = max(3, min(50, args.budget // (args.batch * size)))
-                secs = 0.0
-                for r in range(rounds + 1):
-                    cb.delete(keys)  # B never holds them when the get starts
-                    t0 = time.perf_counter()
-                    got = cb.get_many_into(keys, dest)
-                    dt = time.perf_counter() - t0
-                    if got != [size] * args.batch:
-                        raise RuntimeError(f"client remote get at {size}: {got}")
-                    if r:
-                        secs += dt
-                row["client_remote_get_GBps"] = round(args.batch * size * rounds / secs / 1e9, 3)
-                row["client_remote_get_vs_raw"] = round(row["client_remote_get_GBps"] / row["raw_GBps"], 3)
-                cb.delete(keys)
-                ca.delete(keys)
-            keys = [os.urandom(32) for _ in range(64)]
-            ca.put_many(keys, [b"x" * 4096] * 64)
-            deadline = time.monotonic() + 30
-            while cb.lookup(keys) < 64:  # the directory reaches B
-                if time.monotonic() > deadline:
-                    raise RuntimeError("B's lookup never saw A's blocks within 30 s")
-                time.sleep(0.02)
-            lat = []
-            for _ in range(2000):
-                t0 = time.perf_counter()
-                cb.lookup(keys)
-                lat.append(time.perf_counter() - t0)
-            lat.sort()
-            out["lookup_remote_p50_us"] = round(lat[len(lat) // 2] * 1e6, 1)
-            out["lookup_remote_p99_us"] = round(lat[int(len(lat) * 0.99)] * 1e6, 1)
-    finally:
-        for p in procs:
+        self.procs.append(pa)
+        self.a = Client(sa)
+        self.clients.append(self.a)
+        pb, sb = _start_daemon(tmp, "b", "gpu", args, key, [str(self.a.stats()["gossip_addr"])])
+        self.procs.append(pb)
+        self.b = Client(sb)
+        self.clients.append(self.b)
+        deadline = time.monotonic() + 30
+        while sum(m["state"] == "alive" for m in self.b.members()) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench daemons did not see each other within 30 s")
+            time.sleep(0.05)
+
+    def put(self, size: int, n: int) -> list[bytes]:
+        import numpy as np
+
+        rng = np.random.default_rng(size)
+        keys = [os.urandom(32) for _ in range(n)]
+        self.a.put_many(keys, [rng.integers(0, 255, size, dtype=np.uint8) for _ in keys])
+        return keys
+
+    def remote_get(self, keys: list[bytes], dest: Any, size: int, rounds: int) -> tuple[float, int]:
+        """(seconds, bytes) of ``rounds`` client gets on B of blocks only A holds."""
+        secs = 0.0
+        for _ in range(rounds):
+            self.b.delete(keys)  # B never holds them when the get starts
+            t0 = time.perf_counter()
+            got = self.b.get_many_into(keys, dest)
+            secs += time.perf_counter() - t0
+            if got != [size] * len(keys):
+                raise RuntimeError(f"client remote get at {size}: {got}")
+        return secs, rounds * size * len(keys)
+
+    def drop(self, keys: list[bytes]) -> None:
+        self.b.delete(keys)
+        self.a.delete(keys)
+
+    def lookup_latency(self) -> dict[str, float]:
+        keys = [os.urandom(32) for _ in range(64)]
+        self.a.put_many(keys, [b"x" * 4096] * 64)
+        deadline = time.monotonic() + 30
+        while self.b.lookup(keys) < 64:  # the directory reaches B
+            if time.monotonic() > deadline:
+                raise RuntimeError("B's lookup never saw A's blocks within 30 s")
+            time.sleep(0.02)
+        lat = []
+        for _ in range(2000):
+            t0 = time.perf_counter()
+            self.b.lookup(keys)
+            lat.append(time.perf_counter() - t0)
+        lat.sort()
+        return {
+            "lookup_remote_p50_us": round(lat[len(lat) // 2] * 1e6, 1),
+            "lookup_remote_p99_us": round(lat[int(len(lat) * 0.99)] * 1e6, 1),
+        }
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        for p in self.procs:
             p.terminate()
-        for p in procs:
+        for p in self.procs:
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
@@ -212,13 +230,17 @@ def _median(xs: list[float]) -> float:
 
 
 def _measure_size(
-    args: argparse.Namespace, size: int, n0: _NodeProc, n1: _NodeProc, replicas: list[_NodeProc], transport: str
+    args: argparse.Namespace, size: int, n0: _NodeProc, n1: _NodeProc, replicas: list[_NodeProc], transport: str,
+    daemons: _Daemons | None,
 ) -> dict[str, Any]:
-    """``--repeat`` interleaved trials of raw, remote get and replicate; medians of each.
+    """``--repeat`` interleaved trials of raw, remote get (through the daemons' client), the data
+    plane's fetch alone, and replicate; medians of each, and of the per-trial ratios to raw.
 
-    Interleaving matters on a shared 2-core VM: a neighbour's burst then hits all three
-    measurements alike instead of one of them, and the per-trial get/raw ratio stays fair.
+    Interleaving matters on a shared 2-core VM: a neighbour's burst then hits all of them alike
+    instead of one of them, and the per-trial get/raw ratio stays fair.
     """
+    import numpy as np
+
     rounds = max(2, min(50, args.budget // (args.batch * size * args.repeat)))
     count = rounds * args.batch
     held = n1.call("put", size=size, n=args.batch, seed=size)["keys"]
@@ -228,7 +250,12 @@ def _measure_size(
     n0.call("replicate", peers=peers, keys=mine, rounds=1)
     for p in replicas:
         p.call("delete", keys=mine)
-    raw, hot, get, rep, ratio = [], [], [], [], []
+    dkeys: list[bytes] = []
+    dest = np.empty(args.batch * size, dtype=np.uint8)
+    if daemons is not None:
+        dkeys = daemons.put(size, args.batch)
+        daemons.remote_get(dkeys, dest, size, 1)  # warm-up
+    raw, hot, dp, dp_ratio, get, ratio, rep = [], [], [], [], [], [], []
 
     def bare(nbuf: int) -> float:
         kw = {"transport": transport, "size": size, "count": count, "nbuf": nbuf, "window": args.batch}
@@ -240,8 +267,12 @@ def _measure_size(
         raw.append(bare(args.batch))
         hot.append(bare(1))
         r = n0.call("remote_get", peer=n1.info["address"], keys=held, rounds=rounds)
-        get.append(r["bytes"] / r["seconds"] / 1e9)
-        ratio.append(get[-1] / raw[-1])
+        dp.append(r["bytes"] / r["seconds"] / 1e9)
+        dp_ratio.append(dp[-1] / raw[-1])
+        if daemons is not None:
+            secs, moved = daemons.remote_get(dkeys, dest, size, rounds)
+            get.append(moved / secs / 1e9)
+            ratio.append(get[-1] / raw[-1])
         secs, moved = 0.0, 0
         for _ in range(rounds):
             r = n0.call("replicate", peers=peers, keys=mine, rounds=1)
@@ -252,15 +283,20 @@ def _measure_size(
         rep.append(moved / secs / 1e9)
     n1.call("delete", keys=held)
     n0.call("delete", keys=mine)
+    if daemons is not None:
+        daemons.drop(dkeys)
     return {
         "size": size,
-        "remote_get_GBps": round(_median(get), 3),
+        "remote_get_GBps": round(_median(get), 3) if get else None,
         "raw_GBps": round(_median(raw), 3),
-        "raw_hot_GBps": round(_median(hot), 3),
+        "remote_get_vs_raw": round(_median(ratio), 3) if ratio else None,
         "replicate_GBps": round(_median(rep), 3),
-        "remote_get_vs_raw": round(_median(ratio), 3),
+        "dataplane_get_GBps": round(_median(dp), 3),
+        "dataplane_get_vs_raw": round(_median(dp_ratio), 3),
+        "raw_hot_GBps": round(_median(hot), 3),
         "trials": {
             "remote_get_GBps": [round(x, 3) for x in get],
+            "dataplane_get_GBps": [round(x, 3) for x in dp],
             "raw_GBps": [round(x, 3) for x in raw],
             "raw_hot_GBps": [round(x, 3) for x in hot],
             "replicate_GBps": [round(x, 3) for x in rep],
@@ -310,18 +346,16 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"transport {out['transport']} ({out['reason']}); UCX transports: {out['ucx_transports'] or '-'}")
     print(f"medians of {args.repeat} interleaved trials; load average {out['loadavg_before']:.1f} -> {out['loadavg_after']:.1f}")
-    print(f"{'size':>10} {'remote_get GB/s':>16} {'raw GB/s':>9} {'get/raw':>8} {'replicate GB/s':>15} {'raw hot GB/s':>13}")
+    print(
+        f"{'size':>10} {'remote_get GB/s':>16} {'raw GB/s':>9} {'get/raw':>8} {'data plane GB/s':>16} "
+        f"{'dp/raw':>7} {'replicate GB/s':>15} {'raw hot GB/s':>13}"
+    )
     for row in out["sizes"]:
         print(
-            f"{row['size']:>10} {row['remote_get_GBps']:>16} {row['raw_GBps']:>9} "
-            f"{row['remote_get_vs_raw']:>8} {row['replicate_GBps']:>15} {row['raw_hot_GBps']:>13}"
+            f"{row['size']:>10} {row['remote_get_GBps'] or '-':>16} {row['raw_GBps']:>9} "
+            f"{row['remote_get_vs_raw'] or '-':>8} {row['dataplane_get_GBps']:>16} {row['dataplane_get_vs_raw']:>7} "
+            f"{row['replicate_GBps']:>15} {row['raw_hot_GBps']:>13}"
         )
-    for row in out["sizes"]:
-        if "client_remote_get_GBps" in row:
-            print(
-                f"through daemons at {row['size']}: client remote get {row['client_remote_get_GBps']} GB/s "
-                f"({row['client_remote_get_vs_raw']} x raw)"
-            )
     if out.get("lookup_remote_p50_us") is not None:
         print(f"lookup of 64 keys held on another node: p50 {out['lookup_remote_p50_us']} us, p99 {out['lookup_remote_p99_us']} us")
     return 0

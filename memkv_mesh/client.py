@@ -178,6 +178,133 @@ class Lease:
             self._id = 0
 
 
+class _Sink:
+    """Where a get's blocks go: one buffer per key, or one buffer with the blocks found packed
+    back to back in key order. Blocks may come in parts (a streamed get) and are copied as soon
+    as their place is known: at once for a list of buffers, once every earlier key is settled for
+    a packed buffer. ``add``/``finish`` return the leases whose blocks are all copied out; they do
+    not raise: a bad buffer is kept in ``error`` (raised by the caller once the reply stream has
+    been read to its end) and from then on blocks are released without a copy."""
+
+    def __init__(self, core: _Core, buffers: Any, n: int) -> None:
+        self.core = core
+        self.n = n
+        self.device = False
+        self.targets: list[Any] | None = None
+        self.packed: Any = None
+        if isinstance(buffers, list | tuple):
+            if len(buffers) != n:
+                raise ValueError(f"{n} keys but {len(buffers)} buffers")
+            try:
+                self.targets = [_writable(b, i) for i, b in enumerate(buffers)]
+            except TypeError:
+                self.targets = core._gpu_views(buffers, "buffer", _writable, writable=True)
+                self.device = True
+        else:
+            try:
+                self.packed = _writable(buffers, 0)
+            except TypeError:
+                self.packed = core._gpu_views([buffers], "buffer", _writable, writable=True)[0]
+                self.device = True
+        self.got: list[int | None] = [None] * n
+        self.known = [False] * n
+        self.waiting: dict[int, tuple[int, int, int]] = {}  # key index -> (offset, length, lease)
+        self.refs: collections.Counter[int] = collections.Counter()  # lease -> blocks not copied
+        self.settled = 0  # packed: keys [0, settled) are copied or missing
+        self.pos = 0  # packed: bytes used by them
+        self.error: Exception | None = None
+
+    def add(self, part: protocol.LocatedPart) -> list[int]:
+        if len(part.index) != len(part.blocks) or any(not 0 <= i < self.n or self.known[i] for i in part.index):
+            self.error = self.error or MemkvError(protocol.BAD_REQUEST, "the daemon sent a malformed LocatedPart")
+            self.known = [True] * self.n
+            return [part.lease, *self._drain()] if part.lease else self._drain()
+        for i, b in zip(part.index, part.blocks, strict=True):
+            self._note(i, b, part.lease)
+        return self._drain()
+
+    def finish(self, loc: protocol.Located) -> list[int]:
+        """The final reply; returns the leases of parts still to release (not ``loc.lease``)."""
+        if len(loc.blocks) != self.n and self.error is None:
+            self.error = MemkvError(protocol.BAD_REQUEST, f"{self.n} keys but {len(loc.blocks)} blocks in the reply")
+        for i, b in enumerate(loc.blocks[: self.n]):
+            if not self.known[i]:
+                self._note(i, b, 0)  # lease 0: the caller releases the final lease itself
+        self.known = [True] * self.n
+        return self._drain()
+
+    def abandon(self) -> list[int]:
+        """The get failed: the leases of parts not yet released, nothing copied."""
+        self.waiting.clear()
+        free = [lease for lease in self.refs if lease]
+        self.refs.clear()
+        return free
+
+    def _note(self, i: int, b: tuple[int, int] | None, lease: int) -> None:
+        self.known[i] = True
+        if b is not None:
+            self.got[i] = b[1]
+            self.waiting[i] = (b[0], b[1], lease)
+            self.refs[lease] += 1
+
+    def _drain(self) -> list[int]:
+        ready: list[int] = []
+        dests: list[Any] = []
+        if self.error is None and self.targets is not None:
+            ready = list(self.waiting)
+            for i in ready:
+                t, length = self.targets[i], self.waiting[i][1]
+                if t.nbytes < length:
+                    self.error = ValueError(f"buffer {i} holds {t.nbytes} bytes; block {i} is {length}")
+                    break
+                dests.append(t[:length])
+        elif self.error is None:
+            while self.settled < self.n and self.known[self.settled]:
+                if self.settled in self.waiting:
+                    ready.append(self.settled)
+                self.settled += 1
+            need = self.pos + sum(self.waiting[i][1] for i in ready)
+            if self.packed.nbytes < need:
+                total = self.pos + sum(v[1] for v in self.waiting.values())
+                least = "" if all(self.known) else "at least "
+                self.error = ValueError(f"buffer holds {self.packed.nbytes} bytes; the blocks found need {least}{total}")
+            else:
+                for i in ready:
+                    length = self.waiting[i][1]
+                    dests.append(self.packed[self.pos : self.pos + length])
+                    self.pos += length
+        if self.error is not None:
+            ready = list(self.waiting)  # release everything, copy nothing
+        else:
+            try:
+                self._copy([(d, self.waiting[i]) for d, i in zip(dests, ready, strict=True)])
+            except Exception as e:  # e.g. a CUDA copy failed: keep the reply stream in step
+                self.error = e
+                ready = list(self.waiting)
+        free = []
+        for i in ready:
+            lease = self.waiting.pop(i)[2]
+            self.refs[lease] -= 1
+            if self.refs[lease] == 0:
+                del self.refs[lease]
+                if lease:
+                    free.append(lease)
+        return free
+
+    def _copy(self, blocks: list[tuple[Any, tuple[int, int, int]]]) -> None:
+        if not blocks:
+            return
+        jobs = [(dst, self.core._slot(off, length)) for dst, (off, length, _) in blocks]
+        try:
+            if self.device:
+                self.core._gpu.copy_out(jobs)
+            else:
+                _run_jobs(_copy, jobs)
+        finally:
+            for _, src in jobs:
+                src.release()
+
+
 class _Core:
     """What both clients share: the arena mapping and reply checking."""
 
@@ -249,48 +376,6 @@ class _Core:
     def _located_views(self, loc: protocol.Located) -> list[memoryview | None]:
         return [None if b is None else self._slot(b[0], b[1]).toreadonly() for b in loc.blocks]
 
-    def _copy_out(self, loc: protocol.Located, buffers: Any, n: int) -> list[int | None]:
-        """Copy the located blocks into a list of buffers (one per key) or one packed buffer."""
-        out: list[int | None] = [None if b is None else b[1] for b in loc.blocks]
-        jobs: list[tuple[Any, memoryview]] = []
-        device = False
-        if isinstance(buffers, list | tuple):
-            if len(buffers) != n:
-                raise ValueError(f"{n} keys but {len(buffers)} buffers")
-            try:
-                targets = [_writable(b, i) for i, b in enumerate(buffers)]
-            except TypeError:
-                targets = self._gpu_views(buffers, "buffer", _writable, writable=True)
-                device = True
-            for i, (b, t) in enumerate(zip(loc.blocks, targets, strict=True)):
-                if b is not None and t.nbytes < b[1]:
-                    raise ValueError(f"buffer {i} holds {t.nbytes} bytes; block {i} is {b[1]}")
-            jobs = [(t[: b[1]], self._slot(*b)) for b, t in zip(loc.blocks, targets, strict=True) if b is not None]
-        else:
-            # One buffer: found blocks are packed back to back in key order.
-            try:
-                t = _writable(buffers, 0)
-            except TypeError:
-                t = self._gpu_views([buffers], "buffer", _writable, writable=True)[0]
-                device = True
-            need = sum(b[1] for b in loc.blocks if b is not None)
-            if t.nbytes < need:
-                raise ValueError(f"buffer holds {t.nbytes} bytes; the blocks found need {need}")
-            pos = 0
-            for b in loc.blocks:
-                if b is not None:
-                    jobs.append((t[pos : pos + b[1]], self._slot(*b)))
-                    pos += b[1]
-        try:
-            if device:
-                self._gpu.copy_out(jobs)
-            else:
-                _run_jobs(_copy, jobs)
-        finally:
-            for _, src in jobs:
-                src.release()
-        return out
-
     def _gpu_views(self, objs: Sequence[Any], what: str, host: Any, *, writable: bool) -> list[Any]:
         """Some object refused the buffer protocol: CUDA buffers go to memkv_mesh.gpu (imported
         only now); anything else raises the host path's error."""
@@ -352,7 +437,8 @@ class Client(_Core):
         while self._deferred:
             self._send(protocol.Release(self._deferred.popleft()))
 
-    def _call(self, msg: protocol.Msg) -> protocol.Reply:
+    def _call(self, msg: protocol.Msg, sink: _Sink | None = None) -> protocol.Reply:
+        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile."""
         with self._lock:
             if self._sock.fileno() < 0:
                 raise ConnectionError("client is closed")
@@ -362,7 +448,14 @@ class Client(_Core):
                 while True:
                     body = self._frames.next_frame()
                     if body is not None:
-                        return protocol.reply_decoder.decode(body)
+                        reply = protocol.reply_decoder.decode(body)
+                        if not isinstance(reply, protocol.LocatedPart):
+                            return reply
+                        if sink is None:
+                            raise MemkvError(protocol.BAD_REQUEST, "the daemon sent a LocatedPart unasked")
+                        for lease in sink.add(reply):
+                            self._send(protocol.Release(lease))
+                        continue
                     data = self._sock.recv(65536)
                     if not data:
                         raise ConnectionError("the daemon closed the connection")
@@ -416,15 +509,23 @@ class Client(_Core):
     def get_many_into(self, keys: Sequence[bytes], buffers: Any) -> list[int | None]:
         """Copy blocks into ``buffers`` (a list, one per key, or one buffer packed in key order).
 
-        Returns each block's length, None for a miss.
+        Returns each block's length, None for a miss. Blocks this node fetches from the mesh
+        are streamed: each is copied out as soon as it lands, while the rest are on the wire.
         """
         ks = _check_keys(keys)
-        loc = self._expect(self._call(protocol.Get(ks)), protocol.Located)
+        sink = _Sink(self, buffers, len(ks))
+        free: list[int] = []
         try:
-            return self._copy_out(loc, buffers, len(ks))
-        finally:
+            loc = self._expect(self._call(protocol.Get(ks, stream=True), sink), protocol.Located)
             if loc.lease:
-                self._release(loc.lease)
+                free.append(loc.lease)
+            free += sink.finish(loc)
+        finally:
+            for lease in free + sink.abandon():
+                self._release(lease)
+        if sink.error is not None:
+            raise sink.error
+        return sink.got
 
     def get_into(self, key: bytes, buffer: Any) -> int | None:
         """Copy one block into ``buffer``; its length, or None on a miss."""
@@ -489,7 +590,8 @@ class AsyncClient(_Core):
         self._out.clear()
         await self._stream.send_all(protocol.encode_frame(msg, self._out))
 
-    async def _call(self, msg: protocol.Msg) -> protocol.Reply:
+    async def _call(self, msg: protocol.Msg, sink: _Sink | None = None) -> protocol.Reply:
+        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile."""
         async with self._lock:
             if self._closed:
                 raise ConnectionError("client is closed")
@@ -500,7 +602,18 @@ class AsyncClient(_Core):
                 while True:
                     body = self._frames.next_frame()
                     if body is not None:
-                        return protocol.reply_decoder.decode(body)
+                        reply = protocol.reply_decoder.decode(body)
+                        if not isinstance(reply, protocol.LocatedPart):
+                            return reply
+                        if sink is None:
+                            raise MemkvError(protocol.BAD_REQUEST, "the daemon sent a LocatedPart unasked")
+                        if sum(b[1] for b in reply.blocks) > _ASYNC_THREAD_COPY_BYTES:
+                            free = await trio.to_thread.run_sync(sink.add, reply)
+                        else:
+                            free = sink.add(reply)
+                        for lease in free:
+                            await self._send(protocol.Release(lease))
+                        continue
                     data = await self._stream.receive_some(65536)
                     if not data:
                         raise ConnectionError("the daemon closed the connection")
@@ -560,17 +673,27 @@ class AsyncClient(_Core):
 
     async def get_many_into(self, keys: Sequence[bytes], buffers: Any) -> list[int | None]:
         ks = _check_keys(keys)
-        loc = self._expect(await self._call(protocol.Get(ks)), protocol.Located)
+        sink = _Sink(self, buffers, len(ks))
+        free: list[int] = []
         try:
-            if sum(b[1] for b in loc.blocks if b is not None) > _ASYNC_THREAD_COPY_BYTES:
-                return await trio.to_thread.run_sync(self._copy_out, loc, buffers, len(ks))
-            return self._copy_out(loc, buffers, len(ks))
-        finally:
+            loc = self._expect(await self._call(protocol.Get(ks, stream=True), sink), protocol.Located)
             if loc.lease:
+                free.append(loc.lease)
+            if sum(b[1] for b in loc.blocks if b is not None) > _ASYNC_THREAD_COPY_BYTES:
+                free += await trio.to_thread.run_sync(sink.finish, loc)
+            else:
+                free += sink.finish(loc)
+        finally:
+            free += sink.abandon()
+            if free:
                 with trio.CancelScope(shield=True):
                     async with self._lock:
                         if not self._closed:
-                            await self._send(protocol.Release(loc.lease))
+                            for lease in free:
+                                await self._send(protocol.Release(lease))
+        if sink.error is not None:
+            raise sink.error
+        return sink.got
 
     async def get_into(self, key: bytes, buffer: Any) -> int | None:
         return (await self.get_many_into([key], [buffer]))[0]

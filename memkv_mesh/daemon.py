@@ -52,15 +52,16 @@ class DaemonError(Exception):
 class _Conn:
     """Identity of one client connection (owner of leases and pending slots)."""
 
-    __slots__ = ("client", "hello", "id", "pid")
+    __slots__ = ("client", "hello", "id", "pid", "stream")
     _ids = 0
 
-    def __init__(self) -> None:
+    def __init__(self, stream: trio.SocketStream | None = None) -> None:
         _Conn._ids += 1
         self.id = _Conn._ids
         self.hello = False
         self.client = ""
         self.pid = 0
+        self.stream = stream  # for the parts of a streamed get (None: the client is gone)
 
 
 _KEY_LENGTHS = frozenset((KEY_BYTES,))
@@ -341,7 +342,7 @@ class Daemon:
 
     # ---- clients ------------------------------------------------------------------------------------
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        conn = _Conn()
+        conn = _Conn(stream)
         self._connections += 1
         frames = protocol.FrameBuffer()
         out = bytearray()
@@ -381,6 +382,60 @@ class Daemon:
                 )
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _get_streamed(
+        self, conn: _Conn, keys: list[bytes], lease: int, blocks: list[tuple[int, int] | None]
+    ) -> protocol.Located:
+        """A get that misses locally, streamed: the local hits go to the client at once, each
+        block fetched from the mesh as soon as it has landed and been verified, so the client
+        copies them out while the rest are on the wire. The final ``Located`` has the rest."""
+        store, mesh = self.store, self.mesh
+        assert store is not None and mesh is not None
+        sent = [False] * len(keys)
+        wanted: dict[bytes, list[int]] = {}
+        for i, (k, b) in enumerate(zip(keys, blocks, strict=True)):
+            if b is None:
+                wanted.setdefault(k, []).append(i)
+        hits = [i for i, b in enumerate(blocks) if b is not None]
+        if hits:
+            await self._send_part(conn, lease, hits, [b for b in blocks if b is not None], sent)
+
+        async def on_stored(ks: list[bytes]) -> None:
+            part, found = await store.get(conn, ks)
+            index: list[int] = []
+            locs: list[tuple[int, int]] = []
+            for k, loc in zip(ks, found, strict=True):
+                if loc is not None:
+                    index.extend(wanted[k])
+                    locs.extend([loc] * len(wanted[k]))
+            if index:
+                await self._send_part(conn, part, index, locs, sent)
+            elif part:
+                store.release(conn, part)
+
+        await mesh.fetch_missing(list(wanted), on_stored)
+        rest = [i for i in range(len(keys)) if not sent[i]]
+        final, found = await store.get(conn, [keys[i] for i in rest]) if rest else (0, [])
+        out: list[tuple[int, int] | None] = [None] * len(keys)
+        for i, loc in zip(rest, found, strict=True):
+            out[i] = loc
+        return protocol.Located(final, out)
+
+    @staticmethod
+    async def _send_part(
+        conn: _Conn, lease: int, index: list[int], locs: list[tuple[int, int]], sent: list[bool]
+    ) -> None:
+        """One ``LocatedPart`` to the client; if it is gone, the lease waits for its cleanup and
+        the get goes on (what arrives is stored all the same)."""
+        if conn.stream is None:
+            return
+        try:
+            await conn.stream.send_all(protocol.encode_frame(protocol.LocatedPart(lease, index, locs)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.stream = None
+            return
+        for i in index:
+            sent[i] = True
 
     @staticmethod
     def _encode_reply(conn: _Conn, reply: protocol.Msg, out: bytearray) -> bytearray:
@@ -458,6 +513,8 @@ class Daemon:
             return protocol.Count(self.mesh.lookup(req.keys) if self.mesh is not None else store.lookup(req.keys))
         if isinstance(req, protocol.Get):
             lease, blocks = await store.get(conn, req.keys)
+            if self.mesh is not None and None in blocks and req.stream:
+                return await self._get_streamed(conn, req.keys, lease, blocks)
             if self.mesh is not None and None in blocks:
                 # Fetch what this node lacks from the mesh, then serve everything in one lease.
                 if await self.mesh.fetch_missing([k for k, b in zip(req.keys, blocks, strict=True) if b is None]):

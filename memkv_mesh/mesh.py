@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 import trio.lowlevel
 
 from memkv_mesh.placement import Candidate, Rendezvous
+
+if TYPE_CHECKING:
+    from transport.dataplane import OnStored
 
 log = logging.getLogger("memkv_mesh.mesh")
 
@@ -152,8 +155,12 @@ class Mesh:
         return n + int(in_mesh(keys[n:]))
 
     # ---- get path --------------------------------------------------------------------------------
-    async def fetch_missing(self, keys: Sequence[bytes]) -> int:
-        """Fetch blocks this node lacks from their owners/holders; returns how many arrived."""
+    async def fetch_missing(self, keys: Sequence[bytes], on_stored: OnStored | None = None) -> int:
+        """Fetch blocks this node lacks from their owners/holders; returns how many arrived.
+
+        ``on_stored(keys)`` is awaited with each group of blocks as soon as it is stored here
+        (see ``DataPlane.fetch``), so a streamed get can hand them on before the rest arrive."""
+        keys = list(dict.fromkeys(keys))  # a key asked for twice is fetched once
         todo = [k for k, have in zip(keys, self.store.contains(keys), strict=True) if not have]
         got = 0
         tried: dict[bytes, int] = dict.fromkeys(todo, 0)
@@ -175,7 +182,7 @@ class Mesh:
                 ok = [False] * len(ks)
                 if addr is not None:
                     try:
-                        ok = await self.dataplane.fetch(addr, ks)
+                        ok = await self.dataplane.fetch(addr, ks, on_stored)
                     except Exception as e:  # DataPlaneError, or a peer gone mid-transfer
                         self._c["fetch_errors"] += 1
                         log.info("fetch from %s failed: %s", peer, e, extra={"fields": {"peer": peer, "keys": len(ks)}})

@@ -9,7 +9,11 @@ Theory of operation
 * Messages are msgspec Structs, tagged and array_like. ONLY APPEND: never renumber a tag, never
   reorder fields, add new fields at the end with defaults.
 * Every request gets exactly one reply, in order, except ``Release``, which has none (a get's
-  lease is released without a round trip).
+  lease is released without a round trip), and a ``Get`` with ``stream`` set, whose one final
+  ``Located`` may be preceded by ``LocatedPart`` messages: blocks handed over early (local hits at
+  once, blocks fetched from the mesh as each lands) so the client copies them out while the rest
+  are still on the wire. Each part has its own lease; the final ``Located`` lists only the blocks
+  no part delivered (None for those and for misses).
 * The bytes of blocks never cross the socket. ``Alloc`` reserves arena slots, the client copies
   into them, ``Commit`` publishes them; ``Get`` pins blocks under a lease and returns their arena
   offsets; the client reads them straight from the shared-memory arena and then ``Release``\\ s.
@@ -60,9 +64,13 @@ class Abort(Msg, tag=3):
 
 
 class Get(Msg, tag=4):
-    """Pin the blocks found and return where they lie in the arena, under one lease."""
+    """Pin the blocks found and return where they lie in the arena, under one lease.
+
+    ``stream``: the client accepts ``LocatedPart`` messages before the final ``Located`` (a
+    daemon that predates the field ignores it and sends the ``Located`` alone)."""
 
     keys: list[bytes]
+    stream: bool = False
 
 
 class Release(Msg, tag=5):
@@ -139,8 +147,17 @@ class Present(Msg, tag=71):
     present: list[bool]
 
 
+class LocatedPart(Msg, tag=72):
+    """Part of a streamed ``Get``'s answer: ``blocks[j]`` (``[offset, length]``) is the block of
+    key ``index[j]`` of the request, pinned under ``lease`` until the client releases it."""
+
+    lease: int
+    index: list[int]
+    blocks: list[tuple[int, int]]
+
+
 Request = Hello | Alloc | Commit | Abort | Get | Release | Lookup | Delete | StatsRequest | MembersRequest | Contains
-Reply = Error | Welcome | Allocated | Count | Located | StatsReply | MembersReply | Present
+Reply = Error | Welcome | Allocated | Count | Located | StatsReply | MembersReply | Present | LocatedPart
 
 # Error codes, stable strings that clients switch on.
 BAD_REQUEST = "bad_request"  # malformed frame or message

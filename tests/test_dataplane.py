@@ -154,6 +154,34 @@ async def test_corrupt_bytes_in_flight_are_never_committed(tmp_path: Path) -> No
         assert a.statistics().connections_opened == 1
 
 
+@pytest.mark.parametrize("size", [3000, 700_000])  # the Trio receive loop, and the bulk thread
+async def test_fetch_hands_on_each_stored_block_once_and_never_a_corrupt_one(tmp_path: Path, size: int) -> None:
+    async with planes(tmp_path, config(), config()) as ((a, _), (b, addr_b)):
+        keys = [key(i, 30) for i in range(5)]
+        for i, k in enumerate(keys):
+            await put(b.store, k, payload(size, i))
+        bad = keys[2]
+
+        def flip(k: bytes, view: memoryview) -> memoryview:
+            if k != bad:
+                return view
+            corrupt = bytearray(view)
+            corrupt[0] ^= 0xFF
+            return memoryview(corrupt)
+
+        b._send_hook = flip
+        handed: list[bytes] = []
+
+        async def on_stored(ks: list[bytes]) -> None:
+            assert all(a.store.contains(ks))  # committed before it is handed on
+            handed.extend(ks)
+            await trio.sleep(0)  # a slow consumer does not stop the transfer
+
+        assert await a.fetch(addr_b, [*keys, key(99, 30)], on_stored) == [True, True, False, True, True, False]
+        assert handed == [k for k in keys if k != bad]  # in order, each once, the corrupt one never
+        assert a.statistics().corrupt_blocks == 1
+
+
 async def test_corrupt_push_is_refused_by_the_receiver(tmp_path: Path) -> None:
     async with planes(tmp_path, config(), config()) as ((a, _), (b, addr_b)):
         k = key(1, 7)

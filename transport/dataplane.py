@@ -51,6 +51,9 @@ from transport.dataplane_config import DataPlaneConfig
 
 log = logging.getLogger("memkv_mesh.dataplane")
 
+# Awaited with keys just verified and committed by a fetch, while the rest of its batch arrives.
+OnStored = Callable[[list[bytes]], Awaitable[None]]
+
 __all__ = [
     "Channel",
     "DataPlane",
@@ -169,10 +172,16 @@ class Channel(Protocol):
         """Send the views back to back (one batch: one thread hop or one set of posted sends)."""
         ...
 
-    async def recv_blocks(self, targets: list[memoryview | int]) -> list[int]:
+    async def recv_blocks(
+        self, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None = None
+    ) -> list[int]:
         """Receive one run per target, in order: a view is filled exactly, an int is that many
         bytes read and discarded. Returns the xxh3-64 of each filled view (0 for discards),
-        computed where it is cheapest (TCP: in the thread that received it, while it is hot)."""
+        computed where it is cheapest (TCP: in the thread that received it, while it is hot).
+
+        ``on_block(i, digest)``, when given, is called on the Trio thread once target ``i`` has
+        fully landed (in order, each target once, before this returns), so a caller can publish
+        a block while the rest of the batch is still on the wire. It must not block."""
         ...
 
     def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
@@ -431,15 +440,19 @@ class DataPlane:
         )
 
     # ---- client side ------------------------------------------------------------------------------
-    async def fetch(self, peer: str, keys: list[bytes]) -> list[bool]:
-        """Pull ``keys`` from ``peer`` into our store. True per block now held here."""
+    async def fetch(self, peer: str, keys: list[bytes], on_stored: OnStored | None = None) -> list[bool]:
+        """Pull ``keys`` from ``peer`` into our store. True per block now held here.
+
+        ``on_stored(keys)``, when given, is awaited with each group of blocks as soon as they are
+        verified and committed, while the rest of the batch is still arriving (a local get can
+        hand them to its client early). It must not raise."""
         _check_batch(keys)
         result = self.store.contains(keys)
         todo = [i for i, have in enumerate(result) if not have]
         if not todo:
             return result
         want = [keys[i] for i in todo]
-        got = await self._transfer(peer, lambda ch, fresh: self._fetch_on(ch, want))
+        got = await self._transfer(peer, lambda ch, fresh: self._fetch_on(ch, want, on_stored))
         for i, ok in zip(todo, got, strict=True):
             result[i] = ok
         self._c["fetches"] += 1
@@ -529,7 +542,7 @@ class DataPlane:
             except (DataPlaneError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def _fetch_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
+    async def _fetch_on(self, chan: Channel, keys: list[bytes], on_stored: OnStored | None = None) -> list[bool]:
         store, to = self.store, self.config.io_timeout_s
         try:
             await chan.send_msg(FetchRequest(keys))
@@ -546,20 +559,21 @@ class DataPlane:
             raise DataPlaneError(f"peer {chan.peer} announced a block over {_MAX_WIRE_BLOCK} bytes")
         owner = _Owner()
         try:
-            return await self._receive(chan, owner, keys, reply.sizes, reply.checksums)
+            return await self._receive(chan, owner, keys, reply.sizes, reply.checksums, on_stored=on_stored)
         finally:
             store.drop_owner(owner)
 
     async def _receive(
         self, chan: Channel, owner: _Owner, keys: list[bytes], sizes: list[int], cks: list[int],
-        offsets: list[int] | None = None,
+        offsets: list[int] | None = None, on_stored: OnStored | None = None,
     ) -> list[bool]:
         """Receive the announced blocks (size >= 0) straight into fresh arena slots, verify, commit.
 
         ``offsets`` are slots already reserved (push: reserved before PushReady), else each block
         is allocated here; a block that cannot or need not be stored (already held, full) is read
-        and discarded. True per block stored here now. Slots are freed by the caller's
-        ``drop_owner`` whatever happens.
+        and discarded. Each block is verified and committed as soon as it has landed, so a batch
+        cut short keeps the blocks that arrived whole. True per block stored here now. Slots not
+        committed are freed by the caller's ``drop_owner`` whatever happens.
         """
         store = self.store
         if offsets is None:
@@ -574,34 +588,23 @@ class DataPlane:
                     offsets.append(-2)
         out = [off == -1 for off in offsets]  # -1: stored already (by a put or another transfer)
         targets: list[memoryview | int] = []
+        which: list[int] = []  # the key index of each target
         views: list[memoryview] = []
-        try:
-            for off, size in zip(offsets, sizes, strict=True):
-                if size < 0:
-                    continue
-                if off < 0:
-                    targets.append(size)
-                else:
-                    v = store.arena.slice(off, size)
-                    views.append(v)
-                    targets.append(v)
-            digests = await chan.recv_blocks(targets) if targets else []
-        finally:
-            for v in views:
-                v.release()
-        j = 0
-        for i, (k, off, size, ck) in enumerate(zip(keys, offsets, sizes, cks, strict=True)):
-            if size < 0:
-                continue
-            digest = digests[j]
-            j += 1
+        publish: trio.MemorySendChannel[bytes] | None = None
+
+        def landed(t: int, digest: int) -> None:
+            i = which[t]
+            off = offsets[i]
             if off < 0:
-                continue
+                return  # read and discarded
+            k, size, ck = keys[i], sizes[i], cks[i]
             if digest == ck:
                 store.commit(owner, [k], [ck])
                 self._c["blocks_in"] += 1
                 self._c["bytes_in"] += size
                 out[i] = True
+                if publish is not None:
+                    publish.send_nowait(k)
             else:
                 store.abort(owner, [k])
                 self._c["corrupt_blocks"] += 1
@@ -609,6 +612,31 @@ class DataPlane:
                     "corrupt block from peer dropped",
                     extra={"fields": {"peer": chan.peer, "key": k.hex(), "size": size}},
                 )
+
+        try:
+            for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
+                if size < 0:
+                    continue
+                which.append(i)
+                if off < 0:
+                    targets.append(size)
+                else:
+                    v = store.arena.slice(off, size)
+                    views.append(v)
+                    targets.append(v)
+            if not targets:
+                pass
+            elif on_stored is None:
+                await chan.recv_blocks(targets, landed)
+            else:
+                publish, stored = trio.open_memory_channel[bytes](float("inf"))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_hand_on, stored, on_stored)
+                    with publish:
+                        await chan.recv_blocks(targets, landed)
+        finally:
+            for v in views:
+                v.release()
         return out
 
     async def _push_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
@@ -747,6 +775,19 @@ class DataPlane:
         sizes = [size if st == SEND else -1 for st, size in zip(status, req.sizes, strict=True)]
         got = await self._receive(chan, owner, req.keys, sizes, req.checksums, offsets)
         await chan.send_msg(PushDone([g or st == ALREADY for g, st in zip(got, status, strict=True)]))
+
+
+async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored) -> None:
+    """Pass committed keys to ``on_stored`` in groups: whatever landed while the last call ran."""
+    async with stored:
+        async for k in stored:
+            group = [k]
+            while True:
+                try:
+                    group.append(stored.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await on_stored(group)
 
 
 class _StaleConnection(Exception):

@@ -101,8 +101,16 @@ class _Blocking:
         os.set_blocking(self.fd, False)
 
 
-def _recv_runs_thread(fd: int, jobs: list[tuple[memoryview | None, int, int]], limit: float, peer: str) -> list[int]:
-    """Fill each (view or None = discard, bytes already there, length) from the socket; digests."""
+def _recv_runs_thread(
+    fd: int,
+    jobs: list[tuple[memoryview | None, int, int]],
+    limit: float,
+    peer: str,
+    landed: Callable[[int, int], None] | None = None,
+) -> list[int]:
+    """Fill each (view or None = discard, bytes already there, length) from the socket; digests.
+
+    ``landed(i, digest)`` is called from this thread after each job (it must only hand off)."""
     scratch = memoryview(bytearray(_READ)) if any(v is None for v, _, _ in jobs) else None
     digests = []
     with _Blocking(fd):
@@ -129,6 +137,8 @@ def _recv_runs_thread(fd: int, jobs: list[tuple[memoryview | None, int, int]], l
                 pos += got
                 deadline = time.monotonic() + limit
             digests.append(h.intdigest() if view is not None else 0)
+            if landed is not None:
+                landed(len(digests) - 1, digests[-1])
     return digests
 
 
@@ -212,7 +222,9 @@ class TcpChannel:
         assert cs.cancelled_caught
         raise DataPlaneError(f"peer {self.peer}: no reply within {limit_s} s")
 
-    async def recv_blocks(self, targets: list[memoryview | int]) -> list[int]:
+    async def recv_blocks(
+        self, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None = None
+    ) -> list[int]:
         buf = self._buf
         jobs: list[tuple[memoryview | None, int, int]] = []
         remaining = 0
@@ -228,13 +240,24 @@ class TcpChannel:
         if remaining >= THREAD_BULK_BYTES:
             # Big runs: a worker thread loops readv straight into the arena and hashes each block
             # while it is hot; the GIL is free during the syscalls and the loop stays free.
+            # Each landed block is handed to the Trio thread with run_sync_soon (never waits); the
+            # thread's own result is delivered the same way, after them, so all have run by then.
             fd, limit = self._sock.fileno(), self._io_timeout
-            return await trio.to_thread.run_sync(_recv_runs_thread, fd, jobs, limit, self.peer)
+            landed = None
+            if on_block is not None:
+                token, cb = trio.lowlevel.current_trio_token(), on_block
+
+                def landed(i: int, digest: int) -> None:
+                    token.run_sync_soon(cb, i, digest)
+
+            return await trio.to_thread.run_sync(_recv_runs_thread, fd, jobs, limit, self.peer, landed)
         digests = []
         for view, pos, n in jobs:
             target = view if view is not None else memoryview(bytearray(n))
             await self._recv_into(target, pos)
             digests.append(xxhash.xxh3_64_intdigest(view) if view is not None else 0)
+            if on_block is not None:
+                on_block(len(digests) - 1, digests[-1])
         return digests
 
     async def _recv_into(self, view: memoryview, pos: int) -> None:

@@ -266,7 +266,9 @@ class UcxChannel:
         reqs = [self._ep.tag_send(a, tag) for a in arrs]  # all posted: UCX pipelines them
         await self._run_all(reqs, (views, arrs), self._io_timeout, "bulk send")
 
-    async def recv_blocks(self, targets: list[memoryview | int]) -> list[int]:
+    async def recv_blocks(
+        self, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None = None
+    ) -> list[int]:
         self._check()
         from ucxx._lib import libucxx as L
         from ucxx._lib.arr import Array
@@ -282,7 +284,11 @@ class UcxChannel:
             digests = iter(await trio.to_thread.run_sync(_digests, views))
         else:
             digests = iter(_digests(views))
-        return [0 if isinstance(t, int) else next(digests) for t in targets]
+        out = [0 if isinstance(t, int) else next(digests) for t in targets]
+        if on_block is not None:  # all posted receives complete together here; no early hand-off
+            for i, digest in enumerate(out):
+                on_block(i, digest)
+        return out
 
     def _check(self) -> None:
         """Call right before posting (no await in between). Posting on an endpoint whose error
