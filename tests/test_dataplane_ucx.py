@@ -15,6 +15,25 @@ _probe = ucx_dataplane.probe()
 pytestmark = pytest.mark.skipif(bool(_probe.error), reason=f"UCX unavailable: {_probe.error}")
 
 
+async def test_ucx_fetch_hands_on_each_block_as_it_is_verified(tmp_path: Path) -> None:
+    async with planes(tmp_path, config(transport="ucx"), config(transport="ucx")) as ((a, _), (b, addr_b)):
+        sizes = (5000, (2 << 20) + 3, 70_000)  # the 2 MiB one is hashed in a worker thread
+        keys = [key(i, 25) for i in range(len(sizes))]
+        for i, (k, n) in enumerate(zip(keys, sizes, strict=True)):
+            await put(b.store, k, payload(n, i))
+        handed: list[bytes] = []
+
+        async def on_stored(ks: list[bytes]) -> None:
+            assert all(a.store.contains(ks))
+            handed.extend(ks)
+
+        with trio.fail_after(30):
+            assert await a.fetch(addr_b, [*keys, key(9, 25)], on_stored) == [True, True, True, False]
+        assert handed == keys
+        for i, (k, n) in enumerate(zip(keys, sizes, strict=True)):
+            assert await read(a.store, k) == payload(n, i)
+
+
 async def test_ucx_fetch_and_push_land_in_the_arena(tmp_path: Path) -> None:
     async with planes(tmp_path, config(transport="ucx"), config(transport="ucx")) as ((a, _), (b, addr_b)):
         assert a.transport == "ucx" and "configured" in a.reason

@@ -174,10 +174,6 @@ class _Progress:
             await trio.lowlevel.checkpoint()
 
 
-def _digests(views: list[memoryview]) -> list[int]:
-    return [xxhash.xxh3_64_intdigest(v) for v in views]
-
-
 class UcxChannel:
     def __init__(self, backend: UcxBackend, ep: Any, peer: str) -> None:
         self.peer = peer
@@ -197,18 +193,24 @@ class UcxChannel:
     async def _run(self, req: Any, keep: object, limit_s: float | None, what: str) -> None:
         await self._run_all([req], keep, limit_s, what)
 
-    async def _run_all(self, reqs: list[Any], keep: object, limit_s: float | None, what: str) -> None:
-        """Wait for every request (each within ``limit_s``); on cancel, timeout or error, close the
-        endpoint and let *all* of them finish before returning, since they point into ``keep``."""
+    async def _run_all(
+        self, reqs: list[Any], keep: object, limit_s: float | None, what: str,
+        each: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        """Wait for every request (each within ``limit_s``), in order, awaiting ``each(i)`` once
+        request ``i`` is done; on cancel, timeout or error, close the endpoint and let *all* of
+        them finish before returning, since they point into ``keep``."""
         prog = self._b.progress
         try:
-            for req in reqs:
+            for i, req in enumerate(reqs):
                 with trio.fail_after(limit_s if limit_s else float("inf")):
                     await prog.wait(req)
                 try:
                     req.check_error()
                 except Exception as e:
                     raise PeerClosed(f"peer {self.peer}: {what} failed: {type(e).__name__}: {e}") from None
+                if each is not None:
+                    await each(i)
         except trio.TooSlowError:
             await self._abandon(reqs)
             raise DataPlaneError(f"peer {self.peer}: {what} stalled for {limit_s} s") from None
@@ -278,16 +280,24 @@ class UcxChannel:
         tag = L.UCXXTag(self._recv_tag)
         # Posted in order; one tag between one pair of endpoints matches in send order.
         reqs = [self._ep.tag_recv(a, tag, L.UCXXTagMaskFull) for a in arrs]
-        await self._run_all(reqs, (bufs, arrs), self._io_timeout, "bulk receive")
-        views = [t for t in targets if not isinstance(t, int)]
-        if sum(map(len, views)) >= self._b.config.thread_checksum_bytes:
-            digests = iter(await trio.to_thread.run_sync(_digests, views))
-        else:
-            digests = iter(_digests(views))
-        out = [0 if isinstance(t, int) else next(digests) for t in targets]
-        if on_block is not None:  # all posted receives complete together here; no early hand-off
-            for i, digest in enumerate(out):
+        out: list[int] = []
+        big = self._b.config.thread_checksum_bytes
+
+        async def landed(i: int) -> None:
+            # Each block is hashed as soon as it is in (in a thread when large, so the loop stays
+            # live) and handed on while the later ones are still arriving.
+            t = targets[i]
+            if isinstance(t, int):
+                digest = 0
+            elif len(t) >= big:
+                digest = await trio.to_thread.run_sync(xxhash.xxh3_64_intdigest, t)
+            else:
+                digest = xxhash.xxh3_64_intdigest(t)
+            out.append(digest)
+            if on_block is not None:
                 on_block(i, digest)
+
+        await self._run_all(reqs, (bufs, arrs), self._io_timeout, "bulk receive", landed)
         return out
 
     def _check(self) -> None:
