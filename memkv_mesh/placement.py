@@ -8,7 +8,8 @@ mapped into the open interval (0, 1). The *owners* of a key are the ``r`` candid
 highest scores, best first. The rules this keeps:
 
 - **No coordinator.** Every node computes the same owners from the same member list and key; the
-  hash is xxh3-64 (never Python's ``hash()``, which differs per process under PYTHONHASHSEED).
+  hashes are xxh3-64 and a fixed integer mixer (never Python's ``hash()``, which differs per
+  process under PYTHONHASHSEED).
 - **Weight proportionality.** ``-w/ln(u)`` for uniform ``u`` is an exponential race, so the
   chance that a candidate ranks first is exactly ``w_i / sum(w)``: a node with twice the flash
   gets twice the primary replicas.
@@ -17,11 +18,19 @@ highest scores, best first. The rules this keeps:
   it owned change (each gains the next-best candidate). Nothing else moves.
 - **Ties** (equal scores, which need equal hashes) break by node id so the order is total.
 
-Speed: the node half of the keyed hash is cached. Each candidate's 64-bit xxh3 *seed* is derived
-once from its node id (``xxh3_64(b"memkv-placement/" + node_id)``), so scoring a key costs one
-seeded ``xxh3_64_intdigest(key, seed)`` call per candidate (about 0.1 us) and no allocation of
-concatenated buffers. When every weight is equal the score is a monotone function of the hash,
-so the ranking is done on the raw 64-bit hashes and no logarithm is taken at all.
+The keyed hash of (node, key) is ``fmix64(xxh3_64(key) ^ seed(node))``: the key is hashed once
+(``xxh3_64``), each candidate has a cached 64-bit seed (``xxh3_64(b"memkv-placement/" +
+node_id)``), and ``fmix64`` is MurmurHash3's 64-bit finalizer (a bijection with full avalanche),
+so different seeds give independent-looking hashes. That shape is what lets
+:meth:`Rendezvous.owner_matrix` place a whole batch of keys at once in numpy (a repair pass over
+a million held blocks: one key hash each, then a K x N array of integer mixes and a sort per
+row), while :meth:`Rendezvous.owners` places one key in plain Python with the same integers.
+When every weight is equal the score is a monotone function of the hash, so ranking is done on
+the raw 64-bit hashes (exact, identical in both paths); with unequal weights both paths take the
+logarithm in float64 (``math.log`` one key at a time, ``numpy.log`` for a batch), which can
+differ in the last bit, so two scores within one ulp of each other (a chance of about 2**-52
+per comparison) might rank differently in the two paths. A block placed by such a near-tie is
+still found through the directory.
 
 Use :class:`Rendezvous` when placing many keys against the same membership (the daemon's data
 plane and the simulator do); :func:`owners` is the one-shot convenience form.
@@ -34,15 +43,40 @@ from collections.abc import Iterable, Sequence
 from heapq import nlargest
 
 import msgspec
+import numpy as np
 import xxhash
 
-__all__ = ["Candidate", "Rendezvous", "owners", "node_seed"]
+__all__ = ["Candidate", "Rendezvous", "key_hashes", "node_seed", "owners"]
 
 _SEED_DOMAIN = b"memkv-placement/"
 _TWO_64 = float(2**64)
 _IDX_BITS = 24  # members per ring: up to 16 M
 _IDX_MASK = (1 << _IDX_BITS) - 1
 _hash = xxhash.xxh3_64_intdigest
+_M64 = (1 << 64) - 1
+_C1, _C2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53  # MurmurHash3 fmix64
+
+
+def _fmix(h: int) -> int:
+    h ^= h >> 33
+    h = (h * _C1) & _M64
+    h ^= h >> 33
+    h = (h * _C2) & _M64
+    return h ^ (h >> 33)
+
+
+def _fmix_array(h: np.ndarray) -> np.ndarray:
+    """``_fmix`` on a uint64 array (numpy's uint64 multiply wraps modulo 2**64, as ``& _M64``)."""
+    h = h ^ (h >> np.uint64(33))
+    h *= np.uint64(_C1)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(_C2)
+    return h ^ (h >> np.uint64(33))
+
+
+def key_hashes(keys: Sequence[bytes]) -> np.ndarray:
+    """``xxh3_64`` of each key, as a uint64 array: the key half of the placement hash."""
+    return np.fromiter((_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
 
 
 class Candidate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,9 +145,48 @@ class Rendezvous:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def members_ids(self) -> tuple[str, ...]:
+        """The candidates' node ids, sorted (the order of every index this class returns)."""
+        return self._ids
+
     def scores(self, key: bytes) -> list[float]:
         """The rendezvous score of every member for ``key``, in :attr:`members` order."""
-        return [-w / math.log(_unit(_hash(key, s))) for s, w in self._pairs]
+        kh = _hash(key)
+        return [-w / math.log(_unit(_fmix(kh ^ s))) for s, w in self._pairs]
+
+    def owner_matrix(self, keys: Sequence[bytes] | np.ndarray, r: int) -> np.ndarray:
+        """Owners of many keys at once: a (len(keys), min(r, members)) int array of indexes into
+        :attr:`members`, best first per row; the same answers as :meth:`owner_indexes`.
+
+        ``keys`` may also be the uint64 array of :func:`key_hashes` (hash once, place against
+        several memberships). Rows are placed in chunks so memory stays ~ chunk x members.
+        """
+        if r < 1:
+            raise ValueError(f"replica count r must be >= 1, got {r}")
+        kh = keys if isinstance(keys, np.ndarray) else key_hashes(keys)
+        n = len(self._seeds)
+        r = min(r, n)
+        out = np.empty((len(kh), r), dtype=np.int32)
+        if n == 0 or len(kh) == 0:
+            return out
+        seeds = np.array(self._seeds, dtype=np.uint64)
+        weights = np.array(self._weights, dtype=np.float64)
+        step = max(1, (1 << 20) // n)
+        for lo in range(0, len(kh), step):
+            h = _fmix_array(kh[lo : lo + step, None] ^ seeds[None, :])
+            if self._uniform:
+                # Larger hash first; a stable sort keeps the smaller index (node id) first on ties.
+                order = np.argsort(~h, axis=1, kind="stable")
+            else:
+                u = (h.astype(np.float64) + 0.5) / _TWO_64
+                order = np.argsort(weights / np.log(u), axis=1, kind="stable")  # = -score ascending
+            out[lo : lo + step] = order[:, :r]
+        return out
+
+    def owners_many(self, keys: Sequence[bytes], r: int) -> list[list[str]]:
+        """:meth:`owners` of each key, computed as one batch."""
+        ids = self._ids
+        return [[ids[i] for i in row] for row in self.owner_matrix(keys, r).tolist()]
 
     def owner_indexes(self, key: bytes, r: int) -> list[int]:
         """Indexes into :attr:`members` of the ``r`` owners of ``key``, best first.
@@ -129,7 +202,8 @@ class Rendezvous:
             # Equal weights: -w/ln(u) is increasing in u, u increasing in the hash. Rank on hashes,
             # packed with the index into one int so the sort runs in C: larger hash first, then
             # (ties) smaller index, i.e. smaller node id.
-            packed = [(_hash(key, s) << _IDX_BITS) | (_IDX_MASK - i) for i, s in enumerate(self._seeds)]
+            kh = _hash(key)
+            packed = [(_fmix(kh ^ s) << _IDX_BITS) | (_IDX_MASK - i) for i, s in enumerate(self._seeds)]
             top = sorted(packed, reverse=True)[:r] if n <= 256 else nlargest(r, packed)
             return [_IDX_MASK - (p & _IDX_MASK) for p in top]
         sc = self.scores(key)

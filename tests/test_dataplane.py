@@ -175,7 +175,7 @@ async def test_fetch_hands_on_each_stored_block_once_and_never_a_corrupt_one(tmp
         async def on_stored(ks: list[bytes]) -> None:
             assert all(a.store.contains(ks))  # committed before it is handed on
             handed.extend(ks)
-            await trio.sleep(0)  # a slow consumer does not stop the transfer
+            await trio.sleep(0.001)  # a slow consumer does not stop the transfer
 
         assert await a.fetch(addr_b, [*keys, key(99, 30)], on_stored) == [True, True, False, True, True, False]
         assert handed == [k for k in keys if k != bad]  # in order, each once, the corrupt one never

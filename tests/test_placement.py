@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memkv_mesh.placement import Candidate, Rendezvous, node_seed, owners
+from memkv_mesh.placement import Candidate, Rendezvous, key_hashes, node_seed, owners
 
 KEYS = [i.to_bytes(8, "little") + b"/blk" for i in range(20_000)]
 
@@ -61,17 +61,38 @@ def test_fast_paths_match_the_documented_formula() -> None:
     for ring_, res in ((ring, got), (weighted, got_w)):
         for k, o in zip(KEYS[:3], res, strict=True):
             sc = {
-                m.node_id: -m.weight / math.log((_xxh(k, node_seed(m.node_id)) + 0.5) / 2.0**64)
+                m.node_id: -m.weight / math.log((_pair_hash(k, node_seed(m.node_id)) + 0.5) / 2.0**64)
                 for m in ring_.members
             }
             expect = sorted(sc, key=lambda n: (-sc[n], n))[:2]
             assert o == expect
 
 
-def _xxh(key: bytes, seed: int) -> int:
+def _pair_hash(key: bytes, seed: int) -> int:
+    """fmix64(xxh3_64(key) ^ seed), written out from MurmurHash3's finalizer."""
     import xxhash
 
-    return xxhash.xxh3_64_intdigest(key, seed)
+    h = xxhash.xxh3_64_intdigest(key) ^ seed
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h ^= h >> 33
+        h = (h * mult) % 2**64
+    return h ^ (h >> 33)
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 7, [1, 2, 3, 4, 1, 2, 3.5], [30, 15, 15, 7.5]])
+@pytest.mark.parametrize("r", [1, 2, 3, 9])
+def test_batch_placement_matches_one_key_at_a_time(weights: list[float], r: int) -> None:
+    ring = _ring(len(weights), [float(w) for w in weights])
+    keys = KEYS[:3000] + [b"", b"x" * 1000]
+    m = ring.owner_matrix(keys, r)
+    assert m.shape == (len(keys), min(r, len(weights)))
+    assert m.tolist() == [ring.owner_indexes(k, r) for k in keys]
+    assert ring.owners_many(keys[:50], r) == [ring.owners(k, r) for k in keys[:50]]
+    # hashing once and placing the hashes gives the same rows
+    assert ring.owner_matrix(key_hashes(keys), r).tolist() == m.tolist()
+    assert Rendezvous([]).owner_matrix(keys, r).shape == (len(keys), 0)
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        ring.owner_matrix(keys, 0)
 
 
 @pytest.mark.parametrize("weights", [[1.0] * 8, [1, 2, 3, 4, 1, 2, 3, 4], [30, 15, 15, 7.5]])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
