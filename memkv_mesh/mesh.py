@@ -96,6 +96,7 @@ class Mesh:
         self._ring_key: tuple[tuple[str, float], ...] | None = None
         self._ring: Rendezvous | None = None
         self._addrs: dict[str, str] = {}
+        self._suspects: set[str] = set()
         self._queue: dict[bytes, None] = {}  # insertion-ordered set of keys to replicate
         self._wake = trio.Event()
         self._c = dict.fromkeys(
@@ -108,17 +109,27 @@ class Mesh:
 
     # ---- membership view --------------------------------------------------------------------
     def _refresh(self) -> Rendezvous | None:
+        """The placement ring of the current membership (rebuilt only when its candidates change).
+
+        Suspects stay candidates: SWIM suspects a node first and confirms its death seconds later,
+        and a suspicion is often refuted (a node stalled, a lost probe). Dropping suspects would
+        move owners, and start repair traffic, twice on every false suspicion. Gets try suspects
+        last instead (``_peers_for``)."""
         members = self.gossip.members()
         cands: list[tuple[str, float]] = []
         addrs: dict[str, str] = {}
+        suspects: set[str] = set()
         for m in members:
             meta = m.meta
-            if m.state != "alive" or meta.role not in ("flash", "both") or not meta.data_addr:
+            if m.state not in ("alive", "suspect") or meta.role not in ("flash", "both") or not meta.data_addr:
                 continue
             if meta.capacity_weight <= 0:
                 continue
             cands.append((m.node_id, float(meta.capacity_weight)))
             addrs[m.node_id] = meta.data_addr
+            if m.state == "suspect":
+                suspects.add(m.node_id)
+        self._suspects = suspects
         key = tuple(sorted(cands))
         if key != self._ring_key:
             self._ring_key = key
@@ -144,13 +155,15 @@ class Mesh:
         if holders is not None and keys:
             for plan, hs in zip(plans, holders(list(keys)), strict=True):
                 plan.extend(n for n in hs if n != self.node_id and n not in plan)
+        if self._suspects:  # a suspect may be dead: try everyone else first
+            plans = [sorted(plan, key=lambda n: n in self._suspects) for plan in plans]
         return plans
 
     def _addr(self, node: str) -> str | None:
         addr = self._addrs.get(node)
         if addr is None:
             for m in self.gossip.members():
-                if m.node_id == node and m.state == "alive" and m.meta.data_addr:
+                if m.node_id == node and m.state in ("alive", "suspect") and m.meta.data_addr:
                     return str(m.meta.data_addr)
         return addr
 

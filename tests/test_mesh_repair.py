@@ -30,9 +30,10 @@ class _Member:
 @dataclass
 class _Gossip:
     live: list[str]
+    suspect: set[str] = field(default_factory=set)
 
     def members(self) -> list[_Member]:
-        return [_Member(n, _Meta("flash", f"{n}:1")) for n in self.live]
+        return [_Member(n, _Meta("flash", f"{n}:1"), "suspect" if n in self.suspect else "alive") for n in self.live]
 
 
 @dataclass
@@ -147,3 +148,15 @@ def test_placement_helpers_agree() -> None:
     # the fakes above rely on Mesh placing with the same ring as Rendezvous over the live ids
     m, _, _ = _mesh("a", ["a", "b", "c"])
     assert [m.owners(k) for k in KEYS[:20]] == [_owners(["a", "b", "c"], k) for k in KEYS[:20]]
+
+
+async def test_a_suspect_keeps_its_blocks_but_is_tried_last() -> None:
+    live = ["a", "b", "c", "d"]
+    m, g, p = _mesh("g", live)
+    await m.repair_pass()
+    p.pushed.clear()
+    g.suspect = {"b"}  # suspected, not yet confirmed dead: often refuted
+    assert await m.repair_pass() == 0 and p.pushed == []  # owners did not move
+    keys = [k for k in KEYS if _owners(live, k)[0] == "b"][:10]
+    for k, plan in zip(keys, m._peers_for(keys), strict=True):
+        assert plan == [o for o in _owners(live, k) if o != "b"] + ["b"]
