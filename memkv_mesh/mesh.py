@@ -144,17 +144,20 @@ class Mesh:
             return []
         return ring.owners(key, min(self.replicas, len(ring)))
 
-    def _peers_for(self, keys: Sequence[bytes]) -> list[list[str]]:
-        """Per key we lack, the nodes to try: its owners, then directory holders; never ourselves."""
-        ring = self._refresh()
-        if ring is None:
-            plans: list[list[str]] = [[] for _ in keys]
+    def _peers_for(self, keys: Sequence[bytes], *, owners: bool = True) -> list[list[str]]:
+        """Per key we lack, the nodes to try, never ourselves: its owners, or (``owners=False``)
+        the other holders the gossiped directory names. Suspects go last."""
+        if owners:
+            ring = self._refresh()
+            if ring is None:
+                plans: list[list[str]] = [[] for _ in keys]
+            else:
+                plans = [[n for n in row if n != self.node_id] for row in ring.owners_many(keys, self.replicas)]
         else:
-            plans = [[n for n in row if n != self.node_id] for row in ring.owners_many(keys, self.replicas)]
-        holders = getattr(self.gossip, "lookup_holders", None)
-        if holders is not None and keys:
-            for plan, hs in zip(plans, holders(list(keys)), strict=True):
-                plan.extend(n for n in hs if n != self.node_id and n not in plan)
+            holders = getattr(self.gossip, "lookup_holders", None)
+            if holders is None or not keys:
+                return [[] for _ in keys]
+            plans = [[n for n in hs if n != self.node_id] for hs in holders(list(keys))]
         if self._suspects:  # a suspect may be dead: try everyone else first
             plans = [sorted(plan, key=lambda n: n in self._suspects) for plan in plans]
         return plans
@@ -189,7 +192,15 @@ class Mesh:
         got = 0
         tried: dict[bytes, int] = dict.fromkeys(todo, 0)
         plans = dict(zip(todo, self._peers_for(todo), strict=True))
+        asked: set[bytes] = set()  # keys whose directory holders are in their plan
         while todo:
+            # Owners first (they hold nearly everything); the directory's other holders (a GPU
+            # node's own copy, a block not yet replicated) only once the owners came up short.
+            out = [k for k in todo if tried[k] >= len(plans[k]) and k not in asked]
+            if out:
+                asked.update(out)
+                for k, more in zip(out, self._peers_for(out, owners=False), strict=True):
+                    plans[k] += [n for n in more if n not in plans[k]]
             by_peer: dict[str, list[bytes]] = {}
             rest: list[bytes] = []
             for k in todo:

@@ -184,8 +184,11 @@ class Rendezvous:
         return out
 
     def owners_many(self, keys: Sequence[bytes], r: int) -> list[list[str]]:
-        """:meth:`owners` of each key, computed as one batch."""
+        """:meth:`owners` of each key, computed as one batch (one key at a time for a handful of
+        keys, where numpy's per-call overhead costs more than it saves)."""
         ids = self._ids
+        if len(keys) * len(ids) < 256:
+            return [self.owners(k, r) for k in keys]
         return [[ids[i] for i in row] for row in self.owner_matrix(keys, r).tolist()]
 
     def owner_indexes(self, key: bytes, r: int) -> list[int]:

@@ -178,7 +178,10 @@ async def test_fetch_hands_on_each_stored_block_once_and_never_a_corrupt_one(tmp
             await trio.sleep(0.001)  # a slow consumer does not stop the transfer
 
         assert await a.fetch(addr_b, [*keys, key(99, 30)], on_stored) == [True, True, False, True, True, False]
-        assert handed == [k for k in keys if k != bad]  # in order, each once, the corrupt one never
+        if size * len(keys) < (1 << 20):
+            assert handed == []  # a small fetch lands in one go: nothing is handed on early
+        else:
+            assert handed == [k for k in keys if k != bad]  # in order, each once, the corrupt one never
         assert a.statistics().corrupt_blocks == 1
 
 

@@ -53,6 +53,8 @@ log = logging.getLogger("memkv_mesh.dataplane")
 
 # Awaited with keys just verified and committed by a fetch, while the rest of its batch arrives.
 OnStored = Callable[[list[bytes]], Awaitable[None]]
+# Fetches smaller than this do not call on_stored: they land in about the time a hand-off takes.
+_STREAM_MIN_BYTES = 1 << 20
 
 __all__ = [
     "Channel",
@@ -626,7 +628,8 @@ class DataPlane:
                     targets.append(v)
             if not targets:
                 pass
-            elif on_stored is None:
+            elif on_stored is None or sum(sizes[i] for i in which) < _STREAM_MIN_BYTES:
+                # Small batches arrive in one go: handing them on early would only add messages.
                 await chan.recv_blocks(targets, landed)
             else:
                 publish, stored = trio.open_memory_channel[bytes](float("inf"))

@@ -251,27 +251,29 @@ class TcpChannel:
                     token.run_sync_soon(cb, i, digest)
 
             return await trio.to_thread.run_sync(_recv_runs_thread, fd, jobs, limit, self.peer, landed)
+        # Small runs (under THREAD_BULK_BYTES in all): on the loop, under one deadline.
         digests = []
-        for view, pos, n in jobs:
-            target = view if view is not None else memoryview(bytearray(n))
-            await self._recv_into(target, pos)
-            digests.append(xxhash.xxh3_64_intdigest(view) if view is not None else 0)
-            if on_block is not None:
-                on_block(len(digests) - 1, digests[-1])
+        try:
+            with trio.fail_after(self._io_timeout):
+                for view, pos, n in jobs:
+                    target = view if view is not None else memoryview(bytearray(n))
+                    await self._recv_into(target, pos)
+                    digests.append(xxhash.xxh3_64_intdigest(view) if view is not None else 0)
+                    if on_block is not None:
+                        on_block(len(digests) - 1, digests[-1])
+        except trio.TooSlowError:
+            raise DataPlaneError(f"peer {self.peer}: bytes stalled for {self._io_timeout} s") from None
         return digests
 
     async def _recv_into(self, view: memoryview, pos: int) -> None:
         n = len(view)
         sock = self._sock
         try:
-            with trio.fail_after(self._io_timeout):
-                while pos < n:
-                    got = await sock.recv_into(view[pos:], n - pos)
-                    if got == 0:
-                        raise PeerClosed(f"peer {self.peer} closed the connection after {pos} of {n} bytes")
-                    pos += got
-        except trio.TooSlowError:
-            raise DataPlaneError(f"peer {self.peer}: bytes stalled for {self._io_timeout} s") from None
+            while pos < n:
+                got = await sock.recv_into(view[pos:], n - pos)
+                if got == 0:
+                    raise PeerClosed(f"peer {self.peer} closed the connection after {pos} of {n} bytes")
+                pos += got
         except _SOCK_ERRORS as e:
             raise PeerClosed(f"peer {self.peer}: receive failed after {pos} of {n} bytes: {e}") from None
 
