@@ -11,14 +11,15 @@ The public surface, used by ``transport/gossip_driver.py`` (Trio), ``transport/m
   (``awareness.py``), ``BroadcastQueue`` (``broadcast_queue.py``), push-pull digests
   (``pushpull.py``), the member table entry and probe order (``members.py``);
 - the block directory: ``Directory``, ``DirectoryConfig``, ``DirectoryStats``
-  (``directory.py``), its filter ``BloomWords`` and ``fingerprint`` (``directory_filter.py``) and
-  its messages ``DirDelta``, ``DirSummaryReq``, ``DirSummary``.
+  (``directory.py``), its lookup table ``HolderTable`` (``directory_table.py``), ``fingerprint``
+  (``directory_filter.py``) and its messages ``DirDelta``, ``DirSummaryReq``, ``DirSummary``.
 """
 
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
 from gossip.directory import Directory, DirectoryConfig, DirectoryStats
-from gossip.directory_filter import BloomWords, fingerprint
+from gossip.directory_filter import fingerprint
+from gossip.directory_table import HolderTable
 from gossip.events import EVENT_KINDS, MemberInfo, MembershipEvent
 from gossip.messages import (
     Ack,
@@ -57,13 +58,13 @@ __all__ = [
     "Ack",
     "Alive",
     "Awareness",
-    "BloomWords",
     "BroadcastQueue",
     "Dead",
     "DirDelta",
     "DirSummary",
     "DirSummaryReq",
     "Directory",
+    "HolderTable",
     "DirectoryConfig",
     "DirectoryStats",
     "Entry",

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-Every node is a *holder* (of its own blocks) and a *receiver* (of everyone else's summary). No I/O,
-no clock: the SWIM core (``gossip/swim.py``) feeds it packets, streams, timers and the live peer
+Every node is a *holder* (of its own blocks) and a *receiver* (of everyone else's). No I/O, no
+clock: the SWIM core (``gossip/swim.py``) feeds it packets, streams, timers and the live peer
 list, and carries what it emits; ``transport/gossip_driver.py`` and ``transport/memory.py`` run it
 unchanged.
 
@@ -17,44 +17,59 @@ the holder sends a *marker* (``prev == ver``, no keys) to all members once, so a
 lost the tail of a burst notices; and every ``refresh_s`` it sends a marker to ``refresh_fanout``
 members round-robin (only once it has published something: with no blocks there is no directory
 traffic at all, and the membership byte figures stay what they were). A member that becomes live
-gets a marker at once, so it fetches our summary.
+gets a marker at once, so it fetches our summary. A *summary* (``DirSummary``, fetched over a
+stream) is the holder's fingerprints as of its last published version, their top 48 bits (all
+that a receiver's table reads), 6 bytes each: format ``SUMMARY_FORMAT`` = 48 in the ``k`` field.
+Format 1 (``k`` in 1..10: a blocked Bloom filter, 1.5 B per block) is rejected, as format 48 is
+by nodes that still run format 1: a mixed mesh shares deltas but not summaries.
 
-Receiver side. For each live holder a receiver keeps a *view*: the holder's blocked Bloom filter
-(from a ``DirSummary``), plus a *removed set* of fingerprints removed since. A delta with
-``prev == view.ver`` is applied: added fingerprints set their bits (and leave the removed set),
-removed ones enter the removed set. A gap (``prev > ver``), a new holder epoch (a restart), or a
-view without a filter make the receiver fetch a fresh ``DirSummary`` from the holder over a stream
-(one in flight per holder, retried every ``fetch_timeout_s`` until the view has caught up with
-the newest version heard of); deltas that arrive meanwhile are stashed and replayed on top of it.
-The holder builds a summary from its *true* holdings as of its last published version.
+Receiver side. All remote holdings live in *one* cuckoo table of (tag, holder id) entries
+(``gossip/directory_table.py``), not in one filter per holder, so a lookup costs the same at any
+N and its false-positive rate does not grow with N. Per live holder a receiver keeps a *view*
+(versions, an id, a count). A delta with ``prev == view.ver`` is applied: added fingerprints
+become entries, removed ones clear theirs, exactly (a removal needs no rebuild, so a holder never
+has to publish a new generation). A gap (``prev > ver``, or a marker ahead of us) first makes the
+receiver ask the holder to *resend* what it missed: a marker addressed to the holder itself
+(``node`` = the holder, ``prev == ver`` = the version we have); the holder answers with the
+deltas after it from a log of its last ``resend_log``. If they have not arrived ``resend_wait_s``
+later, or for a new holder epoch (a restart) or a view without entries, the receiver fetches a
+summary (one in flight per holder, retried every ``fetch_timeout_s`` until the view has caught up
+with the newest version heard of); deltas that arrive meanwhile are stashed and replayed on top.
+A node of the previous version ignores a delta that names itself, so the requester falls back to
+the summary.
 
-Rebuilds. Bits of removed keys cannot be cleared and a filter loaded past its design count gets
-less precise, so the holder raises its *generation* ``gen`` after ``removed_frac`` x count removals
-or ``grow_frac`` x count additions since the last one (at least ``min_keys``). Receivers that see a
-higher ``gen`` refetch; until then their answer is still right up to the false positive rate.
+Table size. The table keeps 9 bits of each fingerprint, not the key, so it cannot be rehashed in
+place. At the first summary it is sized for what the receiver expects (this holder's count times
+the number of members, at ``target_load``). When it passes ``max_load`` (or entries start to find
+no room) or its expected holdings fall under ``min_load``, the receiver builds a table of the
+right size (growing at least 1.25x) and refills it
+by fetching every holder's summary again; until a holder's summary arrives, its entries stay in
+the old table, and lookups read both (every view lives in exactly one table).
 
-Maths (defaults: ``bits_per_key`` 12, ``k`` 5, ``batch_s`` 0.25, N members, c blocks per holder).
+Maths (defaults: ``target_load`` 0.88, ``batch_s`` 0.25, N members, c blocks per holder).
 
-- Memory per holder view: 12 bits = 1.5 bytes per block at build time, plus at most
-  ``removed_frac`` x c x 8 bytes of removed fingerprints (1/16 x 8 = 0.5 B) before the holder
-  rebuilds: <= 2.0 bytes per (holder, block) pair, whatever N (measured 1.69 at N = 64). Per
-  *unique* block of the mesh it is that times the number of copies (R = 2 replicas: ~3 B).
-- False positives: a one-word (blocked) Bloom filter at 12 bits/key and k = 5 answers ~1.2% of
-  absent keys "present" (measured; a classic Bloom filter would give 0.3%). A lookup across N - 1
-  views names some wrong holder for an absent key with probability 1 - (1 - 0.012)^(N-1): 30% at
-  N = 32, 51% at N = 64 (both measured). Each costs one failed fetch, reported as a miss, never wrong bytes (the
-  get path checksums and the holder answers "not found"); in ``prefix_in_mesh`` it can extend
-  the prefix past its true end by one key with that probability (two with its square, ...).
+- Memory: 16 bits per (holder, block) entry at the table's load: 2 / 0.88 = 2.27 B at a fresh
+  table, 2.1 B at ``max_load``, 2.5 B after a 1.25x growth (measured 2.2-2.6 B per pair, ~4.5 B
+  per unique block at R = 2), whatever N (up to 127 other holders; 32-bit entries beyond). The
+  per-holder filters this replaces used 1.69 B per pair (12-bit blocked Bloom plus removed sets).
+- False positives: an absent key matches one of the 16 tags of its two buckets with probability
+  ~ 16 x load / 511: 2.8% at 0.88, whatever N (measured 1.4% at N = 64, load 0.79; the
+  per-holder Bloom filters it replaces gave 1 - 0.988^(N-1): 51% at N = 64). One holder is named
+  wrongly for ~1/(N-1) of that.
+  A false positive costs one failed fetch, reported as a miss, never wrong bytes (the get path
+  checksums and the holder answers "not found"); in ``prefix_in_mesh`` it can extend the prefix
+  past its true end by one key with that probability (two with its square, ...).
 - Staleness: a change reaches every live member ``batch_s`` + one datagram after it is made:
-  p50 0.14 s, p99 0.25 s (measured, loopback, N = 64; 0.61 s p99 at 1% loss). A lost delta is
-  repaired by the next delta, the burst's marker (``marker_s`` later) or a refresh marker (each
-  member within ceil((N - 1) / ``refresh_fanout``) x ``refresh_s``), plus one summary fetch.
-- Traffic per holder: 9 bytes per changed fingerprint per member, ~55 bytes of packet overhead
-  per batch per member, and a summary (1.5 x c bytes) per member every c / 16 removals (about
-  24 bytes per removal per member): all proportional to N x change rate, nothing when idle
-  (measured: 32 KB/s per node at N = 64 and 30 holding changes per second per node).
-- Lookup: one xxh3 hash per key, then one gather over a (keys x views) index matrix (numpy): a
-  64-key prefix against 63 views is ~33 us (measured p50, 2-core VM; 43 us against 127).
+  p50 0.14 s, p99 0.25 s (measured, loopback, N = 64). A lost delta is repaired by the next delta,
+  the burst's marker (``marker_s`` later) or a refresh marker (each member within
+  ceil((N - 1) / ``refresh_fanout``) x ``refresh_s``), plus one resend (or a summary fetch):
+  p99 0.62 s at 1% loss, as with the Bloom filters.
+- Traffic per holder: 9 bytes per changed fingerprint per member and ~55 bytes of packet overhead
+  per batch per member; summaries (6 B per block) only when a member joins, misses a delta,
+  restarts us, or resizes its table: nothing when idle.
+- Lookup: a 64-key prefix is one gather of its 128 buckets and a tag compare (numpy), ~10 us; a
+  bounded cache (``hash_cache``) keeps each key's record (two buckets and a tag) for the current
+  table, so a repeated prefix is neither hashed nor placed again (first sight: ~29 us).
 
 Rules: a view never goes backwards ((epoch, ver) only grows); deltas are applied in version order
 or not at all; views of members that are dead or have left are dropped (SWIM calls ``forget``).
@@ -62,34 +77,37 @@ or not at all; views of members that are dead or have left are dropped (SWIM cal
 Public API: ``DirectoryConfig``, ``DirectoryStats``, ``Directory`` (``local_added``,
 ``local_removed``, ``holds``, ``lookup_holders``, ``prefix_in_mesh``, ``handle_delta``,
 ``handle_stream``, ``handle_timer``, ``next_deadline``, ``take_outbox``, ``take_streams``,
-``peer_joined``, ``forget``, ``memory_bytes``, ``statistics``, ``observer``).
+``peer_joined``, ``forget``, ``memory_bytes``, ``statistics``, ``observer``), ``SUMMARY_FORMAT``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
-from gossip.directory_filter import MAX_K, BloomWords, U64Array, fingerprint, masks
+from gossip.directory_filter import fingerprint
+from gossip.directory_table import MAX_HID, NARROW_SHIFT, SLOTS, HolderTable, pack48, unpack48
 from gossip.messages import DirDelta, DirSummary, DirSummaryReq
 
 _INF = math.inf
+_xxh = xxhash.xxh3_64_intdigest  # = directory_filter.fingerprint, without the call in between
 _FP_BYTES = 9  # msgpack of a 64-bit unsigned int (0xcf + 8 bytes)
 _DELTA_RESERVE = 48  # a delta's own fields (tag, epoch, gen, versions, array headers)
 _STASH = 64  # deltas kept while a summary is being fetched
-_SHIFT32 = np.uint64(32)
+_MIN_BUCKETS = 4
+_NARROW_HIDS = (1 << NARROW_SHIFT) - 1  # 16-bit entries hold holder ids 1..127
+SUMMARY_FORMAT = 48  # DirSummary.k: top 48 bits of each fingerprint, 6 B (1..10: Bloom, format 1)
 
 
 class DirectoryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    # 12 bits per block = 1.5 B: leaves 0.5 B of the 2 B/block budget to the removed sets.
-    bits_per_key: float = 12.0
-    # 5 bits per key in one 64-bit word: the measured optimum at 12 bits/key (~1.0% FPR).
-    k: int = 5
     # Changes are batched this long: 250 ms keeps staleness a quarter of the 1 s target, turns a
     # put burst into a few packets and amortises the ~55 bytes of per-packet overhead (AEAD
     # envelope + delta header), which is sent to every member: at 0.1 s and 30 changes/s per node
@@ -102,25 +120,43 @@ class DirectoryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     refresh_fanout: int = 3
     # One summary fetch in flight per holder; a lost one is retried after this.
     fetch_timeout_s: float = 3.0
-    # Filters are sized for at least this many keys, and no rebuild happens for fewer changes.
-    min_keys: int = 64
-    # Rebuild (new generation) after this share of additions: the filter is then 1.25x loaded.
-    grow_frac: float = 0.25
-    # Rebuild after this share of removals: bounds the removed sets to 1/16 x 8 B = 0.5 B/block.
-    removed_frac: float = 0.0625
+    # A receiver that sees a gap first asks the holder to resend the deltas it missed (a few
+    # hundred bytes instead of a 6 B/block summary) and fetches a summary only if they have not
+    # arrived this much later: many LAN round trips, and what a lost resend adds to staleness.
+    resend_wait_s: float = 0.05
+    # Deltas a holder keeps for resends (up to 146 fingerprints each); 0 turns resends off.
+    resend_log: int = 64
+    # A new lookup table is sized for this load: 2 / 0.88 = 2.27 B per entry, and absent keys
+    # match a tag with probability 16 x 0.88 / 511 = 2.8%; the load then drifts with holdings.
+    target_load: float = 0.88
+    # Above this load the table is rebuilt bigger (refilled from summaries). Measured fill limits
+    # of the 8-slot buckets: 0.97 with blocks held once or twice, 0.94 with every block held
+    # three times (copies share a bucket pair); past that entries spill into the overflow, which
+    # also starts a rebuild once it holds more than 1/1024 of the slots.
+    max_load: float = 0.95
+    # Below this load (holders left) it is rebuilt smaller: memory per entry stays <= 5 B.
+    min_load: float = 0.4
+    # Evictions tried before an entry goes to the (exact) overflow map; a few hundred is the
+    # usual cuckoo bound, and the overflow stays empty below max_load (measured).
+    max_kicks: int = 500
+    # Keys whose fingerprint is remembered (a prompt's prefix is looked up again and again);
+    # ~200 B each in Python objects, so 8192 keys cost ~1.6 MB. 0 turns the cache off.
+    hash_cache: int = 8192
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
-            ("bits_per_key", 1.0 <= self.bits_per_key <= 64.0),
-            ("k", 1 <= self.k <= MAX_K),
             ("batch_s", self.batch_s >= 0.0),
             ("marker_s", self.marker_s > 0.0),
             ("refresh_s", self.refresh_s > 0.0),
             ("refresh_fanout", self.refresh_fanout >= 0),
             ("fetch_timeout_s", self.fetch_timeout_s > 0.0),
-            ("min_keys", self.min_keys >= 1),
-            ("grow_frac", 0.0 < self.grow_frac <= 4.0),
-            ("removed_frac", 0.0 < self.removed_frac <= 1.0),
+            ("resend_wait_s", self.resend_wait_s > 0.0),
+            ("resend_log", self.resend_log >= 0),
+            ("target_load", 0.05 <= self.target_load <= 0.95),
+            ("max_load", self.target_load < self.max_load <= 1.0),
+            ("min_load", 0.0 <= self.min_load < self.target_load),
+            ("max_kicks", self.max_kicks >= 0),
+            ("hash_cache", self.hash_cache >= 0),
         ]
         for name, ok in checks:
             if not ok:
@@ -133,9 +169,11 @@ class DirectoryStats(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     views: int
     view_blocks: int  # sum over views of the holder's count at summary time plus deltas since
-    filter_bytes: int
-    removed_entries: int
-    memory_bytes: int  # filter_bytes + 8 x removed_entries
+    table_bytes: int  # the lookup table (both tables while one is being refilled)
+    table_load: float  # entries / slots of the lookup table
+    overflow_entries: int  # entries that found no slot (kept exactly, 8 B each)
+    memory_bytes: int  # table_bytes + 8 x overflow_entries
+    resizes: int  # tables rebuilt (refilled from summaries)
     deltas_sent: int
     deltas_applied: int
     gaps: int
@@ -143,12 +181,14 @@ class DirectoryStats(msgspec.Struct, frozen=True, kw_only=True):
     summaries_installed: int
     summaries_rejected: int
     stale_ignored: int
+    resends_asked: int  # gaps we asked a holder to fill by resending deltas
+    resends_sent: int  # resend requests we answered
 
 
 class _View:
     __slots__ = (
-        "node", "addr", "epoch", "gen", "ver", "filt", "removed", "stash", "fetch_until", "count",
-        "want_epoch", "want_gen", "want_ver",
+        "node", "addr", "epoch", "gen", "ver", "tab", "hid", "stash", "fetch_until", "count",
+        "want_epoch", "want_gen", "want_ver", "migrate", "resent",
     )  # fmt: skip
 
     def __init__(self, node: str, addr: str) -> None:
@@ -157,8 +197,8 @@ class _View:
         self.epoch = -1
         self.gen = -1
         self.ver = -1
-        self.filt: BloomWords | None = None
-        self.removed: set[int] = set()
+        self.tab: HolderTable | None = None  # the table holding our entries (None: no summary)
+        self.hid = 0
         self.stash: list[DirDelta] = []
         self.fetch_until = -_INF
         self.count = 0
@@ -166,12 +206,14 @@ class _View:
         self.want_epoch = -1
         self.want_gen = -1
         self.want_ver = -1
+        self.migrate = False  # our entries must move to the new table: fetch a summary
+        self.resent = False  # a resend was asked for since the view was last caught up
 
     @property
     def behind(self) -> bool:
-        return self.filt is None or (self.epoch, self.ver) < (self.want_epoch, self.want_ver) or (
-            self.epoch == self.want_epoch and self.gen < self.want_gen
-        )
+        return self.tab is None or self.migrate or (
+            (self.epoch, self.ver) < (self.want_epoch, self.want_ver)
+        ) or (self.epoch == self.want_epoch and self.gen < self.want_gen)
 
 
 class Directory:
@@ -202,26 +244,30 @@ class Directory:
         self._pend_add: set[int] = set()
         self._pend_rm: set[int] = set()
         self._ver = 0
-        self._gen = 0
-        self._count_at_gen = 0
-        self._adds_since = 0
-        self._rms_since = 0
+        self._gen = 0  # never raised by this version (receivers still refetch on a higher one)
         self._flush_at = _INF
         self._marker_at = _INF
         self._refresh_at = _INF
         self._rr = 0
         self._summary: DirSummary | None = None
+        self._log: deque[DirDelta] = deque(maxlen=max(1, config.resend_log))  # for resends
         # receiver state
         self._views: dict[str, _View] = {}
         self._behind: set[str] = set()  # views waiting for a summary (retried on a timer)
-        self._rm_index: dict[int, set[str]] = {}
-        self._dirty = True
-        self._cols: list[_View] = []
-        self._col_of: dict[str, int] = {}
-        self._arena: U64Array = np.zeros(0, dtype=np.uint64)
-        self._offs = np.zeros(0, dtype=np.int64)
-        self._ws = np.zeros(0, dtype=np.int64)
-        # output
+        self._tab: HolderTable | None = None  # the lookup table
+        self._next: HolderTable | None = None  # the table being refilled (a resize), if any
+        self._wide = False
+        self._by_hid: dict[int, str] = {}
+        self._free_hids: list[int] = []
+        self._hid_top = 0
+        self._npeers = 0
+        self._resizes = 0
+        self._shrink_due = False
+        self._now = 0.0  # the latest time we were given (a due shrink check runs then)
+        # key -> its lookup record in _rc_for (12 bytes: two buckets and a tag), bounded
+        self._rc: dict[bytes, bytes] = {}
+        self._rc_for: HolderTable | None = None
+        self._rc_shift = 0
         self._outbox: list[tuple[str, DirDelta]] = []
         self._streams: list[tuple[str, DirSummaryReq]] = []
         # (holder, version, now) whenever a view (or our own publication) reaches a version
@@ -229,7 +275,8 @@ class Directory:
         self._c = dict.fromkeys(
             (
                 "deltas_sent", "deltas_applied", "gaps", "summaries_sent",
-                "summaries_installed", "summaries_rejected", "stale_ignored",
+                "summaries_installed", "summaries_rejected", "stale_ignored", "resends_asked",
+                "resends_sent",
             ),
             0,
         )  # fmt: skip
@@ -284,14 +331,6 @@ class Directory:
         if not adds and not rms:
             return
         cfg = self.config
-        self._adds_since += len(adds)
-        self._rms_since += len(rms)
-        base = max(cfg.min_keys, self._count_at_gen)
-        if self._adds_since > cfg.grow_frac * base or self._rms_since > cfg.removed_frac * base:
-            self._gen += 1
-            self._count_at_gen = len(self._mine)
-            self._adds_since = 0
-            self._rms_since = 0
         per = self._per_packet
         items: list[tuple[bool, int]] = [(True, fp) for fp in adds] + [(False, fp) for fp in rms]
         for i in range(0, len(items), per):
@@ -304,6 +343,7 @@ class Directory:
             )  # fmt: skip
             for _, addr in peers:
                 self._outbox.append((addr, d))
+            self._log.append(d)
             self._c["deltas_sent"] += 1
         if self.observer is not None:
             self.observer(self.id, self._ver, now)
@@ -315,20 +355,19 @@ class Directory:
         return DirDelta(self.id, self.epoch, self._gen, self._ver, self._ver)
 
     def summary(self) -> DirSummary:
-        """Our filter, built from the true holdings (what a fetching receiver gets).
+        """Our fingerprints as of our last published version (what a fetching receiver gets).
 
-        Built once per published version: the N - 1 fetches that follow a new generation share
-        one build."""
+        Built once per published version: the fetches that follow share one build."""
         c = self._summary
         if c is not None and c.ver == self._ver and c.epoch == self.epoch and c.gen == self._gen:
             return c
-        cfg = self.config
-        n = len(self._mine) + len(self._pend_rm) - len(self._pend_add)  # as of version _ver
         fps = (self._mine | self._pend_rm) - self._pend_add if self._pend_add or self._pend_rm else (
             self._mine
         )
-        f = BloomWords.build(fps, max(n, cfg.min_keys), cfg.bits_per_key, cfg.k)
-        c = DirSummary(self.id, self.epoch, self._gen, self._ver, cfg.k, f.to_bytes(), n)
+        arr = np.fromiter(fps, dtype=np.uint64, count=len(fps))
+        c = DirSummary(
+            self.id, self.epoch, self._gen, self._ver, SUMMARY_FORMAT, pack48(arr), arr.size
+        )
         self._summary = c
         return c
 
@@ -354,6 +393,8 @@ class Directory:
 
     def next_deadline(self) -> float:
         t = min(self._flush_at, self._marker_at, self._refresh_at)
+        if self._shrink_due:
+            return self._now
         if self._behind:
             views = self._views
             for node in self._behind:
@@ -364,6 +405,11 @@ class Directory:
 
     def handle_timer(self, now: float, peers: Sequence[tuple[str, str]]) -> None:
         """``peers``: (node id, address) of the live members other than us."""
+        self._npeers = len(peers)
+        self._now = now
+        if self._shrink_due:
+            self._shrink_due = False
+            self._check_size(now, shrink=True)
         if self._flush_at <= now:
             self._publish(now, peers)
         if self._marker_at <= now:
@@ -397,13 +443,19 @@ class Directory:
         v = self._views.pop(node, None)
         self._behind.discard(node)
         if v is not None:
-            self._drop_removed(v)
-            self._dirty = True
+            self._unplace(v)
+            if v.hid:
+                del self._by_hid[v.hid]
+                heapq.heappush(self._free_hids, v.hid)
+            self._settle()
+            self._shrink_due = True  # checked at the next timer (it has the time)
 
     # ---------------------------------------------------------------- receiver side
 
     def handle_delta(self, d: DirDelta, src: str, now: float) -> None:
+        self._now = now
         if d.node == self.id:
+            self._resend(d, src)
             return
         if d.prev > d.ver or d.prev < 0:
             self._c["summaries_rejected"] += 1
@@ -420,9 +472,9 @@ class Directory:
         else:
             v.want_gen = max(v.want_gen, d.gen)
             v.want_ver = max(v.want_ver, d.ver)
-        if d.epoch > v.epoch and v.filt is not None:
+        if d.epoch > v.epoch and v.tab is not None:
             self._reset(v)  # the holder restarted: what we knew is void
-        if v.filt is None or d.epoch > v.epoch:
+        if v.tab is None or d.epoch > v.epoch:
             self._stash(v, d)
             self._fetch(v, now)
             return
@@ -431,11 +483,14 @@ class Directory:
         elif d.prev == v.ver:
             if d.ver != d.prev:
                 self._apply(v, d)
+                if v.stash:
+                    self._drain(v)
                 self._reached(v, now)
+                self._check_size(now)
         elif d.prev > v.ver or d.ver > v.ver:
             self._c["gaps"] += 1
             self._stash(v, d)
-            self._fetch(v, now)
+            self._repair(v, now)
             return
         if d.gen > v.gen:
             self._fetch(v, now)
@@ -455,6 +510,45 @@ class Directory:
         if d.prev != d.ver and len(v.stash) < _STASH:
             v.stash.append(d)
 
+    def _resend(self, d: DirDelta, src: str) -> None:
+        """A receiver that has our version ``d.ver`` (a marker addressed to ourselves) asks for
+        the deltas after it; if we no longer have them all, it fetches a summary instead."""
+        log = self._log
+        if d.epoch != self.epoch or d.prev != d.ver or not 0 <= d.ver < self._ver:
+            return
+        if not self.config.resend_log or not log or log[0].prev > d.ver:
+            return
+        for x in log:
+            if x.ver > d.ver:
+                self._outbox.append((src, x))
+        self._c["resends_sent"] += 1
+
+    def _repair(self, v: _View, now: float) -> None:
+        """Behind by a few deltas: ask the holder to resend them (once per gap), and fetch a
+        summary if they have not arrived ``resend_wait_s`` later (``handle_timer``)."""
+        self._behind.add(v.node)
+        if v.fetch_until > now:
+            return
+        cfg = self.config
+        if not v.resent and not v.migrate and 0 < v.want_ver - v.ver <= cfg.resend_log:
+            v.resent = True
+            v.fetch_until = now + cfg.resend_wait_s
+            self._outbox.append((v.addr, DirDelta(v.node, v.epoch, v.gen, v.ver, v.ver)))
+            self._c["resends_asked"] += 1
+            return
+        self._fetch(v, now)
+
+    def _drain(self, v: _View) -> None:
+        """Apply stashed deltas that now follow on (after a resend filled a gap)."""
+        moved = True
+        while moved:
+            moved = False
+            for d in v.stash:
+                if d.epoch == v.epoch and d.prev == v.ver and d.ver > d.prev:
+                    self._apply(v, d)
+                    moved = True
+        v.stash = [d for d in v.stash if d.epoch == v.epoch and d.ver > v.ver]
+
     def _fetch(self, v: _View, now: float) -> None:
         self._behind.add(v.node)
         if v.fetch_until > now:
@@ -463,20 +557,21 @@ class Directory:
         self._streams.append((v.addr, DirSummaryReq(v.node)))
 
     def _reset(self, v: _View) -> None:
-        self._drop_removed(v)
-        v.filt = None
-        v.removed = set()
+        self._unplace(v)
         v.stash = []
         v.fetch_until = -_INF
-        self._dirty = True
+        self._settle()
+
+    def _unplace(self, v: _View) -> None:
+        """Take the view's entries out of the table that holds them."""
+        if v.tab is not None:
+            v.tab.remove_holder(v.hid)
+            v.tab = None
+        v.migrate = False
 
     def _install(self, s: DirSummary, src: str, now: float) -> None:
-        if s.node == self.id or s.k != self.config.k:
-            self._c["summaries_rejected"] += 1
-            return
-        try:
-            filt = BloomWords.from_bytes(s.words, s.k)
-        except ValueError:
+        n = len(s.words) // 6
+        if s.node == self.id or s.k != SUMMARY_FORMAT or len(s.words) % 6 or s.count != n:
             self._c["summaries_rejected"] += 1
             return
         v = self._views.get(s.node)
@@ -486,10 +581,13 @@ class Directory:
         if (s.epoch, s.ver) < (v.epoch, v.ver):
             self._c["stale_ignored"] += 1
             return
-        self._drop_removed(v)
-        v.epoch, v.gen, v.ver, v.filt, v.count = s.epoch, s.gen, s.ver, filt, s.count
-        v.removed = set()
-        self._dirty = True
+        self._unplace(v)
+        if not v.hid:
+            v.hid = self._alloc_hid(v.node)
+        tab = self._room_for(v, n, now)
+        tab.insert(unpack48(s.words), v.hid)
+        v.tab = tab
+        v.epoch, v.gen, v.ver, v.count = s.epoch, s.gen, s.ver, n
         self._c["summaries_installed"] += 1
         stash = sorted(
             (d for d in v.stash if d.epoch == v.epoch and d.ver > v.ver), key=lambda d: d.prev
@@ -504,24 +602,17 @@ class Directory:
         if v.stash:
             self._fetch(v, now)
         self._reached(v, now)
+        self._settle()
+        self._check_size(now, shrink=True)
 
     def _apply(self, v: _View, d: DirDelta) -> None:
-        filt = v.filt
-        assert filt is not None
-        removed = v.removed
-        idx = self._rm_index
-        for fp in d.added:
-            filt.add(fp)
-            if fp in removed:
-                removed.discard(fp)
-                s = idx.get(fp)
-                if s is not None:
-                    s.discard(v.node)
-                    if not s:
-                        del idx[fp]
+        tab = v.tab
+        assert tab is not None
+        if d.added:
+            tab.insert(np.array(d.added, dtype=np.uint64), v.hid)
+        hid = v.hid
         for fp in d.removed:
-            removed.add(fp)
-            idx.setdefault(fp, set()).add(v.node)
+            tab.remove(fp, hid)
         v.count += len(d.added) - len(d.removed)
         v.ver = d.ver
         self._c["deltas_applied"] += 1
@@ -530,117 +621,197 @@ class Directory:
         if not v.behind:
             self._behind.discard(v.node)
             v.stash = []
+            v.resent = False
+            v.fetch_until = -_INF
         if self.observer is not None:
             self.observer(v.node, v.ver, now)
 
-    def _drop_removed(self, v: _View) -> None:
-        idx = self._rm_index
-        for fp in v.removed:
-            s = idx.get(fp)
-            if s is not None:
-                s.discard(v.node)
-                if not s:
-                    del idx[fp]
+    # ---------------------------------------------------------------- table size
+
+    def _alloc_hid(self, node: str) -> int:
+        if self._free_hids:
+            hid = heapq.heappop(self._free_hids)
+        else:
+            self._hid_top += 1
+            hid = self._hid_top
+        if hid > MAX_HID:
+            raise RuntimeError(f"more than {MAX_HID} holders")
+        if hid > _NARROW_HIDS and not self._wide:
+            self._wide = True
+            for t in (self._tab, self._next):
+                if t is not None:
+                    t.widen()
+        self._by_hid[hid] = node
+        return hid
+
+    def _new_table(self, entries: int) -> HolderTable:
+        buckets = max(_MIN_BUCKETS, math.ceil(entries / (SLOTS * self.config.target_load)))
+        return HolderTable(buckets, self.rng, max_kicks=self.config.max_kicks, wide=self._wide)
+
+    def _expected(self, v: _View | None, n: int) -> int:
+        """Entries to size a table for: the placed views, ``n`` more for ``v``, and as many as
+        the average holder for each member we know of that has not sent a summary yet."""
+        placed = [x for x in self._views.values() if x.tab is not None and x is not v]
+        counted = len(placed) + (v is not None)
+        total = sum(x.count for x in placed) + n
+        unknown = max(len(self._views), self._npeers) - counted
+        return total + max(0, unknown) * (total // max(1, counted))
+
+    def _room_for(self, v: _View, n: int, now: float) -> HolderTable:
+        """The table a summary of ``n`` entries for ``v`` goes into (built or resized here)."""
+        if self._next is not None:
+            return self._next  # a resize is under way: every summary goes to the new table
+        tab = self._tab
+        if tab is not None and tab.size + tab.n_overflow + n <= self.config.max_load * tab.capacity:
+            return tab
+        new = self._new_table(self._expected(v, n))
+        if any(x.tab is not None for x in self._views.values()):
+            self._start_resize(new, now)
+        else:
+            self._tab = new
+        return new
+
+    def _check_size(self, now: float, *, shrink: bool = False) -> None:
+        """Start a resize if the table is too full, or (``shrink``) too big for what we expect
+        to hold (members that have not sent a summary yet count as average holders)."""
+        tab = self._tab
+        if tab is None or self._next is not None:
+            return
+        cfg = self.config
+        total = tab.size + tab.n_overflow
+        if total > cfg.max_load * tab.capacity or tab.n_overflow > max(16, tab.capacity >> 10):
+            # at least 1.25x: holdings that grow steadily do not refetch at every 8%
+            grown = max(self._expected(None, 0), math.ceil(1.25 * cfg.target_load * tab.capacity))
+            self._start_resize(self._new_table(grown), now)
+        elif shrink and tab.m > _MIN_BUCKETS:
+            want = self._expected(None, 0)
+            if want < cfg.min_load * tab.capacity:
+                self._start_resize(self._new_table(want), now)
+
+    def _start_resize(self, new: HolderTable, now: float) -> None:
+        """Refill ``new`` from every holder's summary; lookups read both tables meanwhile."""
+        self._next = new
+        self._resizes += 1
+        for v in self._views.values():
+            if v.tab is not None:
+                v.migrate = True
+                self._fetch(v, now)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Finish a resize once no view is left in the old table; drop an empty table."""
+        nxt = self._next
+        if nxt is not None and not any(
+            v.tab is not None and v.tab is not nxt for v in self._views.values()
+        ):
+            self._tab, self._next = nxt, None
+        if self._next is None and not any(v.tab is not None for v in self._views.values()):
+            self._tab = None
 
     # ---------------------------------------------------------------- lookup
 
-    def _repack(self) -> None:
-        cols = [v for v in self._views.values() if v.filt is not None]
-        self._cols = cols
-        self._col_of = {v.node: i for i, v in enumerate(cols)}
-        sizes = [v.filt.words.size for v in cols if v.filt is not None]
-        offs = np.zeros(len(cols), dtype=np.int64)
-        if cols:
-            offs[1:] = np.cumsum(sizes)[:-1]
-        arena = np.concatenate([v.filt.words for v in cols if v.filt is not None]) if cols else (
-            np.zeros(0, dtype=np.uint64)
-        )
-        for v, off, size in zip(cols, offs.tolist(), sizes, strict=True):
-            assert v.filt is not None
-            v.filt.words = arena[off : off + size]  # deltas now write into the arena
-        self._arena = arena
-        self._offs = offs
-        self._ws = np.array(sizes, dtype=np.int64)
-        self._dirty = False
+    def _fps(self, keys: Sequence[bytes]) -> list[int]:
+        return [fingerprint(_key(k)) for k in keys]
 
-    def _match(self, keys: Sequence[bytes]) -> tuple[list[int], np.ndarray]:
-        """Fingerprints of ``keys`` and the (keys x views) matrix of "may hold"."""
-        fps = [fingerprint(_key(k)) for k in keys]
-        if self._dirty:
-            self._repack()
-        ncols = len(self._cols)
-        if not fps or not ncols:
-            return fps, np.zeros((len(fps), ncols), dtype=bool)
-        a = np.array(fps, dtype=np.uint64)
-        # word index = (hi32 * W) >> 32 (< 2**63: int64 arithmetic, no conversions)
-        hi = (a >> _SHIFT32).astype(np.int64)[:, None]
-        idx = (hi * self._ws) >> 32
-        idx += self._offs
-        m = masks(a, self.config.k)[:, None]
-        hits: np.ndarray = (self._arena[idx] & m) == m
-        rm = self._rm_index
-        if rm:
-            col_of = self._col_of
-            for i, fp in enumerate(fps):
-                nodes = rm.get(fp)
-                if nodes:
-                    for node in nodes:
-                        c = col_of.get(node)
-                        if c is not None:
-                            hits[i, c] = False
-        return fps, hits
+    def _records(self, keys: Sequence[bytes], tab: HolderTable) -> npt.NDArray[np.uint32]:
+        """The keys' lookup records in ``tab`` (``HolderTable.records``), from the key cache:
+        a prefix seen before costs one dictionary probe per key, no hashing."""
+        cache = self._rc
+        if self._rc_for is not tab or self._rc_shift != tab.shift:
+            cache.clear()  # another table (a resize) or wider entries: other records
+            self._rc_for, self._rc_shift = tab, tab.shift
+        try:
+            recs = [cache.get(k) for k in keys]
+        except TypeError:  # an unhashable key type (bytearray): normalise, then look up
+            keys = [_key(k) for k in keys]
+            recs = [cache.get(k) for k in keys]
+        if None in recs:
+            miss = [i for i, r in enumerate(recs) if r is None]
+            fresh = tab.records(np.array([_xxh(_key(keys[i])) for i in miss],
+                                         dtype=np.uint64)).tobytes()  # fmt: skip
+            cap = self.config.hash_cache
+            if len(cache) + len(miss) > cap:
+                cache.clear()
+            for j, i in enumerate(miss):
+                r = fresh[12 * j : 12 * j + 12]
+                recs[i] = r
+                if cap:
+                    cache[_key(keys[i])] = r
+        return np.frombuffer(b"".join(recs), dtype=np.uint32).reshape(-1, 3)  # type: ignore[arg-type]
+
+    def clear_hash_cache(self) -> None:
+        """Forget the remembered key records (to time a first-sight lookup)."""
+        self._rc.clear()
+
+    def _tables(self) -> list[HolderTable]:
+        return [t for t in (self._tab, self._next) if t is not None and (t.size or t.n_overflow)]
 
     def lookup_holders(self, keys: Sequence[bytes]) -> list[list[str]]:
         """Per key, the other nodes that may hold it (stale or false positives possible)."""
-        _, hits = self._match(keys)
-        names = [v.node for v in self._cols]
-        out: list[list[str]] = [[] for _ in range(hits.shape[0])]
-        rows, cs = np.nonzero(hits)
-        for r, c in zip(rows.tolist(), cs.tolist(), strict=True):
-            out[r].append(names[c])
-        return out
+        tables = self._tables()
+        if not keys or not tables:
+            return [[] for _ in keys]
+        if len(tables) == 1:
+            found = tables[0].holders_records(self._records(keys, tables[0]))
+        else:  # a resize is under way: a view lives in one of the two tables
+            a = np.array(self._fps(keys), dtype=np.uint64)
+            found = [x + y for x, y in zip(tables[0].hit_holders(a), tables[1].hit_holders(a),
+                                           strict=True)]  # fmt: skip
+        names = self._by_hid
+        return [[names[h] for h in hids] for hids in found]
 
     def prefix_in_mesh(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are held here or may be held by another node."""
-        fps, hits = self._match(keys)
-        if not fps:
+        n = len(keys)
+        if not n:
             return 0
-        held: npt.NDArray[np.bool_] = np.any(hits, axis=1) if hits.shape[1] else np.zeros(
-            len(fps), dtype=bool
-        )
+        tables = self._tables()
+        if len(tables) == 1:  # the usual case: one table, records from the key cache
+            hit = tables[0].hit_records(self._records(keys, tables[0]))
+            if hit.all():
+                return n
+            missing: Iterable[int] = np.flatnonzero(~hit).tolist()
+        elif tables:  # a resize is under way: both tables, no cache
+            a = np.array(self._fps(keys), dtype=np.uint64)
+            hit = tables[0].hit_any(a)
+            hit |= tables[1].hit_any(a)
+            missing = np.flatnonzero(~hit).tolist()
+        else:
+            missing = range(n)
         mine = self._mine
-        if mine:
-            held |= np.array([fp in mine for fp in fps], dtype=bool)
-        missing = np.flatnonzero(~held)
-        return int(missing[0]) if missing.size else len(fps)
+        if not mine:
+            return next(iter(missing), n)
+        for i in missing:
+            if fingerprint(_key(keys[i])) not in mine:
+                return i
+        return n
 
     # ---------------------------------------------------------------- inspection
 
     def view_version(self, node: str) -> int | None:
         v = self._views.get(node)
-        return v.ver if v is not None and v.filt is not None else None
+        return v.ver if v is not None and v.tab is not None else None
 
     def memory_bytes(self) -> int:
-        """Bytes of remote-holder state: filter words + 8 per removed fingerprint."""
-        total = 0
-        for v in self._views.values():
-            if v.filt is not None:
-                total += v.filt.nbytes
-            total += 8 * len(v.removed)
-        return total
+        """Bytes of remote-holder state: the table(s) + 8 per overflow entry."""
+        return sum(t.nbytes + 8 * t.n_overflow for t in (self._tab, self._next) if t is not None)
 
     def statistics(self) -> DirectoryStats:
-        filt = sum(v.filt.nbytes for v in self._views.values() if v.filt is not None)
-        removed = sum(len(v.removed) for v in self._views.values())
+        tabs = [t for t in (self._tab, self._next) if t is not None]
+        placed = [v for v in self._views.values() if v.tab is not None]
+        tb = sum(t.nbytes for t in tabs)
+        ov = sum(t.n_overflow for t in tabs)
         return DirectoryStats(
             local_blocks=len(self._mine),
             version=self._ver,
             generation=self._gen,
-            views=sum(1 for v in self._views.values() if v.filt is not None),
-            view_blocks=sum(v.count for v in self._views.values() if v.filt is not None),
-            filter_bytes=filt,
-            removed_entries=removed,
-            memory_bytes=filt + 8 * removed,
+            views=len(placed),
+            view_blocks=sum(v.count for v in placed),
+            table_bytes=tb,
+            table_load=self._tab.load if self._tab is not None else 0.0,
+            overflow_entries=ov,
+            memory_bytes=tb + 8 * ov,
+            resizes=self._resizes,
             **self._c,
         )
 

@@ -177,9 +177,9 @@ class DirSummary(msgspec.Struct, tag=36, frozen=True, array_like=True):
     epoch: int
     gen: int
     ver: int
-    k: int
-    words: bytes  # little-endian uint64 words of a blocked Bloom filter (gossip/directory_filter)
-    count: int = 0  # keys the holder held when it built the filter
+    k: int  # the summary format: 48 = top 48 bits of each fingerprint (1 was a Bloom filter, retired)
+    words: bytes  # format 48: 6 bytes per held block, the top 48 bits of its fingerprint
+    count: int = 0  # keys the holder held when it built the summary
 
 
 Packet = Ping | Ack | PingReq | Nack | Gossip | DirDelta

@@ -22,8 +22,11 @@ and per unique block of the mesh), the false-positive rate of one view and of "a
 nobody holds, and the latency of ``prefix_in_mesh`` / ``lookup_holders`` on a 64-key prefix held
 by random other nodes, timed with ``time.perf_counter`` around the call (outside the core).
 
-Public API: ``DirScenario``, ``DirResult``, ``simulate(scenario)``, ``main(argv) -> int``
-(``memkv-mesh simulate directory``).
+``--construction BLOCKS`` only times one holder's summary build and its placement in an empty
+receiver (both run on the Trio thread of their node).
+
+Public API: ``DirScenario``, ``DirResult``, ``simulate(scenario)``, ``construction(blocks)``,
+``main(argv) -> int`` (``memkv-mesh simulate directory``).
 """
 
 from __future__ import annotations
@@ -59,8 +62,7 @@ class DirScenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     seed: int = 1
     fpr_probes: int = 20000
     lookup_reps: int = 2000
-    bits_per_key: float = 12.0
-    k: int = 5
+    target_load: float = 0.85
 
     def __post_init__(self) -> None:
         if self.nodes < 2:
@@ -77,7 +79,7 @@ class DirScenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError(f"--loss must be in [0, 1), got {self.loss}")
         if self.fpr_probes < 1 or self.lookup_reps < 1:
             raise ValueError("--fpr-probes and --lookup-reps must be >= 1")
-        DirectoryConfig(bits_per_key=self.bits_per_key, k=self.k)  # validates both
+        DirectoryConfig(target_load=self.target_load)  # validates it
 
 
 class DirResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,10 +102,15 @@ class DirResult(msgspec.Struct, frozen=True, kw_only=True):
     membership_bytes_per_node_per_s: float
     fpr_per_view: float
     fpr_any_view: float
-    lookup_prefix64_p50_us: float
+    lookup_prefix64_p50_us: float  # all 64 keys held, their fingerprints cached (a repeat)
     lookup_prefix64_p99_us: float
+    lookup_prefix64_cold_p50_us: float  # the same, hashing every key (first sight)
+    lookup_prefix64_early_p50_us: float  # the prefix stops at key 8 (cached)
     holders_prefix64_p50_us: float
     prefix_found: int
+    table_load_node0: float
+    resizes: int  # tables rebuilt, summed over nodes
+    overflow_entries: int  # summed over nodes
     gaps: int
     summaries_installed: int
     wall_s: float
@@ -131,7 +138,7 @@ class _Run(msgspec.Struct):
 
 def _run(sc: DirScenario, with_blocks: bool) -> _Run:
     cfg = profile("default")
-    dcfg = DirectoryConfig(bits_per_key=sc.bits_per_key, k=sc.k)
+    dcfg = DirectoryConfig(target_load=sc.target_load)
     rng = random.Random(sc.seed)
     net = MemoryNetwork(sc.seed, loss=sc.loss, delay=sc.delay, jitter=sc.jitter,
                         wire_overhead=cfg.wire_overhead)
@@ -274,12 +281,22 @@ def simulate(sc: DirScenario) -> DirResult:
     # a 64-key prefix whose blocks live on random other nodes
     prefix = [rng.choice(held[1 + rng.randrange(sc.nodes - 1)]) for _ in range(64)]
     found = d0.prefix_in_mesh(prefix)
-    lat: list[float] = []
+    early = prefix[:8] + [rng.randbytes(32)] + prefix[9:]  # key 8 is held nowhere
     pc = time.perf_counter
-    for _ in range(sc.lookup_reps):
-        t0 = pc()
-        d0.prefix_in_mesh(prefix)
-        lat.append(pc() - t0)
+
+    def timed(keys: list[bytes], cold: bool, reps: int) -> list[float]:
+        out: list[float] = []
+        for _ in range(reps):
+            if cold:
+                d0.clear_hash_cache()
+            t0 = pc()
+            d0.prefix_in_mesh(keys)
+            out.append(pc() - t0)
+        return out
+
+    lat = timed(prefix, False, sc.lookup_reps)
+    cold = timed(prefix, True, sc.lookup_reps)
+    lat_early = timed(early, False, sc.lookup_reps)
     hl: list[float] = []
     for _ in range(max(1, sc.lookup_reps // 4)):
         t0 = pc()
@@ -308,12 +325,42 @@ def simulate(sc: DirScenario) -> DirResult:
         fpr_any_view=fpr_any,
         lookup_prefix64_p50_us=(_pct(lat, 0.5) or 0.0) * 1e6,
         lookup_prefix64_p99_us=(_pct(lat, 0.99) or 0.0) * 1e6,
+        lookup_prefix64_cold_p50_us=(_pct(cold, 0.5) or 0.0) * 1e6,
+        lookup_prefix64_early_p50_us=(_pct(lat_early, 0.5) or 0.0) * 1e6,
         holders_prefix64_p50_us=(_pct(hl, 0.5) or 0.0) * 1e6,
         prefix_found=found,
+        table_load_node0=st[0].table_load,
+        resizes=sum(s.resizes for s in st),
+        overflow_entries=sum(s.overflow_entries for s in st),
         gaps=sum(s.gaps for s in st),
         summaries_installed=sum(s.summaries_installed for s in st),
         wall_s=time.perf_counter() - wall0,
     )
+
+
+def construction(blocks: int, seed: int = 1) -> dict[str, float]:
+    """Seconds to build one holder's summary of ``blocks`` blocks and to place it in an empty
+    receiver (the work a summary fetch puts on each side's Trio thread)."""
+    rng = random.Random(seed)
+    holder = Directory("h", DirectoryConfig(), random.Random(seed), epoch=1)
+    holder.local_added((rng.randbytes(32) for _ in range(blocks)), 0.0)
+    holder.handle_timer(1.0, [])  # publish (nobody to send to)
+    pc = time.perf_counter
+    t0 = pc()
+    summary = holder.summary()
+    t1 = pc()
+    receiver = Directory("r", DirectoryConfig(), random.Random(seed + 1), epoch=1)
+    receiver.handle_stream(summary, "h:1", 1.0)
+    t2 = pc()
+    st = receiver.statistics()
+    return {
+        "blocks": float(blocks),
+        "summary_build_s": t1 - t0,
+        "receiver_place_s": t2 - t1,
+        "summary_bytes_per_block": len(summary.words) / max(1, blocks),
+        "table_load": st.table_load,
+        "overflow_entries": float(st.overflow_entries),
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -334,10 +381,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=d.duration, help="simulated seconds")
     p.add_argument("--loss", type=float, default=d.loss, help="packet loss rate (default 0)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--bits-per-key", type=float, default=d.bits_per_key)
-    p.add_argument("--k", type=int, default=d.k, help="bits set per key in the filter")
+    p.add_argument("--target-load", type=float, default=d.target_load,
+                   help=f"load a receiver's lookup table is sized for (default {d.target_load})")
     p.add_argument("--fpr-probes", type=int, default=d.fpr_probes)
     p.add_argument("--lookup-reps", type=int, default=d.lookup_reps)
+    p.add_argument("--construction", type=int, default=0, metavar="BLOCKS",
+                   help="only time building and placing one holder's summary of BLOCKS blocks")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -348,14 +397,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sc = DirScenario(
             nodes=args.nodes, blocks=args.blocks, replicas=args.replicas, rate=args.rate,
             warmup=args.warmup, duration=args.duration, loss=args.loss, seed=args.seed,
-            bits_per_key=args.bits_per_key, k=args.k, fpr_probes=args.fpr_probes,
+            target_load=args.target_load, fpr_probes=args.fpr_probes,
             lookup_reps=args.lookup_reps,
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    res = simulate(sc)
-    out = msgspec.to_builtins(res)
+    out = construction(args.construction, args.seed) if args.construction > 0 else (
+        msgspec.to_builtins(simulate(sc))
+    )
     if args.json:
         print(json.dumps(out))
     else:

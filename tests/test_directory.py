@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 
-from gossip.directory import Directory, DirectoryConfig
-from gossip.directory_filter import BloomWords, fingerprint, masks
+from gossip.directory import SUMMARY_FORMAT, Directory, DirectoryConfig
+from gossip.directory_filter import fingerprint
+from gossip.directory_table import SLOTS, HolderTable, pack48, unpack48
 from gossip.messages import (
     DirDelta,
     DirSummary,
@@ -70,34 +72,71 @@ class Wire:
                         d.handle_stream(decode_stream(encode(reply)), addr, now)  # type: ignore[arg-type]
 
 
-def test_filter_has_no_false_negatives_and_a_known_false_positive_rate() -> None:
-    ks = keys(20000)
-    fps = [fingerprint(k) for k in ks]
-    f = BloomWords.build(fps, len(fps), 12.0, 5)
-    assert f.nbytes == 12 * 20000 // 8
-    assert all(f.contains(x) for x in fps)
-    absent = np.array([fingerprint(k) for k in keys(50000, seed=2)], dtype=np.uint64)
-    w = f.words.size
-    idx = ((absent >> np.uint64(32)) * np.uint64(w)) >> np.uint64(32)
-    m = masks(absent, 5)
-    rate = float(((f.words[idx.astype(np.intp)] & m) == m).mean())
-    assert 0.005 < rate < 0.015, rate  # ~1.0% at 12 bits/key, k = 5 (blocked, one word per key)
-    g = BloomWords.from_bytes(f.to_bytes(), 5)
-    assert np.array_equal(g.words, f.words)
+def fp_array(ks: list[bytes]) -> np.ndarray:
+    return np.array([fingerprint(k) for k in ks], dtype=np.uint64)
 
 
-def test_filter_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="multiple of 8"):
-        BloomWords.from_bytes(b"123", 5)
-    with pytest.raises(ValueError, match="k must be"):
-        BloomWords.from_bytes(b"\0" * 8, 0)
+def test_table_has_no_false_negatives_and_a_known_false_positive_rate() -> None:
+    """Entries of 63 holders at the default load: every held key is found with its holder, and
+    absent keys match with probability ~ 16 x load / 511 whatever the number of holders."""
+    per, holders = 400, 63
+    t = HolderTable(math.ceil(per * holders / (SLOTS * 0.88)), random.Random(1))
+    held = [fp_array(keys(per, seed=10 + h)) for h in range(holders)]
+    for h, fps in enumerate(held):
+        t.insert(fps, h + 1)
+    assert t.size == per * holders and t.overflow_entries == 0
+    assert 0.87 < t.load <= 0.88 and t.nbytes == t.m * 16  # 2 / 0.88 = 2.27 B per entry
+    for h, fps in enumerate(held):
+        assert t.hit_any(fps).all()
+        assert all(h + 1 in found for found in t.hit_holders(fps))
+    absent = fp_array(keys(50000, seed=2))
+    rate = float(t.hit_any(absent).mean())
+    assert 0.022 < rate < 0.034, rate  # 16 x 0.88 / 511 = 2.8%
+    named = sum(len(x) for x in t.hit_holders(absent[:5000])) / 5000
+    assert named < 0.036  # a false positive names one holder, rarely two
+    # removals are exact: what stays is still found, and the table gets emptier
+    for h, fps in enumerate(held[:20]):
+        for fp in fps[: per // 2].tolist():
+            assert t.remove(fp, h + 1)
+        assert t.hit_any(fps[per // 2 :]).all()
+    assert t.remove_holder(22) == per and t.hit_any(held[21]).mean() < 0.05
+    assert all(t.hit_any(fps).all() for fps in held[22:])
+    packed = pack48(absent)  # summaries carry 6 bytes a block: all that placement reads
+    assert len(packed) == 6 * absent.size
+    assert np.array_equal(t.records(unpack48(packed)), t.records(absent))
+    with pytest.raises(ValueError, match="multiple of 6"):
+        unpack48(b"12345")
+    t.widen()  # a 128th holder: 32-bit entries, same answers
+    assert t.t.dtype == np.uint32 and all(t.hit_any(fps).all() for fps in held[22:])
+    t.insert(fp_array(keys(5, seed=999)), 300)
+    assert all(300 in x for x in t.hit_holders(fp_array(keys(5, seed=999))))
+
+
+def test_a_full_table_keeps_what_does_not_fit_in_an_exact_overflow() -> None:
+    t = HolderTable(4, random.Random(3), max_kicks=20)  # 32 slots for 60 entries
+    a, b = fp_array(keys(30, seed=4)), fp_array(keys(30, seed=5))
+    t.insert(a, 1)
+    t.insert(b, 2)
+    assert t.overflow_entries > 0 and t.size + t.overflow_entries == 60 and t.size <= 32
+    assert t.hit_any(a).all() and t.hit_any(b).all()
+    assert all(1 in x for x in t.hit_holders(a)) and all(2 in x for x in t.hit_holders(b))
+    for fp in a.tolist():
+        assert t.remove(fp, 1)
+    assert t.hit_any(b).all() and all(2 in x for x in t.hit_holders(b))
+    assert t.remove_holder(2) == 30 and t.size == 0 and t.overflow_entries == 0
+    with pytest.raises(ValueError, match="holder id"):
+        t.insert(a, 128)  # 16-bit entries: ids 1..127
+    with pytest.raises(ValueError, match="at least one bucket"):
+        HolderTable(0, random.Random(1))
 
 
 def test_config_errors_name_the_field() -> None:
-    with pytest.raises(ValueError, match="directory.k"):
-        DirectoryConfig(k=11)
-    with pytest.raises(ValueError, match="directory.removed_frac"):
-        DirectoryConfig(removed_frac=0.0)
+    with pytest.raises(ValueError, match="directory.max_load"):
+        DirectoryConfig(target_load=0.9, max_load=0.9)
+    with pytest.raises(ValueError, match="directory.target_load"):
+        DirectoryConfig(target_load=0.99)
+    with pytest.raises(ValueError, match="directory.resend_wait_s"):
+        DirectoryConfig(resend_wait_s=0.0)
     with pytest.raises(ValueError, match="epoch"):
         Directory("a", DirectoryConfig(), random.Random(1), epoch=-1)
     d = mk("a")
@@ -126,10 +165,11 @@ def test_adds_and_removes_reach_a_peer_and_lookups_follow() -> None:
     assert b.prefix_in_mesh(ks) == 12
     hs = b.lookup_holders(ks[10:20])
     assert hs[0] == ["a"] and hs[1] == ["a"]
-    # what remains at ks[12:20] can only be a filter false positive (~1% each)
+    # removals are exact: what remains at ks[12:20] can only be a tag false positive (~3% each)
     assert sum(1 for h in hs[2:] if h) <= 1
     st = b.statistics()
-    assert st.views == 1 and st.removed_entries == 8 and st.memory_bytes == st.filter_bytes + 64
+    assert st.views == 1 and st.view_blocks == 192 and st.overflow_entries == 0
+    assert st.memory_bytes == st.table_bytes <= 192 * 2 / 0.8
 
 
 def test_an_add_and_a_remove_in_one_batch_cancel() -> None:
@@ -145,7 +185,7 @@ def test_an_add_and_a_remove_in_one_batch_cancel() -> None:
     assert a.version == v and a.next_deadline() > 0.35  # nothing published
 
 
-def test_a_lost_delta_is_a_gap_repaired_by_a_summary() -> None:
+def test_a_lost_delta_is_resent_on_request_or_else_repaired_by_a_summary() -> None:
     a, b = mk("a"), mk("b")
     w = Wire(a, b)
     ks = keys(50)
@@ -157,10 +197,24 @@ def test_a_lost_delta_is_a_gap_repaired_by_a_summary() -> None:
     w.tick(0.3)
     assert b.view_version("a") == 1  # lost, and nothing after it yet
     assert b.prefix_in_mesh(ks) < 20
+    w.drop.clear()
     a.local_added(ks[20:30], 0.4)
-    w.tick(0.5)  # version 3 arrives with prev=2: gap -> summary
-    assert b.statistics().gaps == 1
+    w.tick(0.5)  # version 3 arrives with prev=2: gap -> b asks a to resend 2 (and 3)
+    sb = b.statistics()
+    assert sb.gaps == 1 and sb.resends_asked == 1 and a.statistics().resends_sent == 1
     assert b.view_version("a") == 3 and b.prefix_in_mesh(ks) == 30
+    assert sb.summaries_installed == 1 and b.next_deadline() == float("inf")
+    # the resend is lost too: a summary once resend_wait_s has passed
+    w.drop.add(("b", 4))
+    a.local_added(ks[30:40], 0.6)
+    w.tick(0.7)
+    a.local_added(ks[40:50], 0.8)
+    w.tick(0.9)
+    assert b.view_version("a") == 3 and b.statistics().resends_asked == 2
+    assert b.next_deadline() == pytest.approx(0.9 + b.config.resend_wait_s)
+    w.tick(0.9 + b.config.resend_wait_s)
+    assert b.view_version("a") == 5 and b.prefix_in_mesh(ks) == 50
+    assert b.statistics().summaries_installed == 2
 
 
 def test_a_lost_tail_is_repaired_by_the_burst_marker() -> None:
@@ -175,8 +229,10 @@ def test_a_lost_tail_is_repaired_by_the_burst_marker() -> None:
     assert b.view_version("a") == 1
     t = a.next_deadline()
     assert t == pytest.approx(0.3 + a.config.marker_s)
-    w.tick(t)
+    w.drop.clear()
+    w.tick(t)  # the marker says 2: b asks for a resend
     assert b.view_version("a") == 2 and b.prefix_in_mesh(ks) == 20
+    assert b.statistics().resends_asked == 1 and b.statistics().summaries_installed == 1
 
 
 def test_refresh_markers_go_round_robin_and_only_once_something_was_published() -> None:
@@ -200,23 +256,79 @@ def test_refresh_markers_go_round_robin_and_only_once_something_was_published() 
     assert sent == [ADDR["b"], ADDR["c"], ADDR["b"], ADDR["c"]]
 
 
-def test_removals_past_the_threshold_start_a_new_generation_and_receivers_refetch() -> None:
-    a, b = mk("a", min_keys=16), mk("b")
+def test_removals_are_applied_in_place_and_never_force_a_refetch() -> None:
+    a, b = mk("a"), mk("b")
     w = Wire(a, b)
     ks = keys(256)
     a.local_added(ks, 0.0)
     w.tick(0.1)
-    installed = b.statistics().summaries_installed
-    assert installed == 1
-    a.local_removed(ks[:10], 0.2)  # 10 <= 1/16 x 256 = 16: same generation
+    assert b.statistics().summaries_installed == 1
+    mem = b.memory_bytes()
+    a.local_removed(ks[:200], 0.2)  # the Bloom filters needed a new generation after 16
     w.tick(0.3)
-    assert a.statistics().generation == 1 and b.statistics().removed_entries == 10
-    a.local_removed(ks[10:30], 0.4)  # 30 > 16: new generation, b fetches a fresh filter
-    w.tick(0.5)
-    assert a.statistics().generation == 2
     sb = b.statistics()
-    assert sb.summaries_installed == installed + 1 and sb.removed_entries == 0
-    assert b.prefix_in_mesh(ks[30:]) == 226
+    assert sb.summaries_installed == 1 and a.statistics().generation == 0
+    assert sb.view_blocks == 56 and b.memory_bytes() == mem
+    assert b.prefix_in_mesh(ks[200:]) == 56
+    assert sum(1 for h in b.lookup_holders(ks[:200]) if h) <= 12  # ~2.7% tag matches
+
+
+def test_the_table_grows_and_shrinks_by_refetching_summaries_without_false_negatives() -> None:
+    a, b, c = mk("a"), mk("b"), mk("c")
+    w = Wire(a, b, c)
+    ks = keys(3000)
+    a.local_added(ks[:100], 0.0)
+    b.local_added(ks[100:200], 0.0)
+    w.tick(0.1)
+    sc = c.statistics()
+    assert sc.views == 2 and sc.resizes == 0 and sc.table_load <= 0.95
+    # a grows 25x: c's table passes max_load, c builds a bigger one and refetches a and b
+    a.local_added(ks[200:2600], 0.2)
+    peers = w.peers("a")
+    a.handle_timer(0.3 + 1e-9, peers)
+    sent = a.take_outbox()
+    for addr, d in sent[: len(sent) // 2]:  # half the burst: the resize starts mid-way
+        if addr == ADDR["c"]:
+            c.handle_delta(d, ADDR["a"], 0.3)
+    assert c.statistics().resizes == 1 and len(c.take_streams()) == 2
+    assert c.statistics().table_bytes > sc.table_bytes  # both tables while it refills
+    key_of = {fingerprint(k): k for k in ks}
+    held = ks[:200] + [
+        key_of[fp] for addr, d in sent[: len(sent) // 2] if addr == ADDR["c"] for fp in d.added
+    ]
+    assert all(h for h in c.lookup_holders(held))  # no false negatives meanwhile
+    for addr, d in sent[len(sent) // 2 :]:
+        if addr == ADDR["c"]:
+            c.handle_delta(d, ADDR["a"], 0.3)
+    w.pump(0.3)
+    w.tick(0.3 + c.config.fetch_timeout_s)  # the lost fetches are retried and answered
+    st = c.statistics()
+    assert st.views == 2 and st.view_blocks == 2600 and 0.5 < st.table_load <= 0.95, st
+    assert c.prefix_in_mesh(ks[:2600]) == 2600 and c.next_deadline() > 10
+    assert 1 <= st.resizes <= 2  # a second one if the burst outgrew the first while it refilled
+    # a leaves: c's table is now too big for b alone and shrinks at its next timer
+    c.forget("a")
+    resizes = c.statistics().resizes
+    w.tick(0.5 + c.config.fetch_timeout_s)
+    st = c.statistics()
+    assert st.resizes == resizes + 1 and st.views == 1 and st.table_load > 0.4
+    assert c.lookup_holders(ks[100:200]) == [["b"]] * 100
+
+
+def test_more_than_127_holders_widen_the_entries() -> None:
+    b = mk("b")
+    ks = keys(600)
+    for i in range(300):
+        fps = np.array([fingerprint(k) for k in ks[2 * i : 2 * i + 2]], dtype=np.uint64)
+        s = DirSummary(f"h{i}", 1, 0, 1, SUMMARY_FORMAT, pack48(fps), 2)
+        b.handle_stream(s, f"10.1.{i}.1:7946", 0.1)
+    st = b.statistics()
+    assert st.views == 300 and st.view_blocks == 600 and st.summaries_rejected == 0
+    found = b.lookup_holders(ks)
+    assert all(f"h{i // 2}" in f for i, f in enumerate(found))
+    assert b.prefix_in_mesh(ks) == 600
+    b.forget("h0")
+    assert "h0" not in b.lookup_holders(ks[:1])[0]
 
 
 def test_a_restarted_holder_supersedes_its_old_view() -> None:
@@ -225,13 +337,14 @@ def test_a_restarted_holder_supersedes_its_old_view() -> None:
     ks = keys(40)
     a.local_added(ks[:20], 0.0)
     w.tick(0.1)
-    assert b.prefix_in_mesh(ks) == 20
+    assert b.prefix_in_mesh(ks[:20]) == 20 and b.lookup_holders(ks[:20]) == [["a"]] * 20
     a2 = mk("a", epoch=2)  # a restarted: holds other blocks now, versions start over
     w2 = Wire(a2, b)
     a2.local_added(ks[20:], 1.0)
     w2.tick(1.1)
     assert b.lookup_holders(ks[20:21]) == [["a"]]
     assert b.prefix_in_mesh(ks[:20]) < 3  # gone, apart from a false positive or two
+    assert b.statistics().view_blocks == 20
     # an old delta of the previous process is ignored
     b.handle_delta(DirDelta("a", 1, 1, 1, 5, (fingerprint(ks[0]),)), ADDR["a"], 1.2)
     assert b.statistics().stale_ignored >= 1 and b.view_version("a") == a2.version
@@ -250,10 +363,11 @@ def test_forget_drops_a_view_and_bad_frames_are_rejected() -> None:
     b.forget("a")
     assert b.lookup_holders(ks[2:3]) == [[]] and b.memory_bytes() == 0
     assert b.prefix_in_mesh(ks) == 0
-    b.handle_stream(DirSummary("c", 1, 1, 1, 5, b"xyz"), ADDR["c"], 0.4)
-    b.handle_stream(DirSummary("c", 1, 1, 1, 3, b"\0" * 8), ADDR["c"], 0.4)  # k differs
+    b.handle_stream(DirSummary("c", 1, 1, 1, SUMMARY_FORMAT, b"xyz", 0), ADDR["c"], 0.4)
+    b.handle_stream(DirSummary("c", 1, 1, 1, 5, b"\0" * 8, 1), ADDR["c"], 0.4)  # format 1
+    b.handle_stream(DirSummary("c", 1, 1, 1, SUMMARY_FORMAT, b"\0" * 6, 2), ADDR["c"], 0.4)
     b.handle_delta(DirDelta("c", 1, 1, 5, 4), ADDR["c"], 0.4)  # prev > ver
-    assert b.statistics().summaries_rejected == 3 and b.statistics().views == 0
+    assert b.statistics().summaries_rejected == 4 and b.statistics().views == 0
     assert b.handle_stream(DirSummaryReq("c"), ADDR["c"], 0.4) is None  # not ours to answer
 
 
@@ -285,8 +399,8 @@ def test_a_summary_is_built_once_per_version_and_excludes_unpublished_changes() 
     a.local_removed(ks[:5], 0.3)
     s2 = a.handle_stream(DirSummaryReq("a"), ADDR["b"], 0.31)
     assert s2 is not None and s2.ver == 1 and s2.count == 20
-    f = BloomWords.from_bytes(s2.words, s2.k)
-    assert all(f.contains(fingerprint(k)) for k in ks[:20])
+    assert s2.k == SUMMARY_FORMAT and len(s2.words) == 6 * 20  # the top 48 bits of each
+    assert set(unpack48(s2.words).tolist()) == {fingerprint(k) >> 16 << 16 for k in ks[:20]}
     a.handle_timer(0.4 + 1e-9, [])
     s3 = a.handle_stream(DirSummaryReq("a"), ADDR["b"], 0.5)
     assert s3 is not None and s3 is not s1 and s3.ver == 2 and s3.count == 25
@@ -296,10 +410,10 @@ def test_a_summary_is_built_once_per_version_and_excludes_unpublished_changes() 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_churn_with_loss_and_reordering_converges_to_the_truth(seed: int) -> None:
     """Whatever is lost or reordered, once the burst marker is through the view is exact:
-    every held key is found, and every removed key is gone unless the filter has a false
-    positive for it."""
+    every held key is found, and every removed key is gone unless its tag matches another
+    entry (~3%). The table starts small and grows (refetching) as a's holdings grow."""
     rng = random.Random(seed)
-    a, b = mk("a", min_keys=16), mk("b")
+    a, b = mk("a"), mk("b")
     peers = [("b", ADDR["b"])]
     universe = keys(400, seed=100 + seed)
     held: set[bytes] = set()
@@ -341,19 +455,30 @@ def test_random_churn_with_loss_and_reordering_converges_to_the_truth(seed: int)
         reply = a.handle_stream(req, ADDR["b"], t)
         assert reply is not None
         b.handle_stream(reply, ADDR["a"], t)
-    # a fetch lost earlier (of a gap, or of a new generation) is retried by b's own timer
-    t = b.next_deadline()
-    if t < float("inf"):
-        assert t <= now + b.config.fetch_timeout_s
-        b.handle_timer(t, [("a", ADDR["a"])])
-        for _, req in b.take_streams():
+    # a resend or fetch lost earlier is retried by b's own timer (a summary in the end)
+    for _ in range(6):
+        for _, req in b.take_streams():  # summary fetches (of a gap or of a resize)
             reply = a.handle_stream(req, ADDR["b"], t)
             assert reply is not None
             b.handle_stream(reply, ADDR["a"], t)
+        for _, d in b.take_outbox():  # resend requests
+            a.handle_delta(d, ADDR["b"], t)
+        for _, d in a.take_outbox():
+            b.handle_delta(d, ADDR["a"], t)
+        if b.has_streams or b.has_packets:
+            continue
+        t = b.next_deadline()
+        if t == float("inf"):
+            break
+        assert t <= now + b.config.fetch_timeout_s
+        b.handle_timer(t, [("a", ADDR["a"])])
     assert b.view_version("a") == a.version
     assert b.next_deadline() == float("inf")  # caught up: nothing left to retry
     order = sorted(universe)
     found = b.lookup_holders(order)
     assert all(f == ["a"] for k, f in zip(order, found, strict=True) if k in held)
     false_hits = sum(1 for k, f in zip(order, found, strict=True) if k not in held and f)
-    assert false_hits <= 3 + 0.03 * (len(universe) - len(held)), false_hits
+    assert false_hits <= 4 + 0.04 * (len(universe) - len(held)), false_hits
+    assert b.prefix_in_mesh(order) >= order.index(min(set(order) - held, default=order[-1]))
+    st = b.statistics()
+    assert st.view_blocks == len(held) and st.overflow_entries == 0

@@ -14,7 +14,7 @@ from gossip.directory import Directory, DirectoryConfig
 from gossip.messages import STATE_ALIVE, DirDelta, DirSummary, Entry, NodeMeta, wire_meta
 from gossip.profile import profile
 from gossip.swim import Swim
-from simulations.directory_sim import DirScenario, main, simulate
+from simulations.directory_sim import DirScenario, construction, main, simulate
 from transport.gossip_config import GossipConfig
 from transport.gossip_driver import GossipService
 from transport.memory import MemoryNetwork
@@ -117,14 +117,21 @@ def test_simulator_figures_and_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert r.unreached == 0 and r.changes > 50
     assert r.add_staleness_p99_s is not None and r.add_staleness_p99_s < 0.3
     assert r.remove_staleness_p99_s is not None and r.remove_staleness_p99_s < 0.3
-    assert 1.0 < r.bytes_per_remote_holding < 2.0
-    assert 0.002 < r.fpr_per_view < 0.03
+    # 16-bit entries at a load between 0.7 and 0.95: 2.1 to 2.9 B per (holder, block)
+    assert 2.0 < r.bytes_per_remote_holding < 2.9 and r.overflow_entries == 0
+    assert 0.005 < r.fpr_any_view < 0.045  # ~16 x load / 511 whatever N (5 views here)
+    assert 0.7 <= r.table_load_node0 <= 0.95
     assert r.prefix_found == 64 and r.dir_bytes_per_node_per_s > 0
     assert main(["--nodes", "1"]) == 2
     assert "--nodes must be >= 2" in capsys.readouterr().err
     assert main(["--nodes", "4", "--blocks", "50", "--duration", "8", "--warmup", "4",
                  "--lookup-reps", "5", "--fpr-probes", "100", "--json"]) == 0
     assert '"unreached": 0' in capsys.readouterr().out
+    c = construction(5000)  # one holder's summary built, then placed by a receiver
+    assert c["summary_bytes_per_block"] == 6.0 and c["overflow_entries"] == 0
+    assert 0.85 < c["table_load"] <= 0.88 and c["receiver_place_s"] < 2.0
+    assert main(["--construction", "100", "--json"]) == 0
+    assert '"summary_bytes_per_block": 6.0' in capsys.readouterr().out
 
 
 KEY = base64.b64encode(bytes(range(32))).decode()
