@@ -8,7 +8,10 @@ so block bytes never cross the socket:
   skipped without a copy. If the copy fails, the slots are aborted; if the process dies instead,
   the daemon frees them when the socket closes.
 * ``get_many_into``: ``Get`` (one round trip; the blocks are pinned under a lease) -> copy from the
-  arena into the caller's buffers -> ``Release`` (no round trip).
+  arena into the caller's buffers -> ``Release`` (no round trip). When the daemon fetches some of
+  the blocks from the mesh, the get is streamed: each block (local hits first) comes in a
+  ``LocatedPart`` as soon as it is on this node and is copied out at once, while the rest are still
+  on the wire (``_Sink``).
 * ``get``/``get_many``: zero copy. The returned ``Lease`` holds read-only memoryviews into the
   arena; the blocks stay pinned until ``lease.release()`` (or the ``with`` block ends, or the
   client closes). Views are released with the lease: do not keep slices of them past it.
