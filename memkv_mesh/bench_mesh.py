@@ -9,6 +9,9 @@ over their stdin/stdout with one JSON command per line. For each block size:
   fetches them over the data plane into its arena and streams each to the client as it lands
   (B's copies are deleted, untimed, before every round). ``remote_get_vs_raw`` is the median of
   the per-trial ratios to ``raw_GBps`` (target >= 0.7). Left out (null) with ``--no-daemons``.
+* ``remote_get_lease_GBps``: the same remote get with the zero-copy ``get_many`` (a lease on B's
+  arena, released at once): the bytes are readable in the client's address space, as a GPU
+  engine's DMA from the pinned arena would read them, with no CPU copy into a private buffer.
 * ``dataplane_get_GBps``: the data plane alone: node process 0, which does not hold the blocks,
   calls ``DataPlane.fetch`` for blocks node process 1 holds; the bytes land in node 0's arena,
   checksum verified. No daemon, no client, no copy-out.
@@ -179,12 +182,18 @@ class _Daemons:
         return keys
 
     def remote_get(self, keys: list[bytes], dest: Any, size: int, rounds: int) -> tuple[float, int]:
-        """(seconds, bytes) of ``rounds`` client gets on B of blocks only A holds."""
+        """(seconds, bytes) of ``rounds`` client gets on B of blocks only A holds, copied into
+        ``dest``; with ``dest`` None, zero-copy gets (a lease on B's arena, released at once)."""
         secs = 0.0
         for _ in range(rounds):
             self.b.delete(keys)  # B never holds them when the get starts
             t0 = time.perf_counter()
-            got = self.b.get_many_into(keys, dest)
+            if dest is None:
+                lease = self.b.get_many(keys)
+                got = [None if v is None else v.nbytes for v in lease.views]
+                lease.release()
+            else:
+                got = self.b.get_many_into(keys, dest)
             secs += time.perf_counter() - t0
             if got != [size] * len(keys):
                 raise RuntimeError(f"client remote get at {size}: {got}")
@@ -255,7 +264,7 @@ def _measure_size(
     if daemons is not None:
         dkeys = daemons.put(size, args.batch)
         daemons.remote_get(dkeys, dest, size, 1)  # warm-up
-    raw, hot, dp, dp_ratio, get, ratio, rep = [], [], [], [], [], [], []
+    raw, hot, dp, dp_ratio, get, ratio, rep, zc, zc_ratio = [], [], [], [], [], [], [], [], []
 
     def bare(nbuf: int) -> float:
         kw = {"transport": transport, "size": size, "count": count, "nbuf": nbuf, "window": args.batch}
@@ -273,6 +282,9 @@ def _measure_size(
             secs, moved = daemons.remote_get(dkeys, dest, size, rounds)
             get.append(moved / secs / 1e9)
             ratio.append(get[-1] / raw[-1])
+            secs, moved = daemons.remote_get(dkeys, None, size, rounds)
+            zc.append(moved / secs / 1e9)
+            zc_ratio.append(zc[-1] / raw[-1])
         secs, moved = 0.0, 0
         for _ in range(rounds):
             r = n0.call("replicate", peers=peers, keys=mine, rounds=1)
@@ -294,8 +306,11 @@ def _measure_size(
         "dataplane_get_GBps": round(_median(dp), 3),
         "dataplane_get_vs_raw": round(_median(dp_ratio), 3),
         "raw_hot_GBps": round(_median(hot), 3),
+        "remote_get_lease_GBps": round(_median(zc), 3) if zc else None,
+        "remote_get_lease_vs_raw": round(_median(zc_ratio), 3) if zc_ratio else None,
         "trials": {
             "remote_get_GBps": [round(x, 3) for x in get],
+            "remote_get_lease_GBps": [round(x, 3) for x in zc],
             "dataplane_get_GBps": [round(x, 3) for x in dp],
             "raw_GBps": [round(x, 3) for x in raw],
             "raw_hot_GBps": [round(x, 3) for x in hot],
@@ -347,13 +362,14 @@ def main(argv: list[str]) -> int:
     print(f"transport {out['transport']} ({out['reason']}); UCX transports: {out['ucx_transports'] or '-'}")
     print(f"medians of {args.repeat} interleaved trials; load average {out['loadavg_before']:.1f} -> {out['loadavg_after']:.1f}")
     print(
-        f"{'size':>10} {'remote_get GB/s':>16} {'raw GB/s':>9} {'get/raw':>8} {'data plane GB/s':>16} "
-        f"{'dp/raw':>7} {'replicate GB/s':>15} {'raw hot GB/s':>13}"
+        f"{'size':>10} {'remote_get GB/s':>16} {'raw GB/s':>9} {'get/raw':>8} {'lease/raw':>10} "
+        f"{'data plane GB/s':>16} {'dp/raw':>7} {'replicate GB/s':>15} {'raw hot GB/s':>13}"
     )
     for row in out["sizes"]:
         print(
             f"{row['size']:>10} {row['remote_get_GBps'] or '-':>16} {row['raw_GBps']:>9} "
-            f"{row['remote_get_vs_raw'] or '-':>8} {row['dataplane_get_GBps']:>16} {row['dataplane_get_vs_raw']:>7} "
+            f"{row['remote_get_vs_raw'] or '-':>8} {row['remote_get_lease_vs_raw'] or '-':>10} "
+            f"{row['dataplane_get_GBps']:>16} {row['dataplane_get_vs_raw']:>7} "
             f"{row['replicate_GBps']:>15} {row['raw_hot_GBps']:>13}"
         )
     if out.get("lookup_remote_p50_us") is not None:

@@ -24,7 +24,7 @@ def test_bench_mesh_json_between_processes(transport: str, capsys: pytest.Captur
     assert [row["size"] for row in out["sizes"]] == [65536, 1 << 20]
     for row in out["sizes"]:
         for k in ("remote_get_GBps", "raw_GBps", "raw_hot_GBps", "replicate_GBps", "remote_get_vs_raw",
-                  "dataplane_get_GBps", "dataplane_get_vs_raw"):  # fmt: skip
+                  "dataplane_get_GBps", "dataplane_get_vs_raw", "remote_get_lease_GBps"):  # fmt: skip
             assert row[k] > 0, (k, row)
         assert len(row["trials"]["raw_GBps"]) == 2 and len(row["trials"]["remote_get_GBps"]) == 2
     assert "lookup_remote_p50_us" in out
