@@ -123,6 +123,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 out.update(daemons.lookup_latency())
             out["loadavg_after"] = os.getloadavg()[0]
             out["node0_stats"] = n0.call("stats")["stats"]
+            # What UCX endpoints really used (ucp_ep_query), beside what the context offers.
+            out["ucx_lanes"] = out["node0_stats"].get("ucx_lanes_in_use", [])
             return out
         finally:
             if daemons is not None:
@@ -359,7 +361,10 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"transport {out['transport']} ({out['reason']}); UCX transports: {out['ucx_transports'] or '-'}")
+    print(
+        f"transport {out['transport']} ({out['reason']}); UCX transports: {out['ucx_transports'] or '-'}; "
+        f"lanes used: {out['ucx_lanes'] or '-'}"
+    )
     print(f"medians of {args.repeat} interleaved trials; load average {out['loadavg_before']:.1f} -> {out['loadavg_after']:.1f}")
     print(
         f"{'size':>10} {'remote_get GB/s':>16} {'raw GB/s':>9} {'get/raw':>8} {'lease/raw':>10} "

@@ -143,7 +143,7 @@ class Daemon:
                 arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme
             )
             listener = self._bind_socket()
-            self.metrics = Metrics(self.store.statistics, self._info, self._counts)
+            self.metrics = Metrics(self.store.statistics, self._info, self._counts, self._mesh_snapshots)
             async with trio.open_nursery() as nursery:
                 if cfg.metrics.enabled:
                     host, _, port = cfg.metrics.listen.rpartition(":")
@@ -333,6 +333,11 @@ class Daemon:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # a bare IPv6 address
         return f"http://{host}:{self.metrics_port}/metrics"
+
+    def _mesh_snapshots(self) -> tuple[Any, Any]:
+        """(data plane stats, mesh stats), each None where this daemon does not run it."""
+        dp = self.dataplane.statistics() if self.dataplane is not None else None
+        return dp, self.mesh.statistics() if self.mesh is not None else None
 
     def _counts(self) -> DaemonCounts:
         return DaemonCounts(self._connections, self._bad_requests)

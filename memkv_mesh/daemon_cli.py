@@ -165,6 +165,23 @@ def status_main(argv: Sequence[str] | None = None) -> int:
         print(f"metrics   http://127.0.0.1:{st['metrics_port']}/metrics")
     if st.get("gossip_addr"):
         print(f"gossip    {st['gossip_addr']}")
+    dp = st.get("dataplane")
+    if dp:
+        lanes = ", ".join(dp.get("ucx_lanes_in_use") or []) or "none yet (no UCX connection)"
+        ucx = f"; UCX offers {', '.join(dp['ucx_transports'])}, lanes in use: {lanes}" if dp["ucx_transports"] else ""
+        print(f"dataplane {dp['transport']} at {dp['address']}{ucx} ({dp['reason']})")
+        print(
+            f"          in {dp['blocks_in']} blocks / {_fmt_bytes(dp['bytes_in'])}, out {dp['blocks_out']} blocks / "
+            f"{_fmt_bytes(dp['bytes_out'])}; corrupt {dp['corrupt_blocks']}, auth failures {dp['auth_failures']}, "
+            f"peer errors {dp['peer_errors']}"
+        )
+    m = st.get("mesh")
+    if m:
+        print(
+            f"mesh      R={m['replicas']} over {m['candidates']} flash peers; fetched {m['fetched']} "
+            f"(misses {m['fetch_misses']}), replicated {m['replicated']} (failures {m['replication_failures']}), "
+            f"repaired {m['repaired']}, handed off {m['handed_off']}"
+        )
     return 0
 
 

@@ -98,6 +98,76 @@ class _StoreCollector:
             yield bad
 
 
+# Data-plane and mesh counters: statistics field -> (metric name, help, label values or None).
+_DATAPLANE_COUNTERS = {
+    "blocks_in": ("memkv_dataplane_blocks", "Blocks moved by the data plane, by direction", ("in",)),
+    "blocks_out": ("memkv_dataplane_blocks", "Blocks moved by the data plane, by direction", ("out",)),
+    "bytes_in": ("memkv_dataplane_bytes", "Block bytes moved by the data plane, by direction", ("in",)),
+    "bytes_out": ("memkv_dataplane_bytes", "Block bytes moved by the data plane, by direction", ("out",)),
+    "corrupt_blocks": ("memkv_dataplane_corrupt_blocks", "Blocks from peers that failed their checksum", None),
+    "auth_failures": ("memkv_dataplane_auth_failures", "Data-plane connections refused for the mesh key", None),
+    "peer_errors": ("memkv_dataplane_peer_errors", "Data-plane transfers lost to an unreachable or failing peer", None),
+    "protocol_errors": ("memkv_dataplane_protocol_errors", "Data-plane messages that broke the protocol", None),
+}
+_MESH_COUNTERS = {
+    "fetched": ("memkv_mesh_fetched", "Blocks fetched from peers on a local miss"),
+    "fetch_misses": ("memkv_mesh_fetch_misses", "Blocks no peer could supply on a local miss"),
+    "fetch_errors": ("memkv_mesh_fetch_errors", "Fetches from a peer that failed"),
+    "replicated": ("memkv_mesh_replicated", "Block copies pushed to owners after a put"),
+    "replication_failures": ("memkv_mesh_replication_failures", "Block copies a push failed to deliver (retried)"),
+    "replication_dropped": ("memkv_mesh_replication_dropped", "Keys dropped from a full replication or retry queue"),
+    "repaired": ("memkv_mesh_repaired", "Block copies pushed by repair passes after membership changes"),
+    "repaired_bytes": ("memkv_mesh_repaired_bytes", "Bytes pushed by repair passes"),
+    "handed_off": ("memkv_mesh_handed_off", "Block copies pushed before a graceful leave"),
+}
+
+
+class _MeshCollector:
+    """The data plane's and the mesh glue's snapshots (whichever the daemon runs)."""
+
+    def __init__(self, snapshots: Callable[[], tuple[Any, Any]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterable[Metric]:
+        dp, mesh = self._snapshots()
+        if dp is not None:
+            info = GaugeMetricFamily(
+                "memkv_dataplane_info",
+                "The data-plane transport, what UCX offers and the lanes endpoints really use",
+                labels=["transport", "ucx_transports", "ucx_lanes", "address"],
+            )
+            info.add_metric(
+                [dp.transport, ",".join(dp.ucx_transports), ",".join(dp.ucx_lanes_in_use), dp.address], 1
+            )
+            yield info
+            families: dict[str, CounterMetricFamily] = {}
+            for field, (name, doc, labels) in _DATAPLANE_COUNTERS.items():
+                fam = families.get(name)
+                if fam is None:
+                    fam = families[name] = CounterMetricFamily(name, doc, labels=["direction"] if labels else None)
+                fam.add_metric(list(labels or ()), getattr(dp, field))
+            yield from families.values()
+            for name, doc, value in (
+                ("memkv_dataplane_connections_open", "Data-plane connections open", dp.connections_open),
+                ("memkv_dataplane_active_transfers", "Data-plane transfers in flight", dp.active_transfers),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+        if mesh is not None:
+            for field, (name, doc) in _MESH_COUNTERS.items():
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], getattr(mesh, field))
+                yield c
+            for name, doc, value in (
+                ("memkv_mesh_candidates", "Flash peers placement currently uses", mesh.candidates),
+                ("memkv_mesh_replication_queued", "Keys waiting to be pushed to their owners", mesh.replication_queued),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+
+
 class DaemonCounts(NamedTuple):
     """The daemon's own numbers, beside the store's snapshot."""
 
@@ -106,13 +176,15 @@ class DaemonCounts(NamedTuple):
 
 
 class Metrics:
-    """The daemon's registry: op latency histograms plus the store snapshot collector."""
+    """The daemon's registry: op latency histograms, the store snapshot collector, and (when the
+    daemon is a mesh node) the data plane's and the mesh's snapshots."""
 
     def __init__(
         self,
         snapshot: Callable[[], StoreStats],
         info: Callable[[], dict[str, str]],
         daemon: Callable[[], DaemonCounts] | None = None,
+        mesh: Callable[[], tuple[Any, Any]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.op_seconds = Histogram(
@@ -124,6 +196,8 @@ class Metrics:
         )
         self._observers: dict[str, Any] = {}
         self.registry.register(_StoreCollector(snapshot, info, daemon))
+        if mesh is not None:
+            self.registry.register(_MeshCollector(mesh))
 
     def observe(self, op: str, seconds: float) -> None:
         obs = self._observers.get(op)

@@ -21,6 +21,7 @@ def test_bench_mesh_json_between_processes(transport: str, capsys: pytest.Captur
     out = json.loads(capsys.readouterr().out)
     assert out["transport"] == transport and out["nodes"] == 3
     assert (out["ucx_transports"] != []) == (transport == "ucx")
+    assert (out["ucx_lanes"] != []) == (transport == "ucx")
     assert [row["size"] for row in out["sizes"]] == [65536, 1 << 20]
     for row in out["sizes"]:
         for k in ("remote_get_GBps", "raw_GBps", "raw_hot_GBps", "replicate_GBps", "remote_get_vs_raw",

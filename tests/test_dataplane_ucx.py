@@ -45,6 +45,10 @@ async def test_ucx_fetch_and_push_land_in_the_arena(tmp_path: Path) -> None:
             await put(b.store, k, payload(n, i))
         with trio.fail_after(30):
             assert await a.fetch(addr_b, [*keys, key(9, 20)]) == [True, True, True, False]
+        # The lanes the endpoints really use (ucp_ep_query), a subset of what the context offers.
+        for plane in (a, b):
+            lanes = plane.statistics().ucx_lanes_in_use
+            assert lanes and {lane.split("/")[0] for lane in lanes} <= set(st.ucx_transports) | {"self"}, lanes
         for i, (k, n) in enumerate(zip(keys, sizes, strict=True)):
             assert await read(a.store, k) == payload(n, i)
         pk = key(1, 21)

@@ -223,3 +223,27 @@ async def test_a_plain_get_still_gets_one_reply(tmp_path: Path, short_dir: Path)
             assert await cg.contains(remote) == [True, True]  # sends the queued Release first
         await _until(lambda: g.store.statistics().active_leases == 0, 5)
         nursery.cancel_scope.cancel()
+
+
+async def test_status_and_metrics_name_the_transport_and_count_the_mesh(
+    tmp_path: Path, short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from memkv_mesh.daemon_cli import status_main
+
+    async with trio.open_nursery() as nursery:
+        a, g = await _pair(nursery, tmp_path, short_dir)
+        remote = [os.urandom(32) for _ in range(4)]
+        async with await AsyncClient.connect(a.socket_path) as ca:
+            await ca.put_many(remote, [b"m" * 300_000] * 4)
+        async with await AsyncClient.connect(g.socket_path) as cg:
+            assert await cg.get_many_into(remote, bytearray(1_200_000)) == [300_000] * 4
+        text = g.metrics.render().decode()
+        assert 'memkv_dataplane_info{address="' in text and 'transport="tcp"' in text
+        assert 'memkv_dataplane_blocks_total{direction="in"} 4.0' in text
+        assert 'memkv_dataplane_bytes_total{direction="in"} 1.2e+06' in text
+        assert "memkv_mesh_fetched_total 4.0" in text and "memkv_mesh_candidates 1.0" in text
+        assert await trio.to_thread.run_sync(status_main, ["--socket", str(g.socket_path)]) == 0
+        out = capsys.readouterr().out
+        assert "dataplane tcp at " in out and "in 4 blocks / 1.1 MiB" in out
+        assert "mesh      R=2 over 1 flash peers; fetched 4 (misses 0)" in out
+        nursery.cancel_scope.cancel()

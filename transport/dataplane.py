@@ -348,6 +348,9 @@ class DataPlaneStats(msgspec.Struct, frozen=True):
     protocol_errors: int
     peer_errors: int
     requests_served: int
+    # UCX: transport/device of the lanes this node's authenticated endpoints use (ucp_ep_query),
+    # e.g. ["tcp/lo", "cma/memory"]; ucx_transports is what the context may use. Empty for TCP.
+    ucx_lanes_in_use: list[str] = []
 
 
 class _Owner:
@@ -438,6 +441,7 @@ class DataPlane:
             address=self._address,
             connections_open=self._open,
             active_transfers=self._active,
+            ucx_lanes_in_use=list(getattr(self._backend, "lanes_in_use", [])),
             **c,
         )
 

@@ -25,6 +25,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -121,6 +122,73 @@ def _probe_uncached() -> UcxProbe:
     return UcxProbe(transports, devices, ucx_version=version)
 
 
+# ---- which transports an endpoint really uses: ucp_ep_query (UCX >= 1.14) through ctypes --------
+# ucxx's Python API does not wrap ucp_ep_query; the endpoint's ucp_ep_h is ``UCXEndpoint.handle``.
+# Layouts from UCX 1.21's ucp.h / ucp_def.h (ucp_ep_attr_t, ucp_transports_t, ucp_transport_entry_t).
+_EP_ATTR_FIELD_TRANSPORTS = 1 << 3
+_MAX_LANES = 32
+
+
+class _TransportEntry(ctypes.Structure):
+    _fields_ = [("transport_name", ctypes.c_char_p), ("device_name", ctypes.c_char_p)]
+
+
+class _Transports(ctypes.Structure):
+    _fields_ = [
+        ("entries", ctypes.POINTER(_TransportEntry)),
+        ("num_entries", ctypes.c_uint),
+        ("entry_size", ctypes.c_size_t),
+    ]
+
+
+class _EpAttr(ctypes.Structure):
+    _fields_ = [
+        ("field_mask", ctypes.c_uint64),
+        ("name", ctypes.c_char * 32),  # UCP_ENTITY_NAME_MAX
+        ("local_sockaddr", ctypes.c_uint64 * 16),  # struct sockaddr_storage: 128 bytes, 8-aligned
+        ("remote_sockaddr", ctypes.c_uint64 * 16),
+        ("transports", _Transports),
+        ("user_data", ctypes.c_void_p),
+    ]
+
+
+_ep_query: Any = None
+
+
+def endpoint_transports(ep: Any) -> list[str]:
+    """``transport/device`` of each lane a connected endpoint uses (e.g. ``tcp/lo``,
+    ``cma/memory``), from ``ucp_ep_query``; [] when UCX cannot say (too old, not wired up yet)."""
+    global _ep_query
+    try:
+        if _ep_query is None:
+            import libucx  # the wheel that ships libucp, already loaded by ucxx
+
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so.0"))
+            fn = lib.ucp_ep_query
+            fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(_EpAttr)]
+            fn.restype = ctypes.c_int
+            _ep_query = fn
+        entries = (_TransportEntry * _MAX_LANES)()
+        attr = _EpAttr()
+        attr.field_mask = _EP_ATTR_FIELD_TRANSPORTS
+        attr.transports.entries = entries
+        attr.transports.num_entries = _MAX_LANES
+        attr.transports.entry_size = ctypes.sizeof(_TransportEntry)
+        if _ep_query(ctypes.c_void_p(int(ep.handle)), ctypes.byref(attr)) != 0:
+            return []
+        out = []
+        for e in entries[: min(attr.transports.num_entries, _MAX_LANES)]:
+            if e.transport_name:
+                device = (e.device_name or b"").decode()
+                lane = f"{e.transport_name.decode()}/{device}" if device else e.transport_name.decode()
+                if lane not in out:
+                    out.append(lane)
+        return out
+    except Exception as e:  # an older UCX without ucp_ep_query, or another libucx layout
+        log.debug("cannot query the UCX endpoint's transports: %s", e)
+        return []
+
+
 class _Progress:
     """Drives one UCX worker from Trio: progress, complete waiters, arm, sleep on the epoll fd."""
 
@@ -189,6 +257,8 @@ class UcxChannel:
     def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
         self._recv_tag = int.from_bytes(local_nonce[:8], "little")
         self._send_tag = int.from_bytes(remote_nonce[:8], "little")
+        # Authenticated: the handshake went over this endpoint, so UCX has wired up its lanes.
+        self._b.note_lanes(self.peer, endpoint_transports(self._ep))
 
     async def _run(self, req: Any, keep: object, limit_s: float | None, what: str) -> None:
         await self._run_all([req], keep, limit_s, what)
@@ -337,6 +407,8 @@ class UcxBackend:
             raise DataPlaneError(f"UCX cannot start: {p.error}")
         self.ucx_transports: list[str] = list(p.transports)
         self.ucx_devices: list[str] = list(p.devices)
+        self.lanes_in_use: list[str] = []  # transport/device of the lanes endpoints really use
+        self._lane_sets: set[tuple[str, ...]] = set()
         from ucxx._lib import libucxx as L
 
         self._L = L
@@ -353,6 +425,19 @@ class UcxBackend:
 
     def forget(self, chan: UcxChannel) -> None:
         self._channels.discard(chan)
+
+    def note_lanes(self, peer: str, lanes: list[str]) -> None:
+        """Record the lanes an authenticated endpoint uses; log each new combination once."""
+        key = tuple(lanes)
+        if key not in self._lane_sets:
+            self._lane_sets.add(key)
+            log.info(
+                "UCX endpoint lanes",
+                extra={"fields": {"peer": peer, "lanes": ", ".join(lanes) or "unknown (ucp_ep_query gave none)"}},
+            )
+        for lane in lanes:
+            if lane not in self.lanes_in_use:
+                self.lanes_in_use.append(lane)
 
     async def serve(
         self, handler: Callable[[Channel], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
