@@ -236,6 +236,10 @@ class _Sink:
         self.known = [True] * self.n
         return self._drain()
 
+    def pending_bytes(self) -> int:
+        """Bytes of blocks handed over but not copied yet (waiting for an earlier key)."""
+        return sum(v[1] for v in self.waiting.values())
+
     def abandon(self) -> list[int]:
         """The get failed: the leases of parts not yet released, nothing copied."""
         self.waiting.clear()
@@ -440,8 +444,11 @@ class Client(_Core):
         while self._deferred:
             self._send(protocol.Release(self._deferred.popleft()))
 
-    def _call(self, msg: protocol.Msg, sink: _Sink | None = None) -> protocol.Reply:
-        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile."""
+    def _call(self, msg: protocol.Msg, sink: _Sink | None = None, done: list[int] | None = None) -> protocol.Reply:
+        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile, and
+        the leases of parts copied out are appended to ``done``. They are released only after the
+        final reply: the daemon reads nothing while it streams, so a ``Release`` per part would fill
+        the socket after a few hundred parts and both sides would wait on each other."""
         with self._lock:
             if self._sock.fileno() < 0:
                 raise ConnectionError("client is closed")
@@ -454,10 +461,9 @@ class Client(_Core):
                         reply = protocol.reply_decoder.decode(body)
                         if not isinstance(reply, protocol.LocatedPart):
                             return reply
-                        if sink is None:
+                        if sink is None or done is None:
                             raise MemkvError(protocol.BAD_REQUEST, "the daemon sent a LocatedPart unasked")
-                        for lease in sink.add(reply):
-                            self._send(protocol.Release(lease))
+                        done += sink.add(reply)
                         continue
                     data = self._sock.recv(65536)
                     if not data:
@@ -519,7 +525,7 @@ class Client(_Core):
         sink = _Sink(self, buffers, len(ks))
         free: list[int] = []
         try:
-            loc = self._expect(self._call(protocol.Get(ks, stream=True), sink), protocol.Located)
+            loc = self._expect(self._call(protocol.Get(ks, stream=True), sink, free), protocol.Located)
             if loc.lease:
                 free.append(loc.lease)
             free += sink.finish(loc)
@@ -593,8 +599,11 @@ class AsyncClient(_Core):
         self._out.clear()
         await self._stream.send_all(protocol.encode_frame(msg, self._out))
 
-    async def _call(self, msg: protocol.Msg, sink: _Sink | None = None) -> protocol.Reply:
-        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile."""
+    async def _call(
+        self, msg: protocol.Msg, sink: _Sink | None = None, done: list[int] | None = None
+    ) -> protocol.Reply:
+        """Send ``msg`` and return its reply; a streamed get's parts go to ``sink`` meanwhile and
+        the leases of parts copied out go to ``done``, released after the reply (see Client._call)."""
         async with self._lock:
             if self._closed:
                 raise ConnectionError("client is closed")
@@ -608,14 +617,12 @@ class AsyncClient(_Core):
                         reply = protocol.reply_decoder.decode(body)
                         if not isinstance(reply, protocol.LocatedPart):
                             return reply
-                        if sink is None:
+                        if sink is None or done is None:
                             raise MemkvError(protocol.BAD_REQUEST, "the daemon sent a LocatedPart unasked")
-                        if sum(b[1] for b in reply.blocks) > _ASYNC_THREAD_COPY_BYTES:
-                            free = await trio.to_thread.run_sync(sink.add, reply)
+                        if sink.pending_bytes() + sum(b[1] for b in reply.blocks) > _ASYNC_THREAD_COPY_BYTES:
+                            done += await trio.to_thread.run_sync(sink.add, reply)
                         else:
-                            free = sink.add(reply)
-                        for lease in free:
-                            await self._send(protocol.Release(lease))
+                            done += sink.add(reply)
                         continue
                     data = await self._stream.receive_some(65536)
                     if not data:
@@ -679,10 +686,10 @@ class AsyncClient(_Core):
         sink = _Sink(self, buffers, len(ks))
         free: list[int] = []
         try:
-            loc = self._expect(await self._call(protocol.Get(ks, stream=True), sink), protocol.Located)
+            loc = self._expect(await self._call(protocol.Get(ks, stream=True), sink, free), protocol.Located)
             if loc.lease:
                 free.append(loc.lease)
-            if sum(b[1] for b in loc.blocks if b is not None) > _ASYNC_THREAD_COPY_BYTES:
+            if sink.pending_bytes() + sum(b[1] for b in loc.blocks if b is not None) > _ASYNC_THREAD_COPY_BYTES:
                 free += await trio.to_thread.run_sync(sink.finish, loc)
             else:
                 free += sink.finish(loc)

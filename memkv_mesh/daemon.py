@@ -65,6 +65,8 @@ class _Conn:
 
 
 _KEY_LENGTHS = frozenset((KEY_BYTES,))
+# A streamed get's part that a client does not take within this long closes its connection.
+_PART_SEND_S = 30.0
 # msgspec's words for a tag that names no request type ("Invalid value 99 - at `$[0]`").
 _UNKNOWN_TAG = re.compile(r"^Invalid value (-?\d+) - at `\$\[0\]`$")
 
@@ -432,13 +434,25 @@ class Daemon:
     ) -> None:
         """One ``LocatedPart`` to the client; if it is gone, the lease waits for its cleanup and
         the get goes on (what arrives is stored all the same)."""
-        if conn.stream is None:
+        stream = conn.stream
+        if stream is None:
             return
-        try:
-            await conn.stream.send_all(protocol.encode_frame(protocol.LocatedPart(lease, index, locs)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            conn.stream = None
-            return
+        frame = protocol.encode_frame(protocol.LocatedPart(lease, index, locs))
+        # A frame cut in half would put the client's reply stream out of step for good: the send
+        # is shielded from the fetch being cancelled (a peer failing mid-batch), and one that
+        # cannot finish in time closes the connection instead (the daemon frees what it held).
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_PART_SEND_S) as slow:
+                try:
+                    await stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    conn.stream = None
+                    return
+            if slow.cancelled_caught:
+                log.warning("client not reading a streamed get; closing it", extra={"fields": {"conn": conn.id}})
+                conn.stream = None
+                await stream.aclose()
+                return
         for i in index:
             sent[i] = True
 

@@ -236,8 +236,12 @@ class Mesh:
         for k in keys:
             self._queue[k] = None
         while len(self._queue) > _REPLICATION_QUEUE:
-            self._queue.pop(next(iter(self._queue)))
+            dropped = next(iter(self._queue))
+            self._queue.pop(dropped)
             self._c["replication_dropped"] += 1
+            self._retry[dropped] = None  # the next repair pass pushes it (the retry set is bounded too)
+        while len(self._retry) > _REPLICATION_QUEUE:
+            self._retry.pop(next(iter(self._retry)))
         self._wake.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -325,13 +329,17 @@ class Mesh:
             return 0
         prev, self._prev_ring = self._prev_ring, ring
         retry, self._retry = self._retry, {}
-        if prev is not None and prev.members == ring.members and not retry:
-            return 0  # nothing moved and nothing failed: no key needs a look
+        if prev is not None and prev.members == ring.members:
+            if not retry:
+                return 0  # nothing moved and nothing failed: no key needs a look
+            # Nothing moved: only the failed keys (still held here) need a look.
+            held = [k for k, have in zip(retry, self.store.contains(list(retry)), strict=True) if have]
+        else:
+            held = list(self.store.held_keys())
         alive = set(self._addrs)
         r = min(self.replicas, len(ring))
         ids = ring.members_ids()
         by_owner: dict[str, list[bytes]] = {}
-        held = list(self.store.held_keys())
         # Owner rows of both rings in one id space, so "did this key's owners move" is one compare.
         names = sorted(set(ids) | set(prev.members_ids() if prev is not None else ()))
         gid = {n: j for j, n in enumerate(names)}
@@ -371,6 +379,7 @@ class Mesh:
         for owner, keys in by_owner.items():
             addr = self._addr(owner)
             if addr is None:
+                self._failed(keys)  # the next pass tries again
                 continue
             for i in range(0, len(keys), _PUSH_BATCH):
                 chunk = keys[i : i + _PUSH_BATCH]
@@ -378,8 +387,10 @@ class Mesh:
                 try:
                     ok = await self.dataplane.push(addr, chunk)
                 except Exception as e:
+                    self._failed(chunk)
                     log.info("repair push to %s failed: %s", owner, e, extra={"fields": {"peer": owner}})
                     continue
+                self._failed([k for k, o in zip(chunk, ok, strict=True) if not o])
                 moved = self._block_bytes(chunk, ok)
                 sent += sum(ok)
                 self._c["repaired"] += sum(ok)

@@ -445,3 +445,32 @@ async def test_stalled_peer_times_out_and_cancel_is_prompt(tmp_path: Path) -> No
         assert a.store.statistics().pending_slots == 0 and a.store.statistics().dram_used_bytes == 0
         assert a.statistics().connections_open == 0
         n.cancel_scope.cancel()
+
+
+async def test_a_failing_or_cancelled_hand_on_never_breaks_the_transfer(tmp_path: Path) -> None:
+    """``on_stored`` raising, or the fetch being cancelled while the receive thread still lands
+    blocks, must neither crash the Trio run nor lose what arrived whole."""
+    async with planes(tmp_path, config(), config()) as ((a, _), (b, addr_b)):
+        keys = [key(i, 31) for i in range(12)]
+        for i, k in enumerate(keys):
+            await put(b.store, k, payload(1 << 20, i))
+
+        async def boom(ks: list[bytes]) -> None:
+            raise RuntimeError("a consumer bug")
+
+        assert await a.fetch(addr_b, keys, boom) == [True] * 12  # logged, the fetch goes on
+        for k in keys:
+            assert await read(a.store, k) is not None
+        await a.store.delete(keys)
+
+        async def stuck(ks: list[bytes]) -> None:
+            await trio.sleep_forever()
+
+        with trio.move_on_after(0.002):
+            await a.fetch(addr_b, keys, stuck)
+        await eventually(lambda: a.store.statistics().pending_slots == 0)
+        # whatever landed whole is stored and correct; the rest is a miss, never garbage
+        for i, k in enumerate(keys):
+            got = await read(a.store, k)
+            assert got is None or got == payload(1 << 20, i)
+        assert await a.fetch(addr_b, keys) == [True] * 12  # and the plane still works

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -55,6 +56,10 @@ class _Store:
 
     def held_keys(self) -> list[bytes]:
         return list(self.keys)
+
+    def contains(self, keys: list[bytes]) -> list[bool]:
+        held = set(self.keys)
+        return [k in held for k in keys]
 
     def lengths(self, keys: list[bytes]) -> list[int]:
         return [100] * len(keys)
@@ -160,3 +165,46 @@ async def test_a_suspect_keeps_its_blocks_but_is_tried_last() -> None:
     keys = [k for k in KEYS if _owners(live, k)[0] == "b"][:10]
     for k, plan in zip(keys, m._peers_for(keys), strict=True):
         assert plan == [o for o in _owners(live, k) if o != "b"] + ["b"]
+
+
+async def test_a_replication_that_keeps_failing_is_retried_until_it_lands() -> None:
+    live = ["b", "c", "d"]
+    m, _, p = _mesh("g", live)
+    await m.repair_pass()
+    put = KEYS[:50]
+    p.fail = {"b"}
+    await m._replicate(put)
+    await m.repair_pass()  # b still unreachable (a suspect for longer than one interval)
+    p.fail = set()
+    p.pushed.clear()
+    await m.repair_pass()  # b is back: the copies it lacks go now
+    to_b = [k for k in put if "b" in _owners(live, k)]
+    assert sorted(k for n, k in p.pushed if n == "b") == sorted(to_b) and to_b
+
+
+async def test_a_failed_repair_push_is_retried_by_the_next_pass() -> None:
+    before, after = ["a", "b", "c"], ["a", "b", "c", "x"]
+    m, g, p = _mesh("a", before)
+    await m.repair_pass()
+    g.live = after
+    p.fail = {"x"}  # the newcomer is briefly unreachable
+    await m.repair_pass()
+    p.fail = set()
+    p.pushed.clear()
+    await m.repair_pass()  # the ring did not move, but the failed pushes are retried
+    assert any(n == "x" for n, _ in p.pushed)
+    p.pushed.clear()
+    assert await m.repair_pass() == 0 and p.pushed == []
+
+
+async def test_keys_dropped_from_a_full_replication_queue_are_retried(monkeypatch: Any) -> None:
+    import memkv_mesh.mesh as mesh_mod
+
+    monkeypatch.setattr(mesh_mod, "_REPLICATION_QUEUE", 10)
+    live = ["b", "c"]
+    m, _, p = _mesh("g", live)
+    await m.repair_pass()
+    m.replicate_soon(KEYS[:15])  # 5 fall off the queue
+    assert m.statistics().replication_dropped == 5
+    await m.repair_pass()
+    assert {k for _, k in p.pushed} == set(KEYS[:5])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -246,4 +247,49 @@ async def test_status_and_metrics_name_the_transport_and_count_the_mesh(
         out = capsys.readouterr().out
         assert "dataplane tcp at " in out and "in 4 blocks / 1.1 MiB" in out
         assert "mesh      R=2 over 1 flash peers; fetched 4 (misses 0)" in out
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_get_streamed_in_many_parts_does_not_wedge_the_socket(
+    tmp_path: Path, short_dir: Path, kind: str
+) -> None:
+    """1,500 parts: the client must not send a Release per part while the daemon, which reads
+    nothing until the get is answered, is still streaming (both socket buffers would fill)."""
+    from memkv_mesh.daemon import _Conn
+
+    n = 1500
+    async with trio.open_nursery() as nursery:
+        a, g = await _pair(nursery, tmp_path, short_dir)
+        keys = [os.urandom(32) for _ in range(n)]
+        async with await AsyncClient.connect(g.socket_path) as cg:
+            await cg.put_many(keys, [b"x" * 1000] * n)
+        real_get, first = g.store.get, [True]
+
+        async def get(owner: Any, ks: list[bytes]) -> Any:  # the get misses everything at first
+            if isinstance(owner, _Conn) and first[0]:
+                first[0] = False
+                return 0, [None] * len(ks)
+            return await real_get(owner, ks)
+
+        async def fetch_missing(ks: list[bytes], on_stored: Any = None) -> int:  # one part per key
+            for k in ks:
+                await on_stored([k])
+            return len(ks)
+
+        g.store.get = get  # type: ignore[method-assign]
+        g.mesh.fetch_missing = fetch_missing  # type: ignore[method-assign]
+
+        def sync_get() -> list[int | None]:
+            with Client(g.socket_path, timeout=20) as c:
+                return c.get_many_into(keys, [bytearray(1000) for _ in keys])
+
+        with trio.fail_after(30):
+            if kind == "sync":
+                got = await trio.to_thread.run_sync(sync_get)
+            else:
+                async with await AsyncClient.connect(g.socket_path) as c:
+                    got = await c.get_many_into(keys, [bytearray(1000) for _ in keys])
+        assert got == [1000] * n
+        await _until(lambda: g.store.statistics().active_leases == 0, 5)
         nursery.cancel_scope.cancel()

@@ -599,18 +599,27 @@ class DataPlane:
         publish: trio.MemorySendChannel[bytes] | None = None
 
         def landed(t: int, digest: int) -> None:
+            # Runs as a run_sync_soon callback while the receive thread goes on (TCP): anything
+            # raised here would end the whole Trio run, so nothing may escape.
             i = which[t]
             off = offsets[i]
             if off < 0:
                 return  # read and discarded
             k, size, ck = keys[i], sizes[i], cks[i]
             if digest == ck:
-                store.commit(owner, [k], [ck])
+                try:
+                    store.commit(owner, [k], [ck])
+                except Exception:  # a store bug: the block is not stored (drop_owner frees it)
+                    log.exception("commit of a fetched block failed", extra={"fields": {"key": k.hex()}})
+                    return
                 self._c["blocks_in"] += 1
                 self._c["bytes_in"] += size
                 out[i] = True
                 if publish is not None:
-                    publish.send_nowait(k)
+                    try:
+                        publish.send_nowait(k)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the hand-on task has stopped (cancelled): the block stays stored
             else:
                 store.abort(owner, [k])
                 self._c["corrupt_blocks"] += 1
@@ -637,10 +646,15 @@ class DataPlane:
                 await chan.recv_blocks(targets, landed)
             else:
                 publish, stored = trio.open_memory_channel[bytes](float("inf"))
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_hand_on, stored, on_stored)
-                    with publish:
-                        await chan.recv_blocks(targets, landed)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_hand_on, stored, on_stored)
+                        with publish:
+                            await chan.recv_blocks(targets, landed)
+                except BaseExceptionGroup as eg:  # the receive's own error, not wrapped
+                    if len(eg.exceptions) == 1:
+                        raise eg.exceptions[0] from None
+                    raise
         finally:
             for v in views:
                 v.release()
@@ -785,7 +799,8 @@ class DataPlane:
 
 
 async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored) -> None:
-    """Pass committed keys to ``on_stored`` in groups: whatever landed while the last call ran."""
+    """Pass committed keys to ``on_stored`` in groups: whatever landed while the last call ran.
+    A failing ``on_stored`` is logged and the transfer goes on (the blocks are stored anyway)."""
     async with stored:
         async for k in stored:
             group = [k]
@@ -794,7 +809,10 @@ async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored
                     group.append(stored.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await on_stored(group)
+            try:
+                await on_stored(group)
+            except Exception:
+                log.exception("on_stored failed; the fetch goes on", extra={"fields": {"keys": len(group)}})
 
 
 class _StaleConnection(Exception):
