@@ -35,6 +35,10 @@ deltas after it from a log of its last ``resend_log``. If they have not arrived 
 later, or for a new holder epoch (a restart) or a view without entries, the receiver fetches a
 summary (one in flight per holder, retried every ``fetch_timeout_s`` until the view has caught up
 with the newest version heard of); deltas that arrive meanwhile are stashed and replayed on top.
+A view that goes on applying deltas while its summary is on the way (in a resize, or fetching a
+new generation) keeps them (up to ``_STASH``, then it stashes instead): a summary older than the
+view is installed with them replayed on top, not refetched (that looped while a summary took
+longer than the holder's next delta).
 A node of the previous version ignores a delta that names itself, so the requester falls back to
 the summary.
 
@@ -188,7 +192,7 @@ class DirectoryStats(msgspec.Struct, frozen=True, kw_only=True):
 class _View:
     __slots__ = (
         "node", "addr", "epoch", "gen", "ver", "tab", "hid", "stash", "fetch_until", "count",
-        "want_epoch", "want_gen", "want_ver", "migrate", "resent",
+        "want_epoch", "want_gen", "want_ver", "migrate", "resent", "kept", "kept_from",
     )  # fmt: skip
 
     def __init__(self, node: str, addr: str) -> None:
@@ -208,6 +212,10 @@ class _View:
         self.want_ver = -1
         self.migrate = False  # our entries must move to the new table: fetch a summary
         self.resent = False  # a resend was asked for since the view was last caught up
+        # deltas applied since a summary was first asked for (None: not fetching), so that a
+        # summary older than ``ver`` (built before them) can still be installed, with them on top
+        self.kept: list[DirDelta] | None = None
+        self.kept_from = -1  # ``ver`` when the fetch was asked for: no summary can be older
 
     @property
     def behind(self) -> bool:
@@ -481,7 +489,9 @@ class Directory:
         if d.ver <= v.ver and d.prev != d.ver:
             self._c["stale_ignored"] += 1
         elif d.prev == v.ver:
-            if d.ver != d.prev:
+            if d.ver != d.prev and not _may_apply(v):
+                self._stash(v, d)  # ``kept`` is full: wait for the summary, replay it on top
+            elif d.ver != d.prev:
                 self._apply(v, d)
                 if v.stash:
                     self._drain(v)
@@ -544,7 +554,7 @@ class Directory:
         while moved:
             moved = False
             for d in v.stash:
-                if d.epoch == v.epoch and d.prev == v.ver and d.ver > d.prev:
+                if d.epoch == v.epoch and d.prev == v.ver and d.ver > d.prev and _may_apply(v):
                     self._apply(v, d)
                     moved = True
         v.stash = [d for d in v.stash if d.epoch == v.epoch and d.ver > v.ver]
@@ -554,11 +564,14 @@ class Directory:
         if v.fetch_until > now:
             return
         v.fetch_until = now + self.config.fetch_timeout_s
+        if v.kept is None and v.tab is not None:  # the deltas we apply until it is installed
+            v.kept, v.kept_from = [], v.ver
         self._streams.append((v.addr, DirSummaryReq(v.node)))
 
     def _reset(self, v: _View) -> None:
         self._unplace(v)
         v.stash = []
+        v.kept = None
         v.fetch_until = -_INF
         self._settle()
 
@@ -577,10 +590,21 @@ class Directory:
         v = self._views.get(s.node)
         if v is None:
             v = self._views[s.node] = _View(s.node, src)
-        v.fetch_until = -_INF
+        # Deltas applied since we asked (to the old table in a resize, or while a new generation
+        # is fetched) make v.ver overtake a summary built before they arrived: replay them on
+        # top of it. Ignoring it and asking again would loop as long as a summary takes longer
+        # than the holder's next delta. What is not covered was asked for earlier (a fetch of
+        # an episode since caught up, or a retry's first answer): the newer answer is coming.
+        kept = v.kept if v.kept is not None and s.epoch == v.epoch else []
         if (s.epoch, s.ver) < (v.epoch, v.ver):
-            self._c["stale_ignored"] += 1
-            return
+            kept = [d for d in kept if d.ver > s.ver]
+            if s.ver < v.kept_from or not kept or kept[0].prev != s.ver:
+                self._c["stale_ignored"] += 1
+                return
+        else:
+            kept = []
+        v.fetch_until = -_INF
+        v.kept = None
         self._unplace(v)
         if not v.hid:
             v.hid = self._alloc_hid(v.node)
@@ -589,7 +613,7 @@ class Directory:
         v.tab = tab
         v.epoch, v.gen, v.ver, v.count = s.epoch, s.gen, s.ver, n
         self._c["summaries_installed"] += 1
-        stash = sorted(
+        stash = kept + sorted(
             (d for d in v.stash if d.epoch == v.epoch and d.ver > v.ver), key=lambda d: d.prev
         )
         v.stash = []
@@ -615,12 +639,15 @@ class Directory:
             tab.remove(fp, hid)
         v.count += len(d.added) - len(d.removed)
         v.ver = d.ver
+        if v.kept is not None:
+            v.kept.append(d)
         self._c["deltas_applied"] += 1
 
     def _reached(self, v: _View, now: float) -> None:
         if not v.behind:
             self._behind.discard(v.node)
             v.stash = []
+            v.kept = None
             v.resent = False
             v.fetch_until = -_INF
         if self.observer is not None:
@@ -814,6 +841,12 @@ class Directory:
             resizes=self._resizes,
             **self._c,
         )
+
+
+def _may_apply(v: _View) -> bool:
+    """Whether ``v`` may apply a delta now: not while fetching with ``kept`` full (its version
+    then stays put, so the summary on its way is not older than what it would have to replay)."""
+    return v.kept is None or len(v.kept) < _STASH
 
 
 def _key(key: bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -482,3 +483,111 @@ def test_random_churn_with_loss_and_reordering_converges_to_the_truth(seed: int)
     assert b.prefix_in_mesh(order) >= order.index(min(set(order) - held, default=order[-1]))
     st = b.statistics()
     assert st.view_blocks == len(held) and st.overflow_entries == 0
+
+
+def _publish_while_fetching(
+    a: Directory, b: Directory, ticks: int, *, gen: int = 0, pre: int = 0
+) -> list[bytes]:
+    """a publishes every tick; each summary b asked for is built at once but its stream lands
+    after a's next delta (a summary round trip slower than a's publish interval). From the
+    second tick a's deltas and summaries carry generation ``gen``. ``pre`` keys are held, and
+    known to b, before (b's table is sized for them)."""
+    pa, pb = [("b", ADDR["b"])], [("a", ADDR["a"])]
+    ks = keys(pre + 55 * ticks, seed=9)
+    now = 0.0
+    if pre:
+        w = Wire(a, b)
+        a.local_added(ks[:pre], now)
+        w.tick(0.1)
+    for i in range(ticks):
+        now += 0.3
+        gen_now = gen if i else 0
+        i_ks = ks[pre:]
+
+        def raised(x: DirDelta, g: int = gen_now) -> DirDelta:
+            return msgspec.structs.replace(x, gen=g)
+
+        a.local_added(i_ks[55 * i : 55 * i + 50], now)
+        a.handle_timer(now + 1e-9, pa)
+        b.handle_timer(now + 1e-9, pb)
+        deltas = a.take_outbox()
+        built = []
+        for _, req in b.take_streams():  # answered now, at a's current version ...
+            s = a.handle_stream(req, ADDR["b"], now)
+            assert s is not None
+            built.append(msgspec.structs.replace(s, gen=gen_now))
+        for _, d in deltas:  # ... but a's next deltas land before the summary's stream
+            b.handle_delta(raised(d), ADDR["a"], now)
+        a.local_added(i_ks[55 * i + 50 : 55 * i + 55], now)
+        a.handle_timer(now + a.config.batch_s + 1e-9, pa)
+        for _, d in a.take_outbox():
+            b.handle_delta(raised(d), ADDR["a"], now)
+        for s in built:
+            b.handle_stream(s, ADDR["a"], now)
+    return ks
+
+
+def test_a_resize_completes_while_the_holder_publishes_faster_than_a_summary_round_trip() -> None:
+    """In a resize a view keeps applying deltas to the old table, so the summary it fetched
+    arrives older than the view: it is installed with the deltas applied since replayed on top.
+    (It used to be ignored as stale and fetched again at once, forever: the resize never ended
+    and the holder sent a full summary every round trip.)"""
+    a, b = mk("a"), mk("b")
+    ks = _publish_while_fetching(a, b, 60)
+    st = b.statistics()
+    assert st.resizes >= 3 and st.stale_ignored == 0, st
+    assert st.summaries_installed == st.resizes + 1 == a.statistics().summaries_sent, st
+    assert b.view_version("a") == a.version and st.view_blocks == len(ks)
+    assert b.next_deadline() == math.inf and not b.take_streams()  # no resize left half-done
+    assert b.prefix_in_mesh(ks) == len(ks) and all(h == ["a"] for h in b.lookup_holders(ks))
+
+
+def test_a_view_fetching_a_new_generation_catches_up_while_deltas_keep_arriving() -> None:
+    """The same outside a resize: a holder (of a later version) raises its generation; the view
+    applies its deltas and fetches a summary, which arrives after the next delta. One fetch."""
+    a, b = mk("a"), mk("b")
+    ks = _publish_while_fetching(a, b, 6, gen=1, pre=5000)
+    st = b.statistics()
+    assert st.resizes == 0 and st.stale_ignored == 0, st
+    assert st.summaries_installed == 2, st  # the first, then the new generation's
+    assert a.statistics().summaries_sent == 2
+    assert b.view_version("a") == a.version and st.view_blocks == len(ks)
+    assert b.next_deadline() == math.inf
+    assert all(h == ["a"] for h in b.lookup_holders(ks))
+
+
+def test_a_long_burst_while_a_summary_is_on_its_way_is_kept_then_stashed_then_refetched() -> None:
+    """Deltas applied while fetching are kept up to a bound; past it the view stops applying
+    (stashes), so the summary on its way is never older than what can be replayed; what did
+    not fit is fetched again, by a summary newer than the view."""
+    a, b = mk("a"), mk("b")
+    w = Wire(a, b)
+    ks = keys(25000, seed=11)
+    a.local_added(ks[:100], 0.0)
+    w.tick(0.1)
+    a.local_added(ks[100:400], 0.2)  # b's table overflows: a resize, a summary fetch
+    a.handle_timer(0.3 + 1e-9, w.peers("a"))
+    for _, d in a.take_outbox():
+        b.handle_delta(d, ADDR["a"], 0.3)
+    assert b.statistics().resizes == 1
+    [(_, req)] = b.take_streams()
+    s = a.handle_stream(req, ADDR["b"], 0.3)  # built now, delivered after the burst
+    assert s is not None
+    now = 0.3
+    for i in range(400, 25000, 1000):  # ~170 deltas: 64 kept, 64 stashed, the rest lost
+        now += 0.1
+        a.local_added(ks[i : i + 1000], now)
+        a.handle_timer(now + 1e-9, w.peers("a"))
+        for _, d in a.take_outbox():
+            b.handle_delta(d, ADDR["a"], now)
+    assert s.ver < b.view_version("a") < a.version  # kept some, then stopped applying
+    b.handle_stream(s, ADDR["a"], now)
+    st = b.statistics()
+    assert st.stale_ignored == 0 and st.summaries_installed == 2, st
+    assert s.ver < b.view_version("a") < a.version  # what did not fit is fetched again
+    w.pump(now)
+    w.tick(now + 0.1)
+    st = b.statistics()
+    assert b.view_version("a") == a.version and st.view_blocks == 25000 and st.stale_ignored == 0
+    assert b.next_deadline() == math.inf
+    assert all(h == ["a"] for h in b.lookup_holders(ks))
