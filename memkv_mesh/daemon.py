@@ -408,7 +408,7 @@ class Daemon:
             await self._send_part(conn, lease, hits, [b for b in blocks if b is not None], sent)
 
         async def on_stored(ks: list[bytes]) -> None:
-            part, found = await store.get(conn, ks)
+            part, found = await store.get(conn, ks, count=False)
             index: list[int] = []
             locs: list[tuple[int, int]] = []
             for k, loc in zip(ks, found, strict=True):
@@ -422,7 +422,7 @@ class Daemon:
 
         await mesh.fetch_missing(list(wanted), on_stored)
         rest = [i for i in range(len(keys)) if not sent[i]]
-        final, found = await store.get(conn, [keys[i] for i in rest]) if rest else (0, [])
+        final, found = await store.get(conn, [keys[i] for i in rest], count=False) if rest else (0, [])
         out: list[tuple[int, int] | None] = [None] * len(keys)
         for i, loc in zip(rest, found, strict=True):
             out[i] = loc
@@ -539,7 +539,7 @@ class Daemon:
                 if await self.mesh.fetch_missing([k for k, b in zip(req.keys, blocks, strict=True) if b is None]):
                     if lease:
                         store.release(conn, lease)
-                    lease, blocks = await store.get(conn, req.keys)
+                    lease, blocks = await store.get(conn, req.keys, count=False)
             return protocol.Located(lease, blocks)
         if isinstance(req, protocol.Release):
             store.release(conn, req.lease)

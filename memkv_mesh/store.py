@@ -318,8 +318,13 @@ class BlockStore:
             self._alloc.free(e.offset)
 
     # ---- get --------------------------------------------------------------------------------------
-    async def get(self, owner: Hashable, keys: Sequence[bytes]) -> tuple[int, list[tuple[int, int] | None]]:
-        """Pin what is found (promoting from NVMe) under one lease: (lease id or 0, locations)."""
+    async def get(
+        self, owner: Hashable, keys: Sequence[bytes], *, count: bool = True
+    ) -> tuple[int, list[tuple[int, int] | None]]:
+        """Pin what is found (promoting from NVMe) under one lease: (lease id or 0, locations).
+
+        ``count=False``: a second look at keys whose hit or miss was already counted (the daemon
+        pinning blocks it just fetched from the mesh), so hits and misses are not counted twice."""
         _check_keys(keys)
         pinned: list[_Entry] = []
         out: list[tuple[int, int] | None] = []
@@ -328,12 +333,12 @@ class BlockStore:
                 e = self._index.get(k)
                 if e is None and self.nvme is not None and k in self.nvme:
                     e = await self._promote(k)
-                    if e is not None:
+                    if e is not None and count:
                         self._c["hits_nvme"] += 1
-                elif e is not None:
+                elif e is not None and count:
                     self._c["hits_dram"] += 1
                 if e is None:
-                    self._c["misses"] += 1
+                    self._c["misses"] += count
                     out.append(None)
                     continue
                 e.pins += 1

@@ -238,6 +238,8 @@ async def test_status_and_metrics_name_the_transport_and_count_the_mesh(
             await ca.put_many(remote, [b"m" * 300_000] * 4)
         async with await AsyncClient.connect(g.socket_path) as cg:
             assert await cg.get_many_into(remote, bytearray(1_200_000)) == [300_000] * 4
+        st = g.store.statistics()  # each block counted once: a local miss, fetched from the mesh
+        assert (st.misses, st.hits_dram, st.get_bytes) == (4, 0, 1_200_000)
         text = g.metrics.render().decode()
         assert 'memkv_dataplane_info{address="' in text and 'transport="tcp"' in text
         assert 'memkv_dataplane_blocks_total{direction="in"} 4.0' in text
@@ -266,11 +268,11 @@ async def test_a_get_streamed_in_many_parts_does_not_wedge_the_socket(
             await cg.put_many(keys, [b"x" * 1000] * n)
         real_get, first = g.store.get, [True]
 
-        async def get(owner: Any, ks: list[bytes]) -> Any:  # the get misses everything at first
+        async def get(owner: Any, ks: list[bytes], **kw: Any) -> Any:  # the get misses all at first
             if isinstance(owner, _Conn) and first[0]:
                 first[0] = False
                 return 0, [None] * len(ks)
-            return await real_get(owner, ks)
+            return await real_get(owner, ks, **kw)
 
         async def fetch_missing(ks: list[bytes], on_stored: Any = None) -> int:  # one part per key
             for k in ks:
