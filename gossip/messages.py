@@ -55,6 +55,10 @@ class NodeMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     capacity_weight: float = 1.0  # rendezvous-hashing weight of a flash peer
     data_addr: str = ""  # "host:port" of the data plane
     protocol_version: int = 1
+    # The placement hash this node computes owners with (memkv_mesh.placement.PLACEMENT_VERSION);
+    # nodes that predate the field are version 1. Nodes of another version are left out of
+    # placement: every node must compute the same owners.
+    placement: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in ("gpu", "flash", "both"):
@@ -74,10 +78,11 @@ class WireMeta(msgspec.Struct, frozen=True, array_like=True):
     capacity_weight: float
     data_addr: str
     protocol_version: int
+    placement: int = 1  # appended: an older node's 4-field meta decodes as placement 1
 
 
 def wire_meta(m: NodeMeta) -> WireMeta:
-    return WireMeta(m.role, m.capacity_weight, m.data_addr, m.protocol_version)
+    return WireMeta(m.role, m.capacity_weight, m.data_addr, m.protocol_version, m.placement)
 
 
 def node_meta(w: WireMeta) -> NodeMeta:
@@ -88,6 +93,7 @@ def node_meta(w: WireMeta) -> NodeMeta:
         capacity_weight=weight,
         data_addr=w.data_addr,
         protocol_version=max(0, w.protocol_version),
+        placement=max(0, w.placement),
     )
 
 

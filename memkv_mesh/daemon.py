@@ -38,6 +38,7 @@ from memkv_mesh.arena import Arena, arena_path
 from memkv_mesh.config import Config
 from memkv_mesh.keys import KEY_BYTES
 from memkv_mesh.metrics import DaemonCounts, Metrics
+from memkv_mesh.placement import PLACEMENT_VERSION
 from memkv_mesh.store import BlockStore, StoreError
 
 log = logging.getLogger("memkv_mesh.daemon")
@@ -230,6 +231,7 @@ class Daemon:
             capacity_weight=float(max(1, int(self.config.store.nvme_bytes) >> 30)),
             data_addr=data_addr,
             protocol_version=protocol.PROTOCOL_VERSION,
+            placement=PLACEMENT_VERSION,
         )
         try:
             self.gossip = GossipService(

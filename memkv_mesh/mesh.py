@@ -36,7 +36,7 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from memkv_mesh.placement import Candidate, Rendezvous, key_hashes
+from memkv_mesh.placement import PLACEMENT_VERSION, Candidate, Rendezvous, key_hashes
 
 if TYPE_CHECKING:
     from transport.dataplane import OnStored
@@ -97,6 +97,7 @@ class Mesh:
         self._ring: Rendezvous | None = None
         self._addrs: dict[str, str] = {}
         self._suspects: set[str] = set()
+        self._other_placement: set[str] = set()  # peers already warned about
         self._queue: dict[bytes, None] = {}  # insertion-ordered set of keys to replicate
         self._wake = trio.Event()
         self._c = dict.fromkeys(
@@ -124,6 +125,16 @@ class Mesh:
             if m.state not in ("alive", "suspect") or meta.role not in ("flash", "both") or not meta.data_addr:
                 continue
             if meta.capacity_weight <= 0:
+                continue
+            version = getattr(meta, "placement", PLACEMENT_VERSION)
+            if version != PLACEMENT_VERSION:
+                if m.node_id not in self._other_placement:
+                    self._other_placement.add(m.node_id)
+                    log.warning(
+                        "flash peer computes owners with another placement version; left out of placement "
+                        "(its blocks are still found through the directory): upgrade the whole mesh",
+                        extra={"fields": {"peer": m.node_id, "theirs": version, "ours": PLACEMENT_VERSION}},
+                    )
                 continue
             cands.append((m.node_id, float(meta.capacity_weight)))
             addrs[m.node_id] = meta.data_addr

@@ -46,7 +46,11 @@ import msgspec
 import numpy as np
 import xxhash
 
-__all__ = ["Candidate", "Rendezvous", "key_hashes", "node_seed", "owners"]
+__all__ = ["PLACEMENT_VERSION", "Candidate", "Rendezvous", "key_hashes", "node_seed", "owners"]
+
+# Bumped whenever owners() would answer differently for the same members and key. 1: seeded
+# xxh3_64(key, seed) per candidate; 2: fmix64(xxh3_64(key) ^ seed). Gossiped in NodeMeta.placement.
+PLACEMENT_VERSION = 2
 
 _SEED_DOMAIN = b"memkv-placement/"
 _TWO_64 = float(2**64)

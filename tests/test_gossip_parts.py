@@ -176,3 +176,15 @@ def test_gossip_package_does_no_io() -> None:
         text = path.read_text()
         for b in banned:
             assert b not in text, f"{path.name} must not {b!r}"
+
+
+def test_node_meta_carries_the_placement_version_and_old_metas_decode_as_1() -> None:
+    import msgspec
+
+    from gossip.messages import NodeMeta, WireMeta, node_meta, wire_meta
+
+    m = NodeMeta(role="flash", data_addr="h:1", placement=2)
+    back = node_meta(msgspec.msgpack.decode(msgspec.msgpack.encode(wire_meta(m)), type=WireMeta))
+    assert back == m
+    old = msgspec.msgpack.encode(["flash", 1.0, "h:1", 1])  # a 4-field meta from an older build
+    assert node_meta(msgspec.msgpack.decode(old, type=WireMeta)).placement == 1

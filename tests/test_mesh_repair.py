@@ -208,3 +208,20 @@ async def test_keys_dropped_from_a_full_replication_queue_are_retried(monkeypatc
     assert m.statistics().replication_dropped == 5
     await m.repair_pass()
     assert {k for _, k in p.pushed} == set(KEYS[:5])
+
+
+async def test_a_peer_on_another_placement_version_is_left_out(caplog: Any) -> None:
+    live = ["a", "b", "c"]
+    m, g, _ = _mesh("a", live)
+
+    class _Old(_Gossip):
+        def members(self) -> list[_Member]:
+            ms = super().members()
+            for x in ms:
+                if x.node_id == "c":
+                    x.meta.placement = 1  # type: ignore[attr-defined]
+            return ms
+
+    m.gossip = _Old(live)
+    assert all("c" not in m.owners(k) for k in KEYS[:200])  # owners only among same-version peers
+    assert "another placement version" in caplog.text
