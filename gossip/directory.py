@@ -42,6 +42,17 @@ longer than the holder's next delta).
 A node of the previous version ignores a delta that names itself, so the requester falls back to
 the summary.
 
+Installing a summary is incremental: no call places more than ``install_step`` work units (an
+entry of the vectorised pass is one, a step of an eviction walk ``_WALK_COST``, clearing old
+entries one per ``_SCAN_SLOTS`` slots). The call that receives a summary starts it (a small one
+ends there); while one is pending ``next_deadline()`` is ``now``, so the driver calls
+``handle_timer`` again at once and each call places the next share. Meanwhile the view's entries
+stay where they are and keep taking deltas (kept, as above); the new ones go in beside them (in
+the new table during a resize, else in the same table under a second holder id) and lookups read
+both: no false negatives for the old view. When all are placed the old entries are cleared and
+the kept deltas replayed on top: the same end state as an install in one call. A resize restarts
+pending installs in the new table; a newer summary, a restart or a death drops one.
+
 Table size. The table keeps 9 bits of each fingerprint, not the key, so it cannot be rehashed in
 place. At the first summary it is sized for what the receiver expects (this holder's count times
 the number of members, at ``target_load``). When it passes ``max_load`` (or entries start to find
@@ -106,6 +117,8 @@ _xxh = xxhash.xxh3_64_intdigest  # = directory_filter.fingerprint, without the c
 _FP_BYTES = 9  # msgpack of a 64-bit unsigned int (0xcf + 8 bytes)
 _DELTA_RESERVE = 48  # a delta's own fields (tag, epoch, gen, versions, array headers)
 _STASH = 64  # deltas kept while a summary is being fetched
+_WALK_COST = 10  # install work units per eviction-walk step (~3 us against ~0.3 us per entry)
+_SCAN_SLOTS = 256  # table slots scanned (clearing a holder's old entries) per install work unit
 _MIN_BUCKETS = 4
 _NARROW_HIDS = (1 << NARROW_SHIFT) - 1  # 16-bit entries hold holder ids 1..127
 SUMMARY_FORMAT = 48  # DirSummary.k: top 48 bits of each fingerprint, 6 B (1..10: Bloom, format 1)
@@ -146,6 +159,12 @@ class DirectoryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Keys whose fingerprint is remembered (a prompt's prefix is looked up again and again);
     # ~200 B each in Python objects, so 8192 keys cost ~1.6 MB. 0 turns the cache off.
     hash_cache: int = 8192
+    # Summary work placed per call (a bigger summary is installed over several timer calls, the
+    # old view answering meanwhile): one unit per entry of the vectorised pass (~0.3 us), 10 per
+    # eviction-walk step (~3 us, most entries near a full table). 50,000 units measured <= 11 ms
+    # per call filling a table to 0.88 and <= 20 ms up to 0.95, so the Trio loop (SWIM probes,
+    # lookups) stays responsive while a 15 M-block holder is installed (~300 calls, not one ~7 s).
+    install_step: int = 50000
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -161,6 +180,7 @@ class DirectoryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             ("min_load", 0.0 <= self.min_load < self.target_load),
             ("max_kicks", self.max_kicks >= 0),
             ("hash_cache", self.hash_cache >= 0),
+            ("install_step", self.install_step >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -187,12 +207,13 @@ class DirectoryStats(msgspec.Struct, frozen=True, kw_only=True):
     stale_ignored: int
     resends_asked: int  # gaps we asked a holder to fill by resending deltas
     resends_sent: int  # resend requests we answered
+    installing: int = 0  # summary entries still to be placed (``install_step`` per timer call)
 
 
 class _View:
     __slots__ = (
         "node", "addr", "epoch", "gen", "ver", "tab", "hid", "stash", "fetch_until", "count",
-        "want_epoch", "want_gen", "want_ver", "migrate", "resent", "kept", "kept_from",
+        "want_epoch", "want_gen", "want_ver", "migrate", "resent", "kept", "kept_from", "inst",
     )  # fmt: skip
 
     def __init__(self, node: str, addr: str) -> None:
@@ -216,12 +237,29 @@ class _View:
         # summary older than ``ver`` (built before them) can still be installed, with them on top
         self.kept: list[DirDelta] | None = None
         self.kept_from = -1  # ``ver`` when the fetch was asked for: no summary can be older
+        self.inst: _Install | None = None  # a summary being placed a step at a time
 
     @property
     def behind(self) -> bool:
-        return self.tab is None or self.migrate or (
+        return self.tab is None or self.migrate or self.inst is not None or (
             (self.epoch, self.ver) < (self.want_epoch, self.want_ver)
-        ) or (self.epoch == self.want_epoch and self.gen < self.want_gen)
+        ) or (self.epoch == self.want_epoch and self.gen < self.want_gen)  # fmt: skip
+
+
+class _Install:
+    """A summary being placed ``install_step`` entries per call into ``tab`` under ``hid``
+    (the view's own id in another table, or a second id in its own table)."""
+
+    __slots__ = ("s", "n", "pos", "tab", "hid", "walk", "walk_b")
+
+    def __init__(self, s: DirSummary, n: int, tab: HolderTable, hid: int) -> None:
+        self.s = s
+        self.n = n
+        self.pos = 0  # entries through the vectorised pass so far (summary order)
+        self.tab = tab
+        self.hid = hid
+        self.walk: list[int] = []  # tags left by that pass, to place by eviction walks
+        self.walk_b: list[int] = []  # ... and their first buckets
 
 
 class Directory:
@@ -271,6 +309,7 @@ class Directory:
         self._npeers = 0
         self._resizes = 0
         self._shrink_due = False
+        self._installing: dict[str, None] = {}  # views with a summary being placed, in order
         self._now = 0.0  # the latest time we were given (a due shrink check runs then)
         # key -> its lookup record in _rc_for (12 bytes: two buckets and a tag), bounded
         self._rc: dict[bytes, bytes] = {}
@@ -365,7 +404,9 @@ class Directory:
     def summary(self) -> DirSummary:
         """Our fingerprints as of our last published version (what a fetching receiver gets).
 
-        Built once per published version: the fetches that follow share one build."""
+        Built once per published version: the fetches that follow share one build. One call,
+        O(blocks) (~0.1 s per 1 M): the reply is a single frame (16 MiB: <= ~2.8 M blocks), so
+        bounding it further needs chunked summaries (see docs/directory.md)."""
         c = self._summary
         if c is not None and c.ver == self._ver and c.epoch == self.epoch and c.gen == self._gen:
             return c
@@ -401,7 +442,7 @@ class Directory:
 
     def next_deadline(self) -> float:
         t = min(self._flush_at, self._marker_at, self._refresh_at)
-        if self._shrink_due:
+        if self._shrink_due or self._installing:
             return self._now
         if self._behind:
             views = self._views
@@ -440,6 +481,8 @@ class Directory:
                     self._behind.discard(node)
                 elif v.fetch_until <= now:  # the fetch was lost (stream failed): ask again
                     self._fetch(v, now)
+        if self._installing:
+            self._install_step(now)
 
     def peer_joined(self, addr: str) -> None:
         """A member became alive: tell it our version so it fetches our summary."""
@@ -451,6 +494,7 @@ class Directory:
         v = self._views.pop(node, None)
         self._behind.discard(node)
         if v is not None:
+            self._abort(v)
             self._unplace(v)
             if v.hid:
                 del self._by_hid[v.hid]
@@ -482,6 +526,8 @@ class Directory:
             v.want_ver = max(v.want_ver, d.ver)
         if d.epoch > v.epoch and v.tab is not None:
             self._reset(v)  # the holder restarted: what we knew is void
+        elif v.inst is not None and d.epoch > v.inst.s.epoch:
+            self._abort(v)  # a summary of the holder's previous run
         if v.tab is None or d.epoch > v.epoch:
             self._stash(v, d)
             self._fetch(v, now)
@@ -513,6 +559,7 @@ class Directory:
                 return None
             self._c["summaries_sent"] += 1
             return self.summary()
+        self._now = now
         self._install(msg, src, now)
         return None
 
@@ -569,6 +616,7 @@ class Directory:
         self._streams.append((v.addr, DirSummaryReq(v.node)))
 
     def _reset(self, v: _View) -> None:
+        self._abort(v)
         self._unplace(v)
         v.stash = []
         v.kept = None
@@ -590,19 +638,26 @@ class Directory:
         v = self._views.get(s.node)
         if v is None:
             v = self._views[s.node] = _View(s.node, src)
-        # Deltas applied since we asked (to the old table in a resize, or while a new generation
-        # is fetched) make v.ver overtake a summary built before they arrived: replay them on
-        # top of it. Ignoring it and asking again would loop as long as a summary takes longer
-        # than the holder's next delta. What is not covered was asked for earlier (a fetch of
-        # an episode since caught up, or a retry's first answer): the newer answer is coming.
-        kept = v.kept if v.kept is not None and s.epoch == v.epoch else []
-        if (s.epoch, s.ver) < (v.epoch, v.ver):
-            kept = [d for d in kept if d.ver > s.ver]
-            if s.ver < v.kept_from or not kept or kept[0].prev != s.ver:
-                self._c["stale_ignored"] += 1
-                return
-        else:
-            kept = []
+        p = v.inst
+        if p is not None and (s.epoch, s.ver, s.gen) <= (p.s.epoch, p.s.ver, p.s.gen):
+            self._c["stale_ignored"] += 1  # the one being placed is as new
+            return
+        if self._replay(v, s) is None:
+            self._c["stale_ignored"] += 1
+            return
+        if p is not None:
+            self._abort(v)
+        if self._begin(v, s, n, now):
+            left = self._advance(v, self.config.install_step)  # a small one is placed at once
+            p = v.inst
+            assert p is not None
+            if p.pos >= n and not p.walk and left >= _scan_units(v):
+                self._finish(v, now)
+            return
+        # no second id for the view in its own table (or no room for both copies) and small
+        # enough for one call: the view's entries are replaced at once
+        kept = self._replay(v, s)
+        assert kept is not None
         v.fetch_until = -_INF
         v.kept = None
         self._unplace(v)
@@ -611,6 +666,145 @@ class Directory:
         tab = self._room_for(v, n, now)
         tab.insert(unpack48(s.words), v.hid)
         v.tab = tab
+        self._installed(v, s, n, kept, now)
+
+    def _replay(self, v: _View, s: DirSummary) -> list[DirDelta] | None:
+        """The deltas to replay on top of ``s`` (None: ``s`` is older than the view and not
+        covered by what it kept, so it is stale).
+
+        Deltas applied since we asked (to the old table in a resize, while a new generation is
+        fetched, or while a summary is placed step by step) make v.ver overtake a summary built
+        before they arrived: they are replayed on top of it. Ignoring it and asking again would
+        loop as long as a summary takes longer than the holder's next delta. What is not
+        covered was asked for earlier (a fetch of an episode since caught up, or a retry's first
+        answer): the newer answer is coming."""
+        kept = v.kept if v.kept is not None and s.epoch == v.epoch else []
+        if (s.epoch, s.ver) < (v.epoch, v.ver):
+            kept = [d for d in kept if d.ver > s.ver]
+            if s.ver < v.kept_from or not kept or kept[0].prev != s.ver:
+                return None
+            return kept
+        return []
+
+    def _begin(self, v: _View, s: DirSummary, n: int, now: float) -> bool:
+        """Start placing a summary, ``install_step`` work units per call. Meanwhile the view's
+        current entries stay where they are, go on taking deltas (kept for the replay) and
+        answer lookups: no false negatives. False (a small summary only): the view's own table
+        has no second 16-bit holder id or no room for both copies; install it at once."""
+        target = self._next if self._next is not None else self._tab
+        if v.tab is not None and v.tab is target and n <= self.config.install_step:
+            nxt = self._free_hids[0] if self._free_hids else self._hid_top + 1
+            room = target.size + target.n_overflow + self._reserved(target) + n
+            if (nxt > _NARROW_HIDS and not self._wide) or (
+                self._next is None and room > self.config.max_load * target.capacity
+            ):
+                return False
+        v.fetch_until = _INF  # the answer is here: no retry while it is placed
+        if v.kept is None and v.tab is not None:
+            v.kept, v.kept_from = [], v.ver
+        if not v.hid:
+            v.hid = self._alloc_hid(v.node)
+        tab = self._room_for(v, n, now)
+        if tab is v.tab:  # the old and the new entries side by side: two ids
+            nxt = self._free_hids[0] if self._free_hids else self._hid_top + 1
+            if nxt > _NARROW_HIDS and not self._wide and self._next is None:
+                # a big one and no narrow id left: grow the table rather than widen its entries
+                grown = max(self._expected(None, 0),
+                            math.ceil(1.25 * self.config.target_load * tab.capacity))  # fmt: skip
+                tab = self._new_table(grown)
+                self._start_resize(tab, now)
+                hid = v.hid
+            else:
+                hid = self._alloc_hid(v.node)
+        else:
+            hid = v.hid
+        v.inst = _Install(s, n, tab, hid)
+        self._installing[v.node] = None
+        self._behind.add(v.node)
+        return True
+
+    def _install_step(self, now: float) -> None:
+        """One timer call's share of placement: ``install_step`` work units, oldest install
+        first; the installs that are complete are swapped in."""
+        budget = self.config.install_step
+        while self._installing and budget > 0:
+            v = self._views[next(iter(self._installing))]
+            budget = self._advance(v, budget)
+            p = v.inst
+            assert p is not None
+            if p.pos >= p.n and not p.walk:
+                budget -= self._finish(v, now)
+
+    def _advance(self, v: _View, budget: int) -> int:
+        """Place entries of ``v.inst`` for up to ``budget`` work units; returns what is left.
+
+        A unit is one entry of the vectorised pass (~0.3 us); one step of an eviction walk
+        (~3 us, Python) costs ``_WALK_COST``. So a call costs ~0.3 us x ``install_step``
+        whatever the load (near a full table most of a chunk needs a walk), plus at most one
+        walk's overrun (``max_kicks`` steps)."""
+        p = v.inst
+        assert p is not None
+        tab, hid = p.tab, p.hid
+        while budget > 0:
+            if p.walk:
+                budget -= _WALK_COST * tab.walk(p.walk.pop(), hid, p.walk_b.pop())
+            elif p.pos < p.n:
+                k = min(budget, p.n - p.pos)
+                p.walk, p.walk_b = tab.insert_free(
+                    unpack48(p.s.words[6 * p.pos : 6 * (p.pos + k)]), hid
+                )
+                p.pos += k
+                budget -= k
+            else:
+                break
+        return budget
+
+    def _finish(self, v: _View, now: float) -> int:
+        """Every entry of ``v.inst`` is placed: swap them in for the view's old ones. Returns
+        the work units it took: clearing a holder's entries scans its table (~1 ns per slot,
+        ``_SCAN_SLOTS`` slots per unit)."""
+        p = v.inst
+        assert p is not None
+        scan = _scan_units(v)
+        v.inst = None
+        del self._installing[v.node]
+        v.fetch_until = -_INF
+        kept = self._replay(v, p.s)
+        if kept is None:  # the view went its own way meanwhile (it caught up without it)
+            p.tab.remove_holder(p.hid)
+            if p.hid != v.hid:
+                self._free_hid(p.hid)
+            self._c["stale_ignored"] += 1
+            if v.tab is not None and self._next is not None and v.tab is not self._next:
+                v.migrate = True
+                self._fetch(v, now)
+            self._reached(v, now)
+            self._settle()
+            return scan
+        v.kept = None
+        if v.tab is not None and (v.tab is not p.tab or v.hid != p.hid):
+            v.tab.remove_holder(v.hid)
+        if v.hid != p.hid:
+            self._free_hid(v.hid)
+        v.tab, v.hid, v.migrate = p.tab, p.hid, False
+        self._installed(v, p.s, p.n, kept, now)
+        return scan
+
+    def _abort(self, v: _View) -> None:
+        """Drop the summary being placed for ``v`` (and what of it is placed)."""
+        p = v.inst
+        if p is None:
+            return
+        v.inst = None
+        del self._installing[v.node]
+        if p.pos:
+            p.tab.remove_holder(p.hid)
+        if p.hid != v.hid:
+            self._free_hid(p.hid)
+        v.fetch_until = -_INF
+
+    def _installed(self, v: _View, s: DirSummary, n: int, kept: list[DirDelta],
+                   now: float) -> None:  # fmt: skip
         v.epoch, v.gen, v.ver, v.count = s.epoch, s.gen, s.ver, n
         self._c["summaries_installed"] += 1
         stash = kept + sorted(
@@ -671,6 +865,10 @@ class Directory:
         self._by_hid[hid] = node
         return hid
 
+    def _free_hid(self, hid: int) -> None:
+        del self._by_hid[hid]
+        heapq.heappush(self._free_hids, hid)
+
     def _new_table(self, entries: int) -> HolderTable:
         buckets = max(_MIN_BUCKETS, math.ceil(entries / (SLOTS * self.config.target_load)))
         return HolderTable(buckets, self.rng, max_kicks=self.config.max_kicks, wide=self._wide)
@@ -678,9 +876,10 @@ class Directory:
     def _expected(self, v: _View | None, n: int) -> int:
         """Entries to size a table for: the placed views, ``n`` more for ``v``, and as many as
         the average holder for each member we know of that has not sent a summary yet."""
-        placed = [x for x in self._views.values() if x.tab is not None and x is not v]
+        placed = [x for x in self._views.values()
+                  if (x.tab is not None or x.inst is not None) and x is not v]  # fmt: skip
         counted = len(placed) + (v is not None)
-        total = sum(x.count for x in placed) + n
+        total = sum(x.inst.n if x.inst is not None else x.count for x in placed) + n
         unknown = max(len(self._views), self._npeers) - counted
         return total + max(0, unknown) * (total // max(1, counted))
 
@@ -689,14 +888,25 @@ class Directory:
         if self._next is not None:
             return self._next  # a resize is under way: every summary goes to the new table
         tab = self._tab
-        if tab is not None and tab.size + tab.n_overflow + n <= self.config.max_load * tab.capacity:
+        room = self.config.max_load * tab.capacity if tab is not None else 0.0
+        if tab is not None and tab.size + tab.n_overflow + self._reserved(tab) + n <= room:
             return tab
         new = self._new_table(self._expected(v, n))
-        if any(x.tab is not None for x in self._views.values()):
+        if any(x.tab is not None or x.inst is not None for x in self._views.values()):
             self._start_resize(new, now)
         else:
             self._tab = new
         return new
+
+    def _reserved(self, tab: HolderTable | None = None) -> int:
+        """Entries of summaries still to be placed (into ``tab``, or anywhere)."""
+        views = self._views
+        left = 0
+        for node in self._installing:
+            p = views[node].inst
+            if p is not None and (tab is None or p.tab is tab):
+                left += p.n - p.pos + len(p.walk)
+        return left
 
     def _check_size(self, now: float, *, shrink: bool = False) -> None:
         """Start a resize if the table is too full, or (``shrink``) too big for what we expect
@@ -720,7 +930,14 @@ class Directory:
         self._next = new
         self._resizes += 1
         for v in self._views.values():
-            if v.tab is not None:
+            p = v.inst
+            if p is not None:  # being placed: start again in the new table (no refetch)
+                if p.pos:
+                    p.tab.remove_holder(p.hid)
+                if p.hid != v.hid:
+                    self._free_hid(p.hid)
+                p.tab, p.hid, p.pos, p.walk, p.walk_b = new, v.hid, 0, [], []
+            elif v.tab is not None:
                 v.migrate = True
                 self._fetch(v, now)
         self._settle()
@@ -732,7 +949,9 @@ class Directory:
             v.tab is not None and v.tab is not nxt for v in self._views.values()
         ):
             self._tab, self._next = nxt, None
-        if self._next is None and not any(v.tab is not None for v in self._views.values()):
+        if self._next is None and not self._installing and all(
+            v.tab is None for v in self._views.values()
+        ):
             self._tab = None
 
     # ---------------------------------------------------------------- lookup
@@ -785,6 +1004,8 @@ class Directory:
             found = [x + y for x, y in zip(tables[0].hit_holders(a), tables[1].hit_holders(a),
                                            strict=True)]  # fmt: skip
         names = self._by_hid
+        if self._installing:  # a view's old and new entries may both match: name it once
+            return [list(dict.fromkeys(names[h] for h in hids)) for hids in found]
         return [[names[h] for h in hids] for hids in found]
 
     def prefix_in_mesh(self, keys: Sequence[bytes]) -> int:
@@ -839,8 +1060,14 @@ class Directory:
             overflow_entries=ov,
             memory_bytes=tb + 8 * ov,
             resizes=self._resizes,
+            installing=self._reserved(),
             **self._c,
         )
+
+
+def _scan_units(v: _View) -> int:
+    """Install work units of clearing the old entries of ``v`` (a scan of their table)."""
+    return v.tab.capacity // _SCAN_SLOTS if v.tab is not None else 0
 
 
 def _may_apply(v: _View) -> bool:

@@ -22,7 +22,9 @@ lookup costs the same whatever the mesh size, and its false-positive rate does n
   Holder names come with the hit: no per-holder pass.
 - Insert (a batch of one holder's fingerprints): a vectorised pass fills free slots of ``b1``,
   then of ``b2``; what is left is placed by a random-walk eviction of up to ``max_kicks`` steps.
-  An entry that still has no room is kept in an exact *overflow* map ``(min(b1, b2), tag) -> hids``
+  ``insert_free`` and ``walk`` are the two halves, so a caller can spread a big batch over
+  calls of bounded work (the directory does). An entry that still has no room is kept in an
+  exact *overflow* map ``(min(b1, b2), tag) -> hids``
   (never dropped: no false negatives); the directory grows the table when the overflow is not tiny.
 - Remove (fp, hid): clears one entry ``(tag, hid)`` from ``b1``, ``b2`` or the overflow. Two
   fingerprints with the same tag and the same bucket pair are interchangeable here, so removing
@@ -33,7 +35,7 @@ lookup costs the same whatever the mesh size, and its false-positive rate does n
   only the top 48 bits of a fingerprint (``b1``: bits 32-63, tag: bits 23-31), so summaries carry
   6 bytes per block (``pack48`` / ``unpack48``).
 
-Public API: ``HolderTable`` (``insert``, ``remove``, ``remove_holder``, ``widen``, ``geometry``,
+Public API: ``HolderTable`` (``insert``, ``insert_free``, ``walk``, ``remove``, ``remove_holder``, ``widen``, ``geometry``,
 ``records``, ``hit_records``, ``holders_records``, ``hit_any``, ``hit_holders``, ``size``, ``capacity``, ``load``,
 ``nbytes``, ``overflow_entries``), ``pack48``, ``unpack48``, ``SLOTS``, ``TAG_BITS``, ``MAX_HID``.
 """
@@ -166,6 +168,16 @@ class HolderTable:
                 x, y, g = self._geometry1(fp)
                 self._place((g << self.shift) | hid, x, y)
             return
+        tags, bs = self.insert_free(fps, hid)
+        for g, a in zip(tags, bs, strict=True):
+            self._kick((g << self.shift) | hid, a)
+
+    def insert_free(self, fps: U64, hid: int) -> tuple[list[int], list[int]]:
+        """The vectorised part of ``insert``: place ``fps`` into free slots of their buckets;
+        returns the tags and first buckets of those that found none, for ``walk`` (until then
+        they are not in the table). Lets a caller bound the work of one call."""
+        if not 1 <= hid <= self.hmask:
+            raise ValueError(f"holder id {hid} does not fit the table")
         t = self.t
         b1, b2, tag = self.geometry(fps)
         ent = (tag << self.shift) | hid
@@ -188,9 +200,13 @@ class HolderTable:
                 t[bo[ok], slot] = ent[pend[order[ok]]]
                 self.size += int(ok.sum())
             pend = pend[order[~ok]]
-        if pend.size:
-            for e, a in zip(ent[pend].tolist(), b1[pend].tolist(), strict=True):
-                self._kick(e, a)
+        out: tuple[list[int], list[int]] = (tag[pend].tolist(), b1[pend].tolist())
+        return out
+
+    def walk(self, tag: int, hid: int, b1: int) -> int:
+        """Place the entry of ``hid`` with ``tag`` and first bucket ``b1`` (left over by
+        ``insert_free``) by an eviction walk, or in the overflow; returns the steps it took."""
+        return self._kick((tag << self.shift) | hid, b1)
 
     def _place(self, e: int, b1: int, b2: int) -> None:
         t = self.t
@@ -202,7 +218,7 @@ class HolderTable:
                 return
         self._kick(e, b1)
 
-    def _kick(self, e: int, b: int) -> None:
+    def _kick(self, e: int, b: int) -> int:
         """Place entry ``e`` (of bucket ``b``) by random-walk eviction, or in the overflow.
 
         Each step first looks whether one of the bucket's entries can move to a free slot of its
@@ -210,12 +226,12 @@ class HolderTable:
         t, m, altl, sh = self.t, self.m, self._altl, self.shift
         bits = self.rng.getrandbits
         kicks = self.max_kicks if self.size < _WALK_LOAD * self.capacity else 0  # too full: none
-        for _ in range(kicks):
+        for step in range(kicks):
             row = t[b].tolist()
             if 0 in row:
                 t[b, row.index(0)] = e
                 self.size += 1
-                return
+                return step + 1
             for j, x in enumerate(row):
                 a = (altl[x >> sh] - b) % m
                 arow = t[a].tolist()
@@ -223,7 +239,7 @@ class HolderTable:
                     t[a, arow.index(0)] = x
                     t[b, j] = e
                     self.size += 1
-                    return
+                    return step + 1
             j = bits(3)  # SLOTS = 8
             t[b, j] = e
             e = row[j]
@@ -233,6 +249,7 @@ class HolderTable:
         b_alt = (altl[tag] - b) % m
         self.overflow.setdefault((min(b, b_alt), tag), []).append(e & self.hmask)
         self.n_overflow += 1  # the table kept its size: ours came in, the one in hand went out
+        return kicks + 1
 
     def remove(self, fp: int, hid: int) -> bool:
         """Clear one entry of ``hid`` for ``fp``; False if there was none."""
