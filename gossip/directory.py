@@ -302,6 +302,9 @@ class Directory:
         self._behind: set[str] = set()  # views waiting for a summary (retried on a timer)
         self._tab: HolderTable | None = None  # the lookup table
         self._next: HolderTable | None = None  # the table being refilled (a resize), if any
+        # same-size tables, one per view whose summary is placed beside its old entries when the
+        # table has no room for both copies (see ``_begin``); dropped once no view uses them
+        self._sides: list[HolderTable] = []
         self._wide = False
         self._by_hid: dict[int, str] = {}
         self._free_hids: list[int] = []
@@ -608,8 +611,8 @@ class Directory:
 
     def _fetch(self, v: _View, now: float) -> None:
         self._behind.add(v.node)
-        if v.fetch_until > now:
-            return
+        if v.fetch_until > now or v.inst is not None:
+            return  # in flight, or a summary is being placed (the view fetches after it if behind)
         v.fetch_until = now + self.config.fetch_timeout_s
         if v.kept is None and v.tab is not None:  # the deltas we apply until it is installed
             v.kept, v.kept_from = [], v.ver
@@ -699,13 +702,16 @@ class Directory:
                 self._next is None and room > self.config.max_load * target.capacity
             ):
                 return False
-        v.fetch_until = _INF  # the answer is here: no retry while it is placed
+        side = self._side_for(v, n)
+        v.fetch_until = _INF  # the answer is here: no fetch (a resize below starts one)
         if v.kept is None and v.tab is not None:
             v.kept, v.kept_from = [], v.ver
         if not v.hid:
             v.hid = self._alloc_hid(v.node)
-        tab = self._room_for(v, n, now)
-        if tab is v.tab:  # the old and the new entries side by side: two ids
+        if side is not None:  # no room (or no id) for both copies: a same-size table of its own
+            tab, hid = side, v.hid
+            self._sides.append(side)
+        elif (tab := self._room_for(v, n, now)) is v.tab:  # old and new side by side: two ids
             nxt = self._free_hids[0] if self._free_hids else self._hid_top + 1
             if nxt > _NARROW_HIDS and not self._wide and self._next is None:
                 # a big one and no narrow id left: grow the table rather than widen its entries
@@ -719,9 +725,31 @@ class Directory:
         else:
             hid = v.hid
         v.inst = _Install(s, n, tab, hid)
+        # no summary retry while it is placed (``_fetch`` checks ``inst``), but a gap meanwhile
+        # may still ask for a resend (``_repair``): the resent deltas are kept for the replay
+        v.fetch_until = -_INF
         self._installing[v.node] = None
         self._behind.add(v.node)
         return True
+
+    def _side_for(self, v: _View, n: int) -> HolderTable | None:
+        """A fresh table of the main table's size for a big summary of ``v`` (None: not needed).
+
+        Used when the view lives in the main table (no resize under way) and both copies do not
+        fit (or no second 16-bit id is free) but the new one alone does: growing the table would
+        refetch every holder's summary. The summary is placed there under the view's own id,
+        then (``_finish``) the old entries are cleared and it is placed again into the main
+        table, the side copy answering meanwhile; then the side table is dropped."""
+        tab = self._tab
+        if self._next is not None or tab is None or v.tab is not tab or n <= 0:
+            return None
+        cap = self.config.max_load * tab.capacity
+        used = tab.size + tab.n_overflow + self._reserved(tab)
+        nxt = self._free_hids[0] if self._free_hids else self._hid_top + 1
+        no_id = nxt > _NARROW_HIDS and not self._wide
+        if (used + n <= cap and not no_id) or used - v.count + n > cap:
+            return None  # both fit (two ids), or not even one does (a real resize)
+        return HolderTable(tab.m, self.rng, max_kicks=self.config.max_kicks, wide=self._wide)
 
     def _install_step(self, now: float) -> None:
         """One timer call's share of placement: ``install_step`` work units, oldest install
@@ -787,6 +815,15 @@ class Directory:
         if v.hid != p.hid:
             self._free_hid(v.hid)
         v.tab, v.hid, v.migrate = p.tab, p.hid, False
+        if any(p.tab is t for t in self._sides):
+            # placed in a side table (``_side_for``): the main table now has room for it; place
+            # it there too, the side copy (kept current by deltas) answering meanwhile
+            main = self._next if self._next is not None else self._tab
+            assert main is not None
+            v.kept, v.kept_from = [], p.s.ver  # the deltas replayed below, to replay again
+            v.inst = _Install(p.s, p.n, main, v.hid)
+            self._installing[v.node] = None
+            self._behind.add(v.node)
         self._installed(v, p.s, p.n, kept, now)
         return scan
 
@@ -806,7 +843,8 @@ class Directory:
     def _installed(self, v: _View, s: DirSummary, n: int, kept: list[DirDelta],
                    now: float) -> None:  # fmt: skip
         v.epoch, v.gen, v.ver, v.count = s.epoch, s.gen, s.ver, n
-        self._c["summaries_installed"] += 1
+        if v.inst is None:  # (a side table's copy counts once, when it reaches the main table)
+            self._c["summaries_installed"] += 1
         stash = kept + sorted(
             (d for d in v.stash if d.epoch == v.epoch and d.ver > v.ver), key=lambda d: d.prev
         )
@@ -859,7 +897,7 @@ class Directory:
             raise RuntimeError(f"more than {MAX_HID} holders")
         if hid > _NARROW_HIDS and not self._wide:
             self._wide = True
-            for t in (self._tab, self._next):
+            for t in (self._tab, self._next, *self._sides):
                 if t is not None:
                     t.widen()
         self._by_hid[hid] = node
@@ -908,6 +946,17 @@ class Directory:
                 left += p.n - p.pos + len(p.walk)
         return left
 
+    def _second_copies(self, tab: HolderTable) -> int:
+        """Entries in ``tab`` of summaries being placed there under a second holder id."""
+        views = self._views
+        n = 0
+        for node in self._installing:
+            v = views[node]
+            p = v.inst
+            if p is not None and p.tab is tab and p.hid != v.hid:
+                n += p.pos - len(p.walk)
+        return n
+
     def _check_size(self, now: float, *, shrink: bool = False) -> None:
         """Start a resize if the table is too full, or (``shrink``) too big for what we expect
         to hold (members that have not sent a summary yet count as average holders)."""
@@ -915,7 +964,9 @@ class Directory:
         if tab is None or self._next is not None:
             return
         cfg = self.config
-        total = tab.size + tab.n_overflow
+        # a view's second copy (placed under a second id beside its old entries) is temporary:
+        # the old one is cleared when it is complete, so it does not count towards growing
+        total = tab.size + tab.n_overflow - self._second_copies(tab)
         if total > cfg.max_load * tab.capacity or tab.n_overflow > max(16, tab.capacity >> 10):
             # at least 1.25x: holdings that grow steadily do not refetch at every 8%
             grown = max(self._expected(None, 0), math.ceil(1.25 * cfg.target_load * tab.capacity))
@@ -943,7 +994,12 @@ class Directory:
         self._settle()
 
     def _settle(self) -> None:
-        """Finish a resize once no view is left in the old table; drop an empty table."""
+        """Finish a resize once no view is left in the old table; drop an empty table (and
+        side tables no view uses any more)."""
+        if self._sides:
+            used = [t for v in self._views.values()
+                    for t in (v.tab, v.inst.tab if v.inst is not None else None)]  # fmt: skip
+            self._sides = [t for t in self._sides if any(t is u for u in used)]
         nxt = self._next
         if nxt is not None and not any(
             v.tab is not None and v.tab is not nxt for v in self._views.values()
@@ -990,7 +1046,8 @@ class Directory:
         self._rc.clear()
 
     def _tables(self) -> list[HolderTable]:
-        return [t for t in (self._tab, self._next) if t is not None and (t.size or t.n_overflow)]
+        return [t for t in (self._tab, self._next, *self._sides)
+                if t is not None and (t.size or t.n_overflow)]  # fmt: skip
 
     def lookup_holders(self, keys: Sequence[bytes]) -> list[list[str]]:
         """Per key, the other nodes that may hold it (stale or false positives possible)."""
@@ -999,12 +1056,13 @@ class Directory:
             return [[] for _ in keys]
         if len(tables) == 1:
             found = tables[0].holders_records(self._records(keys, tables[0]))
-        else:  # a resize is under way: a view lives in one of the two tables
+        else:  # a resize (or a side table) is under way: a view lives in one of the tables
             a = np.array(self._fps(keys), dtype=np.uint64)
-            found = [x + y for x, y in zip(tables[0].hit_holders(a), tables[1].hit_holders(a),
-                                           strict=True)]  # fmt: skip
+            found = tables[0].hit_holders(a)
+            for t in tables[1:]:
+                found = [x + y for x, y in zip(found, t.hit_holders(a), strict=True)]
         names = self._by_hid
-        if self._installing:  # a view's old and new entries may both match: name it once
+        if self._installing or self._sides:  # old and new entries may both match: name it once
             return [list(dict.fromkeys(names[h] for h in hids)) for hids in found]
         return [[names[h] for h in hids] for hids in found]
 
@@ -1019,10 +1077,11 @@ class Directory:
             if hit.all():
                 return n
             missing: Iterable[int] = np.flatnonzero(~hit).tolist()
-        elif tables:  # a resize is under way: both tables, no cache
+        elif tables:  # a resize (or a side table) is under way: every table, no cache
             a = np.array(self._fps(keys), dtype=np.uint64)
             hit = tables[0].hit_any(a)
-            hit |= tables[1].hit_any(a)
+            for t in tables[1:]:
+                hit |= t.hit_any(a)
             missing = np.flatnonzero(~hit).tolist()
         else:
             missing = range(n)
@@ -1040,12 +1099,15 @@ class Directory:
         v = self._views.get(node)
         return v.ver if v is not None and v.tab is not None else None
 
+    def _all_tables(self) -> list[HolderTable]:
+        return [t for t in (self._tab, self._next, *self._sides) if t is not None]
+
     def memory_bytes(self) -> int:
         """Bytes of remote-holder state: the table(s) + 8 per overflow entry."""
-        return sum(t.nbytes + 8 * t.n_overflow for t in (self._tab, self._next) if t is not None)
+        return sum(t.nbytes + 8 * t.n_overflow for t in self._all_tables())
 
     def statistics(self) -> DirectoryStats:
-        tabs = [t for t in (self._tab, self._next) if t is not None]
+        tabs = self._all_tables()
         placed = [v for v in self._views.values() if v.tab is not None]
         tb = sum(t.nbytes for t in tabs)
         ov = sum(t.n_overflow for t in tabs)

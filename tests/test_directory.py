@@ -776,3 +776,133 @@ def test_a_resize_while_summaries_are_being_placed_restarts_them_in_the_new_tabl
     assert all("a" in f for f in c.lookup_holders(ks[:1400]))
     assert all("b" in f for f in c.lookup_holders(ks[12000:15500]))
     assert c.prefix_in_mesh(ks[:1400]) == 1400
+
+
+def _settle_wire(w: Wire, now: float, calls: int = 300) -> float:
+    for _ in range(calls):
+        now += 0.01
+        w.tick(now)
+    return now
+
+
+def test_refetching_a_big_holder_that_does_not_fit_twice_uses_a_side_table_not_a_resize() -> None:
+    """A holder over ~7% of a table at load 0.88 does not fit twice: its refetched summary is
+    placed in a same-size side table, then in the main table, with no resize (which would
+    refetch every holder's summary) and no false negatives meanwhile."""
+    a, b = mk("a", resend_log=0), mk("b", resend_log=0)
+    c = mk("c", install_step=500, resend_log=0)
+    w = Wire(a, b, c)
+    ks = keys(8000, seed=5)
+    a.local_added(ks[:3000], 0.0)
+    b.local_added(ks[4000:7000], 0.0)
+    now = _settle_wire(w, 0.1, 200)
+    assert c.statistics().resizes == 0 and c.statistics().table_load > 0.85
+    sent = a.statistics().summaries_sent, b.statistics().summaries_sent
+    w.drop.add(("c", a.version + 1))  # lost, no resend log: c refetches a's summary
+    a.local_added(ks[3000:3010], now)
+    both = ks[:3000] + ks[4000:7000]
+    seen_side = False
+    for _ in range(300):
+        now += 0.01
+        w.tick(now)
+        seen_side |= len(getattr(c, "_sides", ())) > 0
+        assert c.prefix_in_mesh(both) == len(both)  # no false negatives at any step
+    st = c.statistics()
+    assert st.resizes == 0 and seen_side and not c._sides and st.overflow_entries == 0
+    assert a.statistics().summaries_sent == sent[0] + 1 and b.statistics().summaries_sent == sent[1]
+    assert c.view_version("a") == a.version and st.view_blocks == 6010
+    found = c.lookup_holders(ks[:3010])
+    assert all("a" in f for f in found)  # (b too for a false positive, ~1%)
+    assert 0.85 < st.table_load < 0.9 and st.summaries_installed == 3
+
+
+def test_a_second_copy_being_placed_does_not_start_a_grow_resize() -> None:
+    """A view's temporary second copy (a summary placed beside its old entries) is left out of
+    the grow check: an add while it is placed does not rebuild the table."""
+    a = mk("a", resend_log=0)
+    b = mk("b", install_step=500, resend_log=0)
+    w = Wire(a, b)
+    ks = keys(9000, seed=9)
+    peers = [("a", ADDR["a"]), ("c", ADDR["c"])]  # a member that holds nothing yet
+    a.local_added(ks[:4000], 0.0)
+    now = 0.1
+    a.handle_timer(now, w.peers("a"))
+    b.handle_timer(now, peers)
+    w.pump(now)
+    while b.statistics().installing:
+        now += 0.01
+        b.handle_timer(now, peers)
+        w.pump(now)
+    a.local_added(ks[4000:4300], now)
+    now += 0.2
+    a.handle_timer(now, w.peers("a"))
+    w.pump(now)
+    assert b.view_version("a") == a.version
+    cap = b.statistics().table_bytes // 2
+    # a summary for a view that is current (the answer to an earlier retry): placed step by step
+    b.handle_stream(a.handle_stream(DirSummaryReq("a"), ADDR["b"], now), ADDR["a"], now)
+    while b.statistics().installing > 100:
+        now += 0.001
+        b.handle_timer(now, peers)
+        w.pump(now)
+    assert b.statistics().table_load > 0.9  # both copies
+    a.local_added(ks[4300:4500], now)
+    now += 0.2
+    a.handle_timer(now, w.peers("a"))
+    w.pump(now)
+    for _ in range(300):
+        now += 0.01
+        if b.next_deadline() <= now:
+            b.handle_timer(now, peers)
+        if a.next_deadline() <= now:
+            a.handle_timer(now, w.peers("a"))
+        w.pump(now)
+    st = b.statistics()
+    assert st.resizes == 0 and st.table_bytes // 2 == cap and b.view_version("a") == a.version
+    assert st.view_blocks == 4500 and a.statistics().summaries_sent == 2
+
+
+class _WireOnce(Wire):
+    """Drops each (receiver, version) in ``drop`` once (a resend of it gets through)."""
+
+    def pump(self, now: float) -> None:
+        for d in list(self.dirs.values()):
+            keep = []
+            for addr, pkt in d.take_outbox():
+                dst = self.by_addr[addr]
+                if (dst.id, pkt.ver) in self.drop and pkt.prev != pkt.ver:
+                    self.drop.discard((dst.id, pkt.ver))
+                    continue
+                keep.append((addr, pkt))
+            d._outbox[:0] = keep
+        super().pump(now)
+
+
+def test_a_delta_lost_while_a_summary_is_placed_is_resent_not_refetched() -> None:
+    """A gap seen while a summary is being placed asks for a resend (the resent deltas apply to
+    the old view and are replayed on top of the summary): no second summary fetch."""
+    a, b = mk("a"), mk("b", install_step=500)
+    w = _WireOnce(a, b)
+    ks = keys(9000, seed=9)
+    a.local_added(ks[:4000], 0.0)
+    now = 0.1
+    w.tick(now)
+    while b.statistics().installing:
+        now += 0.01
+        w.tick(now)
+    b.handle_stream(a.handle_stream(DirSummaryReq("a"), ADDR["b"], now), ADDR["a"], now)
+    assert b.statistics().installing > 1000
+    w.drop.add(("b", a.version + 1))
+    a.local_added(ks[4000:4010], now)
+    now += 0.1 + 1e-6
+    w.tick(now)
+    a.local_added(ks[4010:4020], now)
+    now += 0.1 + 1e-6
+    w.tick(now)
+    st = b.statistics()
+    assert st.installing > 0 and st.resends_asked == 1  # asked during the install
+    now = _settle_wire(w, now)
+    st = b.statistics()
+    assert a.statistics().summaries_sent == 2 and st.summaries_installed == 2
+    assert b.view_version("a") == a.version and st.view_blocks == 4020
+    assert all("a" in f for f in b.lookup_holders(ks[:4020]))
