@@ -668,6 +668,14 @@ def test_a_large_summary_is_placed_a_bounded_step_at_a_time_without_false_negati
     assert b.next_deadline() == math.inf and not b.take_streams()
 
 
+def _tick_until_installed(w: Wire, d: Directory, now: float) -> float:
+    """Drive the wire in 10 ms steps until ``d`` has no summary left to place; the time reached."""
+    while d.statistics().installing:
+        now += 0.01
+        w.tick(now)
+    return now
+
+
 def test_deltas_arriving_while_a_summary_is_placed_end_in_the_exact_state() -> None:
     """Adds and removes published while b places a summary (of a key it never saw, of keys in
     the summary and in the old view, re-added ones) apply to the old view at once and are
@@ -679,9 +687,7 @@ def test_deltas_arriving_while_a_summary_is_placed_end_in_the_exact_state() -> N
     a.local_added(ks[:3000], 0.0)
     now = 0.1
     w.tick(now)
-    while b.statistics().installing:
-        now += 0.01
-        w.tick(now)
+    now = _tick_until_installed(w, b, now)
     assert b.view_version("a") == a.version
     w.drop.add(("b", a.version + 1))  # lost, and no resend log: b fetches a summary
     a.local_added(ks[3000:6000], now)
@@ -738,9 +744,7 @@ def test_a_resize_while_summaries_are_being_placed_restarts_them_in_the_new_tabl
     b.local_added(ks[10000:13000], 0.0)
     now = 0.1
     w.tick(now)
-    while c.statistics().installing:
-        now += 0.01
-        w.tick(now)
+    now = _tick_until_installed(w, c, now)
     b.local_removed(ks[10000:12000], now)  # c's table now has room to spare
     now += 0.1
     w.tick(now)
@@ -887,9 +891,7 @@ def test_a_delta_lost_while_a_summary_is_placed_is_resent_not_refetched() -> Non
     a.local_added(ks[:4000], 0.0)
     now = 0.1
     w.tick(now)
-    while b.statistics().installing:
-        now += 0.01
-        w.tick(now)
+    now = _tick_until_installed(w, b, now)
     b.handle_stream(a.handle_stream(DirSummaryReq("a"), ADDR["b"], now), ADDR["a"], now)
     assert b.statistics().installing > 1000
     w.drop.add(("b", a.version + 1))
