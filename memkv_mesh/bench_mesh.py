@@ -188,7 +188,7 @@ class _Daemons:
         ``dest``; with ``dest`` None, zero-copy gets (a lease on B's arena, released at once)."""
         secs = 0.0
         for _ in range(rounds):
-            self.b.delete(keys)  # B never holds them when the get starts
+            self.b.delete(keys, local=True)  # B never holds them when the get starts
             t0 = time.perf_counter()
             if dest is None:
                 lease = self.b.get_many(keys)
@@ -202,8 +202,8 @@ class _Daemons:
         return secs, rounds * size * len(keys)
 
     def drop(self, keys: list[bytes]) -> None:
-        self.b.delete(keys)
-        self.a.delete(keys)
+        self.b.delete(keys, local=True)
+        self.a.delete(keys, local=True)
 
     def lookup_latency(self) -> dict[str, float]:
         keys = [os.urandom(32) for _ in range(64)]

@@ -547,9 +547,12 @@ class Client(_Core):
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return self._expect(self._call(protocol.Contains(_check_keys(keys))), protocol.Present).present
 
-    def delete(self, keys: Sequence[bytes] | bytes) -> int:
+    def delete(self, keys: Sequence[bytes] | bytes, *, local: bool = False) -> int:
+        """Delete blocks; returns how many had a copy deleted. On a mesh node the delete is
+        mesh-wide (owners and holders too, and no replica brings them back); ``local=True`` drops
+        only this node's copies (the mesh keeps its replicas)."""
         ks = [keys] if isinstance(keys, bytes) else list(keys)
-        return self._expect(self._call(protocol.Delete(_check_keys(ks))), protocol.Count).n
+        return self._expect(self._call(protocol.Delete(_check_keys(ks), local)), protocol.Count).n
 
     def stats(self) -> dict[str, Any]:
         return self._expect(self._call(protocol.StatsRequest()), protocol.StatsReply).stats
@@ -714,9 +717,10 @@ class AsyncClient(_Core):
     async def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return self._expect(await self._call(protocol.Contains(_check_keys(keys))), protocol.Present).present
 
-    async def delete(self, keys: Sequence[bytes] | bytes) -> int:
+    async def delete(self, keys: Sequence[bytes] | bytes, *, local: bool = False) -> int:
+        """See ``Client.delete``."""
         ks = [keys] if isinstance(keys, bytes) else list(keys)
-        return self._expect(await self._call(protocol.Delete(_check_keys(ks))), protocol.Count).n
+        return self._expect(await self._call(protocol.Delete(_check_keys(ks), local)), protocol.Count).n
 
     async def stats(self) -> dict[str, Any]:
         return self._expect(await self._call(protocol.StatsRequest()), protocol.StatsReply).stats

@@ -140,6 +140,14 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Verify every NVMe block's checksum at start-up (reads the whole tier). Off by default: the
     # checksum is verified on every read anyway, and a multi-TB scan delays start-up by minutes.
     verify_on_start: bool = False
+    # How NVMe writes are made durable. A flash node confirms a replica only once it is on its NVMe
+    # tier; this decides what "on" means. "off": written to the page cache (survives kill -9 of
+    # the daemon, not a power loss); "batch": one fdatasync of the data files and the journal per
+    # pushed batch, before the replica is confirmed (survives power loss); "always": two fdatasyncs
+    # per block, every NVMe write including demotions. "off" is the default for a cache: a power
+    # loss costs the replicas written in the last seconds, and R copies on R machines rarely lose
+    # power together; the measured cost of each is in docs/storage.md.
+    fsync: Literal["off", "batch", "always"] = "off"
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -170,6 +178,29 @@ class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     # How long a graceful shutdown may spend handing owned blocks to the remaining owners before
     # leaving anyway (a cache can afford to lose what a stuck hand-off could not move).
     handoff_timeout_s: float = 30.0
+    # When a put is acknowledged. "local": once this node stored it; it stays *dirty* (never
+    # evicted) until its owners hold it, so eviction and replication lag cannot lose it, only this
+    # node's own crash within the lag can. "replicated": once every owner holds it (a put then
+    # costs a push round trip). "local" is the default: measured with `memkv-mesh bench replay`
+    # (docs/benchmarks.md) it keeps the replay's throughput while losing no block.
+    ack: Literal["local", "replicated"] = "local"
+    # Bound on dirty bytes (acknowledged, not yet on all owners) per node; at the bound puts wait
+    # (back-pressure). 0 = half of store.dram_bytes: dirty blocks are the freshest, the ones most
+    # likely to be read again, so pinning them costs little hit ratio, and the other half stays
+    # free for eviction and fetches.
+    dirty_bytes: ByteSize = ByteSize(0)
+    # How long a put waits at the dirty bound before it fails with the `busy` error (the client
+    # can count it and retry, or recompute later). 10 s rides out an owner's death: SWIM confirms
+    # it in a few seconds and its share is re-placed. Also the longest an ack = "replicated" put
+    # waits for its owners before failing `not_replicated` (the block stays stored and dirty).
+    put_wait_s: float = 10.0
+    # One push of a batch to one owner may take this long before it counts as failed (and is
+    # retried with back-off). A SIGSTOPped owner then costs only its own share for this long.
+    replication_timeout_s: float = 5.0
+    # How long a mesh-wide delete is remembered (tombstone): longer than any replication lag or
+    # repair pass, so a stale replica never brings a deleted block back. A node that rejoins gets
+    # every live tombstone. At most 65,536 are kept (oldest go first; ~13 MB).
+    tombstone_s: float = 3600.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -217,6 +248,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return shm if shm.is_dir() and os.access(shm, os.W_OK) else self.data_dir
 
     @property
+    def dirty_limit_bytes(self) -> int:
+        """``[mesh] dirty_bytes``, or half of the DRAM arena when it is 0 (automatic)."""
+        return int(self.mesh.dirty_bytes) or max(int(self.store.dram_bytes) // 2, int(self.store.max_block_bytes))
+
+    @property
     def nvme_dir(self) -> Path:
         return self._resolve(self.store.nvme_dir) if self.store.nvme_dir else self.data_dir / "nvme"
 
@@ -241,6 +277,20 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"mesh.replicas must be at least 1, got {cfg.mesh.replicas}")
     if cfg.mesh.repair_bytes_per_s < 1 or cfg.mesh.repair_interval_s <= 0:
         raise ValueError("mesh.repair_bytes_per_s and mesh.repair_interval_s must be positive")
+    for name in ("put_wait_s", "replication_timeout_s", "tombstone_s"):
+        v = getattr(cfg.mesh, name)
+        if not (v > 0 and v < float("inf")):
+            raise ValueError(f"mesh.{name} must be a positive number of seconds, got {v}")
+    if cfg.mesh.dirty_bytes and cfg.mesh.dirty_bytes < s.max_block_bytes:
+        raise ValueError(
+            f"mesh.dirty_bytes ({int(cfg.mesh.dirty_bytes)}) must be 0 (automatic) or at least "
+            f"store.max_block_bytes ({int(s.max_block_bytes)})"
+        )
+    if cfg.mesh.dirty_bytes > s.dram_bytes:
+        raise ValueError(
+            f"mesh.dirty_bytes ({int(cfg.mesh.dirty_bytes)}) must not exceed store.dram_bytes "
+            f"({int(s.dram_bytes)}): dirty blocks stay in DRAM until their owners hold them"
+        )
     if cfg.gossip.enabled:
         cfg.dataplane.validate()
     if cfg.metrics.enabled:

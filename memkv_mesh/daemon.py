@@ -66,6 +66,8 @@ class _Conn:
 
 
 _KEY_LENGTHS = frozenset((KEY_BYTES,))
+# Tombstones (mesh-wide deletes) kept at most: about 200 bytes each in CPython, so ~13 MB.
+_TOMBSTONES_MAX = 65536
 # A streamed get's part that a client does not take within this long closes its connection.
 _PART_SEND_S = 30.0
 # msgspec's words for a tag that names no request type ("Invalid value 99 - at `$[0]`").
@@ -122,7 +124,9 @@ class Daemon:
                     from memkv_mesh.nvme_kvikio import kvikio_io_factory
 
                     io["io_factory"] = kvikio_io_factory(cfg.store.kvikio)
-                nvme = NvmeTier(cfg.nvme_dir, nvme_bytes, policy=cfg.store.eviction, **io)
+                nvme = NvmeTier(
+                    cfg.nvme_dir, nvme_bytes, policy=cfg.store.eviction, sync=cfg.store.fsync == "always", **io
+                )
                 if nvme.max_block_bytes < cfg.store.max_block_bytes:
                     raise DaemonError(
                         f"store.max_block_bytes ({int(cfg.store.max_block_bytes)}) does not fit the NVMe "
@@ -143,8 +147,9 @@ class Daemon:
             )  # fmt: skip
             await trio.to_thread.run_sync(arena.open)
             self.store = BlockStore(
-                arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme
-            )
+                arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme,
+                fsync=cfg.store.fsync,
+            )  # fmt: skip
             listener = self._bind_socket()
             self.metrics = Metrics(self.store.statistics, self._info, self._counts, self._mesh_snapshots)
             async with trio.open_nursery() as nursery:
@@ -189,9 +194,10 @@ class Daemon:
             log.info("daemon stopped", extra={"fields": {"node": self.node_id}})
 
     def _on_member_event(self, event: Any) -> None:
-        # A join, leave or death moves the owners of some blocks: wake the mesh's repair.
+        # A join, leave or death moves the owners of some blocks: wake the mesh's repair (and send
+        # a node that rejoined the tombstones of what was deleted meanwhile).
         if self.mesh is not None:
-            self.mesh.membership_changed()
+            self.mesh.member_event(event)
 
     async def leave_gracefully(self) -> None:
         """Before stopping a mesh node: hand owned blocks to the owners that remain, then leave.
@@ -213,15 +219,21 @@ class Daemon:
         if not gcfg.enabled:
             return
         from memkv_mesh.mesh import Mesh
+        from memkv_mesh.tombstones import Tombstones
         from transport.dataplane import DataPlane, DataPlaneError
         from transport.gossip_driver import GossipService, NodeMeta
 
         assert self.store is not None
+        mcfg = self.config.mesh
+        # A flash node's DRAM is a cache over its NVMe: replicas are written through before they
+        # are confirmed, so a kill -9 loses only transfers in flight.
+        self.store.write_through = self.config.node.role in ("flash", "both") and self.store.nvme is not None
+        tombstones = Tombstones(mcfg.tombstone_s, _TOMBSTONES_MAX)
         dcfg = self.config.dataplane
         if not dcfg.keys and gcfg.keys:
             dcfg = msgspec.structs.replace(dcfg, keys=list(gcfg.keys))
         try:
-            self.dataplane = DataPlane(dcfg, self.store, node_id=self.node_id)
+            self.dataplane = DataPlane(dcfg, self.store, node_id=self.node_id, tombstones=tombstones)
             data_addr = await nursery.start(self.dataplane.run)
         except (OSError, ValueError, DataPlaneError) as e:
             raise DaemonError(f"cannot start the data plane ({dcfg.transport}): {e}") from None
@@ -242,9 +254,10 @@ class Daemon:
             raise DaemonError(f"cannot start gossip on {gcfg.bind}:{gcfg.port}: {e}") from None
         self.mesh = Mesh(
             node_id=self.node_id, gossip=self.gossip, dataplane=self.dataplane, store=self.store,
-            replicas=self.config.mesh.replicas,
-            repair_bytes_per_s=float(self.config.mesh.repair_bytes_per_s),
-            repair_interval_s=self.config.mesh.repair_interval_s,
+            replicas=mcfg.replicas, repair_bytes_per_s=float(mcfg.repair_bytes_per_s),
+            repair_interval_s=mcfg.repair_interval_s, tombstones=tombstones,
+            dirty_limit_bytes=self.config.dirty_limit_bytes, put_wait_s=mcfg.put_wait_s,
+            replication_timeout_s=mcfg.replication_timeout_s,
         )  # fmt: skip
         await nursery.start(self.mesh.run)
 
@@ -547,6 +560,14 @@ class Daemon:
             store.release(conn, req.lease)
             return None
         if isinstance(req, protocol.Alloc):
+            if self.mesh is not None and not await self.mesh.wait_room():
+                limit = self.config.dirty_limit_bytes
+                return protocol.Error(
+                    protocol.BUSY,
+                    f"{store.dirty_bytes} bytes are not yet on their owners (the bound is mesh.dirty_bytes = "
+                    f"{limit}) after waiting mesh.put_wait_s = {self.config.mesh.put_wait_s} s: the flash "
+                    "peers are behind or unreachable; retry later",
+                )
             return protocol.Allocated(await store.alloc(conn, req.keys, req.sizes))
         if isinstance(req, protocol.Commit):
             if req.checksums and min(req.checksums) < 0:  # msgpack caps them at 2**64 - 1
@@ -558,14 +579,28 @@ class Daemon:
                 )
             stored = store.commit(conn, req.keys, req.checksums)
             if self.mesh is not None:
-                self.mesh.replicate_soon(req.keys)  # to the owners, behind this reply
+                self.mesh.replicate(req.keys)  # dirty until the owners hold them
+                if self.config.mesh.ack == "replicated":
+                    wait = self.config.mesh.put_wait_s
+                    left = await self.mesh.wait_replicated(req.keys, wait)
+                    if left:
+                        return protocol.Error(
+                            protocol.NOT_REPLICATED,
+                            f"{left} of {len(req.keys)} blocks are stored on this node but not yet on all "
+                            f"their owners after mesh.put_wait_s = {wait} s (they stay dirty and keep "
+                            "being replicated)",
+                        )
             return protocol.Count(stored)
         if isinstance(req, protocol.Abort):
             return protocol.Count(store.abort(conn, req.keys))
         if isinstance(req, protocol.Contains):
             return protocol.Present(store.contains(req.keys))
         if isinstance(req, protocol.Delete):
-            return protocol.Count(await store.delete(req.keys))
+            if self.mesh is None:
+                return protocol.Count(await store.delete(req.keys))
+            if req.local:
+                return protocol.Count(await self.mesh.drop_local(req.keys, self.config.mesh.put_wait_s))
+            return protocol.Count(await self.mesh.delete(req.keys))
         if isinstance(req, protocol.StatsRequest):
             return protocol.StatsReply(self.status())
         if isinstance(req, protocol.MembersRequest):

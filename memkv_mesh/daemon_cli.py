@@ -182,6 +182,13 @@ def status_main(argv: Sequence[str] | None = None) -> int:
             f"(misses {m['fetch_misses']}), replicated {m['replicated']} (failures {m['replication_failures']}), "
             f"repaired {m['repaired']}, handed off {m['handed_off']}"
         )
+        if "dirty_bytes" in m:  # a daemon from before the dirty-block write path has none of these
+            print(
+                f"          dirty {m['dirty_blocks']} blocks / {_fmt_bytes(m['dirty_bytes'])} of "
+                f"{_fmt_bytes(m['dirty_limit_bytes'])} (peak {_fmt_bytes(m['dirty_peak_bytes'])}); replication lag "
+                f"p50 {m['replication_lag_p50_s'] * 1e3:.1f} ms, p99 {m['replication_lag_p99_s'] * 1e3:.1f} ms; "
+                f"back-pressure waits {m['backpressure_waits']}, busy {m['busy_rejections']}; tombstones {m['tombstones']}"
+            )
     return 0
 
 

@@ -7,10 +7,16 @@ Theory of operation
   advertised capacity. ``Rendezvous`` is rebuilt only when that set changes.
 * The *owners* of a block are the ``replicas`` best-scoring candidates (``placement.py``); every
   node computes the same owners with no coordinator.
-* Put: the daemon stores the block locally and acknowledges; ``replicate_soon`` queues the keys,
-  and a background task pushes each block to its owners other than this node, batched per
-  owner. The queue is bounded: when it is full, the oldest keys are dropped and counted (a block
-  without its replicas is still served locally; re-replication repairs it).
+* Put: the daemon stores the block locally and acknowledges (or, with ``ack = "replicated"``,
+  waits for its owners); ``replicate`` hands it to the ``Replicator`` (``replication.py``): the
+  block is dirty, so never evicted, until every owner holds it; owners are served concurrently in
+  arrival order; a death re-places the dead owner's share; puts feel back-pressure (``wait_room``)
+  when the dirty bytes reach their bound, never silent loss.
+* Delete: mesh-wide (``delete``). The key is tombstoned here, removed from this node, and a
+  ``DeleteRequest`` goes to its owners and every holder the directory names; a node that rejoins
+  is sent every live tombstone. A push of a tombstoned key is refused ``DELETED`` and the pusher
+  deletes its own copy, so a replica never brings a deleted block back. ``drop_local`` drops only
+  this node's copies (after any dirty one reached its owners).
 * Get: keys the local store misses are fetched from their owners (then any other holder the
   directory names, when the gossiped directory is present), batched per peer, straight into the
   arena by the data plane, which verifies every block's checksum; then the store serves them. A
@@ -37,6 +43,8 @@ import trio
 import trio.lowlevel
 
 from memkv_mesh.placement import PLACEMENT_VERSION, Candidate, Rendezvous, key_hashes
+from memkv_mesh.replication import Replicator
+from memkv_mesh.tombstones import Tombstones
 
 if TYPE_CHECKING:
     from transport.dataplane import OnStored
@@ -45,12 +53,15 @@ log = logging.getLogger("memkv_mesh.mesh")
 
 __all__ = ["Mesh", "MeshStats"]
 
-# Keys queued for replication at most; beyond this the oldest are dropped (counted).
+# Keys kept for the next repair pass at most (failed or given-up replication); beyond this the
+# oldest are dropped (counted).
 _REPLICATION_QUEUE = 65536
-# Keys per push batch.
+# Keys per repair push batch.
 _PUSH_BATCH = 64
 # Keys placed per numpy batch in a repair pass or a hand-off, between checkpoints of the loop.
 _REPAIR_CHUNK = 16384
+# Keys per DeleteRequest.
+_DELETE_BATCH = 4096
 
 
 class MeshStats(msgspec.Struct, frozen=True):
@@ -67,6 +78,24 @@ class MeshStats(msgspec.Struct, frozen=True):
     repaired: int
     repaired_bytes: int
     handed_off: int
+    # The write path (replication.py): dirty = acknowledged, not yet on all owners.
+    dirty_blocks: int = 0
+    dirty_bytes: int = 0
+    dirty_peak_bytes: int = 0
+    dirty_limit_bytes: int = 0
+    backpressure_waits: int = 0
+    busy_rejections: int = 0
+    replication_lag_p50_s: float = 0.0
+    replication_lag_p99_s: float = 0.0
+    replication_lag_max_s: float = 0.0
+    replication_replaced: int = 0
+    replication_given_up: int = 0
+    replication_unplaced: int = 0
+    persisted_local: int = 0
+    # Mesh-wide deletes.
+    deletes: int = 0
+    delete_requests_failed: int = 0
+    tombstones: int = 0
 
 
 class Mesh:
@@ -80,14 +109,28 @@ class Mesh:
         replicas: int,
         repair_bytes_per_s: float = 256e6,
         repair_interval_s: float = 30.0,
+        tombstones: Tombstones | None = None,
+        dirty_limit_bytes: int = 1 << 62,
+        put_wait_s: float = 10.0,
+        replication_timeout_s: float = 5.0,
+        delete_timeout_s: float = 5.0,
     ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.tombstones = tombstones if tombstones is not None else Tombstones(600.0, 65536)
+        self.delete_timeout_s = delete_timeout_s
+        self._delete_retry: dict[str, dict[bytes, None]] = {}  # peer -> keys its delete failed for
+        self.replicator = Replicator(
+            node_id=node_id, store=store, dataplane=dataplane, owners_of=self._owner_rows,
+            addr_of=self._addr, give_up=self._to_repair, limit_bytes=dirty_limit_bytes,
+            put_wait_s=put_wait_s, timeout_s=replication_timeout_s,
+        )  # fmt: skip
         self.repair_bytes_per_s = repair_bytes_per_s
         self.repair_interval_s = repair_interval_s
         self._prev_ring: Rendezvous | None = None  # the ring of the last repair pass
         self._retry: dict[bytes, None] = {}  # keys whose replication failed, for the next pass
         self._repair_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.node_id = node_id
         self.gossip = gossip
         self.dataplane = dataplane
@@ -98,12 +141,11 @@ class Mesh:
         self._addrs: dict[str, str] = {}
         self._suspects: set[str] = set()
         self._other_placement: set[str] = set()  # peers already warned about
-        self._queue: dict[bytes, None] = {}  # insertion-ordered set of keys to replicate
-        self._wake = trio.Event()
         self._c = dict.fromkeys(
             (
-                "fetched", "fetch_misses", "fetch_errors", "replicated", "replication_failures",
+                "fetched", "fetch_misses", "fetch_errors", "replication_failures",
                 "replication_dropped", "repair_passes", "repaired", "repaired_bytes", "handed_off",
+                "deletes", "delete_requests_failed",
             ),
             0,
         )
@@ -146,6 +188,7 @@ class Mesh:
             self._ring_key = key
             self._ring = Rendezvous([Candidate(n, w) for n, w in key]) if key else None
             self._repair_wake.set()  # owners moved for some keys: re-replicate
+            self.replicator.ring_changed()  # and dirty blocks are placed again
         self._addrs = addrs
         return self._ring
 
@@ -154,6 +197,13 @@ class Mesh:
         if ring is None:
             return []
         return ring.owners(key, min(self.replicas, len(ring)))
+
+    def _owner_rows(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Per key, its owners under the current ring (fewer than R with few candidates)."""
+        ring = self._refresh()
+        if ring is None:
+            return [[] for _ in keys]
+        return ring.owners_many(keys, self.replicas)
 
     def _peers_for(self, keys: Sequence[bytes], *, owners: bool = True) -> list[list[str]]:
         """Per key we lack, the nodes to try, never ourselves: its owners, or (``owners=False``)
@@ -183,14 +233,22 @@ class Mesh:
 
     # ---- lookup --------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> int:
-        """Leading keys held here or, by the gossiped directory, by an alive peer. No network."""
+        """Leading keys held here or, by the gossiped directory, by an alive peer. No network.
+        A key deleted mesh-wide lately ends the prefix, whatever a stale directory entry says."""
         n = self.store.lookup(keys)
         if n == len(keys):
             return n
         in_mesh = getattr(self.gossip, "prefix_in_mesh", None)
         if in_mesh is None:
             return n
-        return n + int(in_mesh(keys[n:]))
+        rest = keys[n:]
+        dead = self.tombstones
+        if dead:
+            for i, k in enumerate(rest):
+                if k in dead:
+                    rest = rest[:i]
+                    break
+        return n + int(in_mesh(rest)) if rest else n
 
     # ---- get path --------------------------------------------------------------------------------
     async def fetch_missing(self, keys: Sequence[bytes], on_stored: OnStored | None = None) -> int:
@@ -199,7 +257,10 @@ class Mesh:
         ``on_stored(keys)`` is awaited with each group of blocks as soon as it is stored here
         (see ``DataPlane.fetch``), so a streamed get can hand them on before the rest arrive."""
         keys = list(dict.fromkeys(keys))  # a key asked for twice is fetched once
-        todo = [k for k, have in zip(keys, self.store.contains(keys), strict=True) if not have]
+        dead = self.tombstones
+        todo = [
+            k for k, have in zip(keys, self.store.contains(keys), strict=True) if not have and k not in dead
+        ]  # fmt: skip
         got = 0
         tried: dict[bytes, int] = dict.fromkeys(todo, 0)
         plans = dict(zip(todo, self._peers_for(todo), strict=True))
@@ -242,18 +303,20 @@ class Mesh:
         return got
 
     # ---- put path --------------------------------------------------------------------------------
-    def replicate_soon(self, keys: Sequence[bytes]) -> None:
-        """Queue freshly committed blocks for their owners (behind the client's reply)."""
-        for k in keys:
-            self._queue[k] = None
-        while len(self._queue) > _REPLICATION_QUEUE:
-            dropped = next(iter(self._queue))
-            self._queue.pop(dropped)
-            self._c["replication_dropped"] += 1
-            self._retry[dropped] = None  # the next repair pass pushes it (the retry set is bounded too)
-        while len(self._retry) > _REPLICATION_QUEUE:
-            self._retry.pop(next(iter(self._retry)))
-        self._wake.set()
+    def replicate(self, keys: Sequence[bytes]) -> None:
+        """Blocks a local client just committed: dirty until their owners hold them. A put after
+        a mesh-wide delete is newer than it: the tombstone is lifted here, and the owners lift
+        theirs when the fresh push arrives."""
+        self.tombstones.discard(keys)
+        self.replicator.add(keys)
+
+    async def wait_room(self) -> bool:
+        """Back-pressure before a put: False if the dirty bound stayed full for ``put_wait_s``."""
+        return await self.replicator.wait_room()
+
+    async def wait_replicated(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """``ack = "replicated"``: wait until the owners hold ``keys``; how many still do not."""
+        return await self.replicator.wait_replicated(keys, timeout_s)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         # Feed the gossiped block directory (when this build's gossip carries one) with what the
@@ -266,45 +329,108 @@ class Mesh:
             held = list(self.store.held_keys())
             if held:
                 added(held)
+        if hasattr(self.dataplane, "on_deleted"):
+            self.dataplane.on_deleted = self.replicator.discard
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.replicator.run)
             nursery.start_soon(self._repair_loop)
             task_status.started()
-            await self._replication_loop()
 
-    async def _replication_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._queue:
-                batch = [self._queue.popitem()[0] for _ in range(min(len(self._queue), 1024))]
-                await self._replicate(batch)
+    # ---- delete ------------------------------------------------------------------------------------
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        """Delete mesh-wide: here, on the owners and on every holder the directory names, and
+        tombstone the keys. Returns how many keys had a copy deleted somewhere. Peers that cannot
+        be reached now get the delete again later (the next periodic pass, or all live tombstones
+        when they rejoin)."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return 0
+        self.tombstones.add(keys, trio.current_time())
+        targets: dict[str, list[bytes]] = {}
+        holders = self._peers_for(keys, owners=False)
+        for k, row, more in zip(keys, self._owner_rows(keys), holders, strict=True):
+            for n in dict.fromkeys([*row, *more]):
+                if n != self.node_id:
+                    targets.setdefault(n, []).append(k)
+        self.replicator.discard(keys)
+        found = self.store.contains(keys)
+        if any(found):
+            await self.store.delete([k for k, f in zip(keys, found, strict=True) if f])
+        where = {k: i for i, k in enumerate(keys)}
+        async with trio.open_nursery() as nursery:
+            for node, ks in targets.items():
+                nursery.start_soon(self._delete_on, node, ks, where, found)
+        self._c["deletes"] += len(keys)
+        return sum(found)
 
-    async def _replicate(self, keys: list[bytes]) -> None:
-        ring = self._refresh()
-        by_owner: dict[str, list[bytes]] = {}
-        for k, row in zip(keys, ring.owners_many(keys, self.replicas) if ring is not None else [], strict=False):
-            for o in row:
-                if o != self.node_id:
-                    by_owner.setdefault(o, []).append(k)
-        for owner, ks in by_owner.items():
-            addr = self._addr(owner)
-            for i in range(0, len(ks), _PUSH_BATCH):
-                chunk = ks[i : i + _PUSH_BATCH]
-                if addr is None:
-                    self._failed(chunk)
-                    continue
+    async def _delete_on(self, node: str, keys: list[bytes], where: dict[bytes, int], found: list[bool]) -> None:
+        addr = self._addr(node)
+        ok: list[bool] | None = None
+        if addr is not None:
+            with trio.move_on_after(self.delete_timeout_s):
                 try:
-                    ok = await self.dataplane.push(addr, chunk)
-                except Exception as e:
-                    self._failed(chunk)
-                    log.info("replication to %s failed: %s", owner, e, extra={"fields": {"peer": owner}})
-                    continue
-                self._c["replicated"] += sum(ok)
-                self._failed([k for k, o in zip(chunk, ok, strict=True) if not o])
+                    ok = []
+                    for i in range(0, len(keys), _DELETE_BATCH):
+                        ok += await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH])
+                except Exception as e:  # DataPlaneError, a peer gone mid-transfer, an old peer
+                    log.info("delete on %s failed: %s", node, e, extra={"fields": {"peer": node, "keys": len(keys)}})
+                    ok = None
+        if ok is None or len(ok) != len(keys):
+            self._c["delete_requests_failed"] += 1
+            retry = self._delete_retry.setdefault(node, {})
+            retry.update(dict.fromkeys(keys))
+            while len(retry) > _REPLICATION_QUEUE:
+                retry.pop(next(iter(retry)))
+            return
+        for k, o in zip(keys, ok, strict=True):
+            if o:
+                found[where[k]] = True
+
+    async def drop_local(self, keys: Sequence[bytes], wait_s: float) -> int:
+        """Drop this node's copies only (the mesh keeps its replicas). A dirty block is dropped
+        once its owners hold it (waiting at most ``wait_s``); one still dirty then is kept."""
+        keys = list(dict.fromkeys(keys))
+        if any(self.replicator.pending(k) for k in keys):
+            await self.replicator.wait_replicated(keys, wait_s)
+        return await self.store.delete([k for k in keys if not self.replicator.pending(k)])
+
+    def member_event(self, event: Any) -> None:
+        """A membership event: owners may move (repair follows); a node that (re)joined is sent
+        every live tombstone, so it drops blocks deleted while it was away."""
+        self._refresh()
+        if getattr(event, "kind", "") == "join" and self.tombstones and self._nursery is not None:
+            addr = getattr(event.meta, "data_addr", "")
+            if addr and event.node_id != self.node_id:
+                self._nursery.start_soon(self._send_tombstones, event.node_id, addr)
+
+    async def _send_tombstones(self, node: str, addr: str) -> None:
+        keys = self.tombstones.live()
+        with trio.move_on_after(self.delete_timeout_s * 4):
+            try:
+                for i in range(0, len(keys), _DELETE_BATCH):
+                    await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH])
+                self._delete_retry.pop(node, None)
+                return
+            except Exception as e:
+                log.info("sending tombstones to %s failed: %s", node, e, extra={"fields": {"peer": node}})
+        self._c["delete_requests_failed"] += 1
+
+    async def _retry_deletes(self) -> None:
+        pending, self._delete_retry = self._delete_retry, {}
+        dead = self.tombstones
+        for node, ks in pending.items():
+            keys = [k for k in ks if k in dead]
+            if keys:
+                await self._delete_on(node, keys, {k: i for i, k in enumerate(keys)}, [False] * len(keys))
 
     def _failed(self, keys: list[bytes]) -> None:
         """Replication of these keys failed: count them and let the next repair pass retry."""
         self._c["replication_failures"] += len(keys)
+        self._to_repair(keys)
+
+    def _to_repair(self, keys: list[bytes]) -> None:
+        """Keys the replicator gave up on (counted there): the next repair pass pushes them."""
         for k in keys:
             self._retry[k] = None
         while len(self._retry) > _REPLICATION_QUEUE:
@@ -317,12 +443,18 @@ class Mesh:
         self._refresh()
 
     async def _repair_loop(self) -> None:
-        """Re-replicate when the owner set changes (a join, leave or death), and now and then."""
+        """Re-replicate when the owner set changes (a join, leave or death), and now and then;
+        the periodic pass also retries deletes that did not reach a peer and expires tombstones."""
         while True:
-            with trio.move_on_after(self.repair_interval_s):
+            with trio.move_on_after(self.repair_interval_s) as idle:
                 await self._repair_wake.wait()
             self._repair_wake = trio.Event()
+            self.replicator.replace_if_stale()
             await self.repair_pass()
+            if idle.cancelled_caught:
+                self.tombstones.expire(trio.current_time())
+                if self._delete_retry:
+                    await self._retry_deletes()
 
     async def repair_pass(self) -> int:
         """Push every block this node should hand on to owners that may lack it; returns blocks sent.
@@ -347,6 +479,8 @@ class Mesh:
             held = [k for k, have in zip(retry, self.store.contains(list(retry)), strict=True) if have]
         else:
             held = list(self.store.held_keys())
+        if len(self.replicator):  # dirty blocks are the replicator's to place
+            held = [k for k in held if not self.replicator.pending(k)]
         alive = set(self._addrs)
         r = min(self.replicas, len(ring))
         ids = ring.members_ids()
@@ -448,9 +582,25 @@ class Mesh:
 
     def statistics(self) -> MeshStats:
         ring = self._refresh()
+        r = self.replicator.statistics()
         return MeshStats(
             replicas=self.replicas,
             candidates=len(ring) if ring is not None else 0,
-            replication_queued=len(self._queue),
-            **self._c,
+            replication_queued=r.pending_blocks,
+            replicated=r.replicated,
+            dirty_blocks=r.pending_blocks,
+            dirty_bytes=r.dirty_bytes,
+            dirty_peak_bytes=r.dirty_peak_bytes,
+            dirty_limit_bytes=r.dirty_limit_bytes,
+            backpressure_waits=r.backpressure_waits,
+            busy_rejections=r.busy_rejections,
+            replication_lag_p50_s=r.lag_p50_s,
+            replication_lag_p99_s=r.lag_p99_s,
+            replication_lag_max_s=r.lag_max_s,
+            replication_replaced=r.replaced,
+            replication_given_up=r.given_up,
+            replication_unplaced=r.unplaced,
+            persisted_local=r.persisted_local,
+            tombstones=len(self.tombstones),
+            **{**self._c, "replication_failures": self._c["replication_failures"] + r.replication_failures},
         )

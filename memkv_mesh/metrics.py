@@ -119,6 +119,13 @@ _MESH_COUNTERS = {
     "repaired": ("memkv_mesh_repaired", "Block copies pushed by repair passes after membership changes"),
     "repaired_bytes": ("memkv_mesh_repaired_bytes", "Bytes pushed by repair passes"),
     "handed_off": ("memkv_mesh_handed_off", "Block copies pushed before a graceful leave"),
+    "backpressure_waits": ("memkv_mesh_backpressure_waits", "Puts that waited at the dirty-bytes bound"),
+    "busy_rejections": ("memkv_mesh_busy_rejections", "Puts refused busy after waiting at the dirty-bytes bound"),
+    "replication_replaced": ("memkv_mesh_replication_replaced", "Owner shares of dirty blocks re-placed after a ring change"),
+    "replication_given_up": ("memkv_mesh_replication_given_up", "Block copies an owner kept refusing (handed to repair)"),
+    "replication_unplaced": ("memkv_mesh_replication_unplaced", "Blocks put while no flash peer was a candidate"),
+    "deletes": ("memkv_mesh_deletes", "Keys deleted mesh-wide from this node"),
+    "delete_requests_failed": ("memkv_mesh_delete_requests_failed", "Mesh-wide delete requests that did not reach a peer (retried)"),
 }
 
 
@@ -162,6 +169,10 @@ class _MeshCollector:
             for name, doc, value in (
                 ("memkv_mesh_candidates", "Flash peers placement currently uses", mesh.candidates),
                 ("memkv_mesh_replication_queued", "Keys waiting to be pushed to their owners", mesh.replication_queued),
+                ("memkv_mesh_dirty_bytes", "Bytes acknowledged and not yet on all their owners", mesh.dirty_bytes),
+                ("memkv_mesh_dirty_limit_bytes", "The dirty-bytes bound at which puts wait", mesh.dirty_limit_bytes),
+                ("memkv_mesh_replication_lag_p99_seconds", "p99 of put acknowledgement to all owners holding the block", mesh.replication_lag_p99_s),
+                ("memkv_mesh_tombstones", "Keys deleted mesh-wide and remembered", mesh.tombstones),
             ):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)

@@ -155,6 +155,7 @@ class NvmeStats(msgspec.Struct, frozen=True):
     journal_bytes: int = 0
     compactions: int = 0
     compaction_failures: int = 0
+    syncs: int = 0  # sync() calls (the "batch" fsync policy)
 
 
 class NvmeFullError(RuntimeError):
@@ -292,7 +293,7 @@ class NvmeTier:
             (
                 "reads", "writes", "bytes_read", "bytes_written", "dropped_corrupt",
                 "dropped_torn", "evictions", "misses", "io_errors", "compactions",
-                "compaction_failures",
+                "compaction_failures", "syncs",
             ),
             0,
         )  # fmt: skip
@@ -773,6 +774,20 @@ class NvmeTier:
             self._remove_locked(b)
             return True
 
+    def sync(self) -> None:
+        """Make every write so far durable: fdatasync the data files, then the journal (the
+        ``"batch"`` fsync policy: one call per batch instead of two per block)."""
+        with self._lock:
+            io = self._check_open_locked()
+            nfiles = len(self._sizes)
+        for i in range(nfiles):
+            io.sync(i)
+        with self._lock:
+            self._check_open_locked()
+            os.fdatasync(self._jfd)
+        with self._lock:
+            self._c["syncs"] += 1
+
     def length(self, key: bytes) -> int | None:
         with self._lock:
             b = self._index.get(key)
@@ -817,4 +832,5 @@ class NvmeTier:
                 journal_bytes=self._journal_size,
                 compactions=c["compactions"],
                 compaction_failures=c["compaction_failures"],
+                syncs=c["syncs"],
             )

@@ -17,6 +17,11 @@ before the clock starts, as the store has them when it demotes a block):
 ``--threads N`` runs each pass on N threads, as the store does with ``trio.to_thread``.
 The directory is removed afterwards unless ``--keep``.
 
+``--fsync`` instead measures what each ``[store] fsync`` policy costs a flash node's write-through:
+``total`` bytes of ``block``-sized blocks written as replicas arrive, in batches of ``--batch``
+blocks (one pushed batch), with "off" (page cache only), "batch" (one ``NvmeTier.sync`` per batch)
+and "always" (the tier's ``sync=True``: fdatasync of payload and journal record per block).
+
 ``--recovery N`` instead times ``open()`` (and ``open(verify_all=True)``) of a tier holding N
 blocks of ``--block`` bytes. ``python -m memkv_mesh.nvme_bench --allocator`` instead times ``ExtentAllocator``: 100k extents
 of mixed sizes, half freed at random, then alloc+free pairs against that fragmented state.
@@ -139,6 +144,31 @@ def bench(directory: Path, block: int, total: int, threads: int) -> dict[str, fl
     return out
 
 
+def bench_fsync(directory: Path, block: int, total: int, batch: int) -> dict[str, float]:
+    """Microseconds per block written through under each fsync policy (fresh tier each)."""
+    n = max(1, total // block)
+    payload = os.urandom(block)
+    checksum = xxhash.xxh3_64_intdigest(payload)
+    capacity = -(-(n * (block + 8192)) // 4096) * 4096
+    out: dict[str, float] = {}
+    for policy in ("off", "batch", "always"):
+        d = directory / policy
+        tier = NvmeTier(d, capacity, sync=policy == "always")
+        tier.open()
+        try:
+            t0 = time.perf_counter()
+            for lo in range(0, n, batch):
+                for i in range(lo, min(n, lo + batch)):
+                    tier.put(i.to_bytes(32, "big"), payload, checksum)
+                if policy == "batch":
+                    tier.sync()
+            out[policy] = (time.perf_counter() - t0) / n * 1e6
+        finally:
+            tier.close()
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 def bench_allocator(pairs: int = 200_000, seed: int = 0) -> tuple[float, int]:
     """Microseconds per alloc+free pair on a fragmented allocator, and its free-extent count."""
     rng = random.Random(seed)
@@ -198,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--recovery", type=int, metavar="N", help="time open() of a tier of N --block blocks"
     )
+    p.add_argument("--fsync", action="store_true", help="time write-through under each [store] fsync policy")
+    p.add_argument("--batch", type=int, default=64, help="blocks per pushed batch for --fsync (default 64)")
     args = p.parse_args(argv)
     if args.allocator:
         us, nfree = bench_allocator()
@@ -209,6 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--dir {args.dir} exists; give a fresh path (it is deleted afterwards)")
     if args.block <= 0 or args.total < args.block or args.threads < 1:
         p.error("need --block > 0, --total >= --block and --threads >= 1")
+    if args.fsync:
+        if args.batch < 1:
+            p.error("--batch must be >= 1")
+        try:
+            us = bench_fsync(args.dir, args.block, args.total, args.batch)
+        finally:
+            if not args.keep:
+                shutil.rmtree(args.dir, ignore_errors=True)
+        print(f"dir={args.dir} block={args.block} total={args.total // args.block * args.block} batch={args.batch}")
+        for name, per in us.items():
+            print(f"  fsync={name:<7} {per:9.1f} us per block  {args.block / per / 1e3:7.3f} GB/s  ({per / us['off']:.1f}x off)")
+        return 0
     if args.recovery is not None:
         if args.recovery < 1:
             p.error("--recovery needs a positive block count")

@@ -86,7 +86,12 @@ class Lookup(Msg, tag=6):
 
 
 class Delete(Msg, tag=7):
+    """Delete blocks: on a mesh node, mesh-wide (its owners and holders too, tombstoned so no
+    replica brings them back). ``local``: only this node's copies (the mesh keeps its replicas;
+    a copy not yet on its owners is kept until it is)."""
+
     keys: list[bytes]
+    local: bool = False
 
 
 class StatsRequest(Msg, tag=8):
@@ -167,6 +172,8 @@ FULL = "full"  # no room even after eviction (everything pinned)
 NOT_ALLOCATED = "not_allocated"  # commit/abort of a key this connection did not allocate
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"  # a feature not running on this daemon (e.g. gossip)
+BUSY = "busy"  # back-pressure: too many blocks not yet on their owners; retry later
+NOT_REPLICATED = "not_replicated"  # ack = "replicated": stored here, owners not confirmed in time
 
 
 class ProtocolError(Exception):

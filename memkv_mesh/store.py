@@ -16,6 +16,15 @@ Theory of operation
   extent is freed. The NVMe tier drops its own victims when it is full. A get that misses DRAM but
   hits NVMe promotes the block: a fresh extent, a read in a worker thread that verifies the
   checksum (a corrupt block is dropped and is a miss), then it is served like any DRAM block.
+* A block can be *dirty*: acknowledged to a client and not yet held by all of its owners in the
+  mesh (``mark_dirty`` / ``mark_clean``, driven by ``memkv_mesh/replication.py``). A dirty block is
+  never an eviction victim, so the only copy of an acknowledged block cannot be dropped before it
+  reached its owners; the mesh bounds the dirty bytes and makes puts wait (back-pressure) instead.
+* ``persist`` writes DRAM blocks through to the NVMe tier (a flash node's replicas: its DRAM is a
+  cache over NVMe), in one worker-thread hop per batch, then makes them durable per the fsync
+  policy: ``"off"`` (the page cache: survives kill -9, not power loss), ``"batch"`` (one fdatasync
+  of the data files and the journal per batch, before the caller confirms) or ``"always"`` (the
+  tier syncs every write).
 * All index state lives on the Trio loop and is changed only between awaits; only payload I/O
   runs in threads.
 """
@@ -38,7 +47,10 @@ from memkv_mesh.nvme import NvmeFullError
 if TYPE_CHECKING:
     from memkv_mesh.nvme import NvmeTier
 
-__all__ = ["BlockStore", "StoreError", "StoreStats"]
+__all__ = ["FSYNC_POLICIES", "BlockStore", "StoreError", "StoreStats"]
+
+# How write-through blocks are made durable (``[store] fsync``; docs/configuration.md).
+FSYNC_POLICIES = ("off", "batch", "always")
 
 
 class StoreError(Exception):
@@ -72,10 +84,14 @@ class StoreStats(msgspec.Struct, frozen=True):
     corrupt_dropped: int
     active_leases: int
     pending_slots: int
+    dirty_blocks: int = 0
+    dirty_bytes: int = 0
+    persisted: int = 0
+    persist_failures: int = 0
 
 
 class _Entry:
-    __slots__ = ("checksum", "doomed", "key", "length", "offset", "pins")
+    __slots__ = ("checksum", "dirty", "doomed", "key", "length", "offset", "pins")
 
     def __init__(self, key: bytes, offset: int, length: int, checksum: int) -> None:
         self.key = key
@@ -84,6 +100,7 @@ class _Entry:
         self.checksum = checksum
         self.pins = 0
         self.doomed = False
+        self.dirty = False  # acknowledged, and not yet held by all of its owners (never evicted)
 
 
 def _check_keys(keys: Sequence[bytes]) -> None:
@@ -101,10 +118,19 @@ class BlockStore:
         eviction: str = DEFAULT_POLICY,
         nvme: NvmeTier | None = None,
         align: int = 4096,
+        fsync: str = "off",
     ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self.arena = arena
         self.max_block_bytes = max_block_bytes
         self.nvme = nvme
+        self.fsync = fsync
+        # Replicas pushed here are written through to NVMe before they are confirmed (a flash
+        # node in a mesh); set by the daemon.
+        self.write_through = False
+        self._dirty_bytes = 0
+        self._dirty_blocks = 0
         self._alloc = ExtentAllocator(arena.size, align=align)
         self._policy = make_policy(eviction, arena.size)
         self._index: dict[bytes, _Entry] = {}
@@ -121,7 +147,7 @@ class BlockStore:
         self._c = dict.fromkeys(
             (
                 "puts", "put_bytes", "hits_dram", "hits_nvme", "misses", "get_bytes", "lookups",
-                "deletes", "demotions", "dram_drops", "nvme_drops",
+                "deletes", "demotions", "dram_drops", "nvme_drops", "persisted", "persist_failures",
             ),
             0,
         )  # fmt: skip
@@ -252,13 +278,51 @@ class BlockStore:
                 raise StoreError(
                     "full",
                     f"no room for a {size}-byte block: the arena's {self._alloc.used_bytes} used bytes "
-                    "are all pinned by leases or pending puts",
+                    f"are all pinned by leases or pending puts, or dirty ({self._dirty_bytes} bytes "
+                    "not yet on their owners)",
                 )
             await self._evict(self._index[victim])  # type: ignore[index]
 
     def _evictable(self, key: object) -> bool:
         e = self._index.get(key)  # type: ignore[call-overload]
-        return e is not None and e.pins == 0
+        return e is not None and e.pins == 0 and not e.dirty
+
+    # ---- dirty blocks (acknowledged, not yet on their owners) -----------------------------------
+    @property
+    def dirty_bytes(self) -> int:
+        return self._dirty_bytes
+
+    @property
+    def dirty_blocks(self) -> int:
+        return self._dirty_blocks
+
+    def mark_dirty(self, keys: Sequence[bytes]) -> list[int]:
+        """Make DRAM blocks unevictable until ``mark_clean``. Per key, the block's length if it
+        is now dirty (it was in DRAM), else 0 (not in DRAM: nothing to protect here)."""
+        out: list[int] = []
+        for k in keys:
+            e = self._index.get(k)
+            if e is None or e.doomed:
+                out.append(0)
+                continue
+            if not e.dirty:
+                e.dirty = True
+                self._dirty_bytes += e.length
+                self._dirty_blocks += 1
+            out.append(e.length)
+        return out
+
+    def mark_clean(self, keys: Sequence[bytes]) -> None:
+        """The blocks' owners hold them (or they were given up on): evictable again."""
+        for k in keys:
+            e = self._index.get(k)
+            if e is not None and e.dirty:
+                self._clean(e)
+
+    def _clean(self, e: _Entry) -> None:
+        e.dirty = False
+        self._dirty_bytes -= e.length
+        self._dirty_blocks -= 1
 
     async def _evict(self, e: _Entry) -> None:
         """Move one unpinned DRAM block to NVMe (or drop it) and free its extent."""
@@ -310,12 +374,81 @@ class BlockStore:
         """Take a block out of the DRAM index; its extent is freed now or at its last unpin."""
         if e.doomed:
             return
+        if e.dirty:
+            self._clean(e)
         if self._index.get(e.key) is e:
             del self._index[e.key]
         self._policy.remove(e.key)
         e.doomed = True
         if e.pins == 0:
             self._alloc.free(e.offset)
+
+    # ---- write-through ----------------------------------------------------------------------------
+    async def persist(self, keys: Sequence[bytes]) -> list[bool]:
+        """Write DRAM blocks through to the NVMe tier and make them durable per ``fsync``.
+
+        True per key now on NVMe (already there, or written now); False where the block is not
+        held here or the tier refused it (larger than a data file, everything there pinned, an I/O
+        error), and for every key without an NVMe tier. The whole batch is one worker-thread hop.
+        """
+        nvme = self.nvme
+        out = [False] * len(keys)
+        if nvme is None:
+            return out
+        todo: list[tuple[int, _Entry]] = []
+        for i, k in enumerate(keys):
+            if k in nvme:
+                out[i] = True
+                continue
+            e = self._index.get(k)
+            if e is not None and not e.doomed:
+                e.pins += 1
+                todo.append((i, e))
+        if not todo and (self.fsync != "batch" or not any(out)):
+            return out
+        views = [self.arena.slice(e.offset, e.length) for _, e in todo]
+        sync = self.fsync == "batch"
+
+        def write() -> tuple[list[bool], list[bytes]]:
+            ok: list[bool] = []
+            dropped: list[bytes] = []
+            for (_, e), v in zip(todo, views, strict=True):
+                try:
+                    dropped += nvme.put(e.key, v, e.checksum)
+                    ok.append(True)
+                except NvmeFullError as err:
+                    dropped += err.dropped
+                    ok.append(False)
+                except (ValueError, OSError):
+                    ok.append(False)
+            if sync:
+                try:
+                    nvme.sync()
+                except OSError:
+                    return [False] * len(ok), dropped
+            return ok, dropped
+
+        try:
+            ok, dropped = await trio.to_thread.run_sync(write)
+        finally:
+            for v in views:
+                v.release()
+            self._unpin([e for _, e in todo])
+        if sync and len(ok) and not any(ok):
+            out = [False] * len(keys)  # the batch sync failed: nothing here is known durable
+        self._gone(dropped)
+        doomed: list[bytes] = []
+        for (i, e), good in zip(todo, ok, strict=True):
+            if good and e.doomed and self._index.get(e.key) is None:
+                doomed.append(e.key)  # deleted while it was being written: do not resurrect it
+                continue
+            out[i] = good
+        for k in doomed:
+            await trio.to_thread.run_sync(nvme.delete, k)
+        self._gone(doomed)
+        self._c["persisted"] += sum(ok)
+        self._c["persist_failures"] += len(ok) - sum(ok)
+        return out
 
     # ---- get --------------------------------------------------------------------------------------
     async def get(
@@ -462,4 +595,8 @@ class BlockStore:
             corrupt_dropped=(nv.dropped_corrupt + nv.dropped_torn) if nv else 0,
             active_leases=len(self._leases),
             pending_slots=sum(len(p) for p in self._pending.values()),
+            dirty_blocks=self._dirty_blocks,
+            dirty_bytes=self._dirty_bytes,
+            persisted=c["persisted"],
+            persist_failures=c["persist_failures"],
         )

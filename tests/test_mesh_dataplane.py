@@ -74,7 +74,7 @@ async def test_put_replicates_to_owners_and_a_miss_fetches(tmp_path: Path, short
             assert all(bytes(buf[: len(v)]) == v for buf, v in zip(bufs, vals, strict=True))
             assert g.mesh.statistics().fetched == 20
             # An owner going away: the other replica serves the next miss.
-            await cg.delete(keys)
+            await cg.delete(keys, local=True)
             nursery_b_gone = b.store
             await nursery_b_gone.delete(keys)  # b loses its copies (as if its disk was wiped)
             assert await cg.get_many_into(keys[:5], bufs[:5]) == [len(v) for v in vals[:5]]

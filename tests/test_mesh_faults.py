@@ -110,7 +110,7 @@ def test_kill9_restart_corrupt(daemon_process: Any, transport: str) -> None:
     # Every acknowledged block is readable with the right bytes from a node that never held it
     # in DRAM... the GPU node drops its DRAM copies first so every read goes through the mesh.
     with gpu.client() as c:
-        c.delete(keys)
+        c.delete(keys, local=True)
         for i in range(0, N_BLOCKS, 100):
             bufs = [bytearray(SIZE) for _ in range(100)]
             got = c.get_many_into(keys[i : i + 100], bufs)

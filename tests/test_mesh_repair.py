@@ -109,17 +109,14 @@ async def test_a_death_moves_only_the_dead_nodes_blocks_and_one_survivor_sends_e
     assert len(sends) == len(moved)  # one copy each
 
 
-async def test_a_failed_replication_is_retried_by_the_node_that_put_it() -> None:
+async def test_blocks_the_replicator_gave_up_on_are_pushed_by_the_next_repair_pass() -> None:
     live = ["b", "c", "d"]
     m, _, p = _mesh("g", live)  # a gpu node: owner of nothing
     await m.repair_pass()
     assert p.pushed == []  # not an owner: the first pass leaves blocks to their owners
     put = KEYS[:50]
-    p.fail = {"b", "c", "d"}
-    await m._replicate(put)
-    assert m.statistics().replication_failures == 100 and p.pushed == []
-    p.fail = set()
-    await m.repair_pass()  # the ring did not move, but the failed keys are looked at again
+    m._to_repair(put)  # what the replicator does with blocks it cannot place or keeps failing
+    await m.repair_pass()  # the ring did not move, but the handed-over keys are looked at
     assert sorted(p.pushed) == sorted((o, k) for k in put for o in _owners(live, k))
     p.pushed.clear()
     assert await m.repair_pass() == 0 and p.pushed == []
@@ -167,13 +164,13 @@ async def test_a_suspect_keeps_its_blocks_but_is_tried_last() -> None:
         assert plan == [o for o in _owners(live, k) if o != "b"] + ["b"]
 
 
-async def test_a_replication_that_keeps_failing_is_retried_until_it_lands() -> None:
+async def test_a_handed_over_block_is_retried_until_it_lands() -> None:
     live = ["b", "c", "d"]
     m, _, p = _mesh("g", live)
     await m.repair_pass()
     put = KEYS[:50]
     p.fail = {"b"}
-    await m._replicate(put)
+    m._to_repair(put)
     await m.repair_pass()  # b still unreachable (a suspect for longer than one interval)
     p.fail = set()
     p.pushed.clear()
@@ -195,19 +192,6 @@ async def test_a_failed_repair_push_is_retried_by_the_next_pass() -> None:
     assert any(n == "x" for n, _ in p.pushed)
     p.pushed.clear()
     assert await m.repair_pass() == 0 and p.pushed == []
-
-
-async def test_keys_dropped_from_a_full_replication_queue_are_retried(monkeypatch: Any) -> None:
-    import memkv_mesh.mesh as mesh_mod
-
-    monkeypatch.setattr(mesh_mod, "_REPLICATION_QUEUE", 10)
-    live = ["b", "c"]
-    m, _, p = _mesh("g", live)
-    await m.repair_pass()
-    m.replicate_soon(KEYS[:15])  # 5 fall off the queue
-    assert m.statistics().replication_dropped == 5
-    await m.repair_pass()
-    assert {k for _, k in p.pushed} == set(KEYS[:5])
 
 
 async def test_a_peer_on_another_placement_version_is_left_out(caplog: Any) -> None:

@@ -27,7 +27,18 @@ Theory of operation
   fetch:  C->S FetchRequest(keys)            S->C FetchReply(sizes, checksums) + bytes of each size >= 0
   push:   C->S PushRequest(keys, sizes, cks) S->C PushReady(status)  C->S bytes of each status SEND
           S->C PushDone(stored)
+  delete: C->S DeleteRequest(keys)           S->C DeleteDone(deleted)
   errors: S->C Error(code, message) instead of a reply; the connection stays usable.
+
+* A node that writes through (``store.write_through``: a flash node) confirms a pushed block in
+  ``PushDone`` only once it is on its NVMe tier (``store.persist``, durable per ``[store] fsync``),
+  so a kill -9 of a flash node loses only the transfers in flight. A block it already held counts
+  once it is on NVMe too.
+* Mesh-wide deletes: ``DeleteRequest`` deletes the keys here and records them in the node's
+  ``Tombstones``; a push of a tombstoned key is answered ``DELETED`` (nothing sent), and the pusher
+  then deletes its own copy and records the tombstone too, so a replica never brings a deleted
+  block back. A *fresh* push (``PushRequest.fresh``: a client put the block again after the
+  delete) lifts the tombstone instead.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import xxhash
 from memkv_mesh.keys import KEY_BYTES
 from memkv_mesh.protocol import LEN, encode_frame  # the same length-prefixed msgpack framing
 from memkv_mesh.store import BlockStore, StoreError
+from memkv_mesh.tombstones import Tombstones
 from transport.dataplane_config import DataPlaneConfig
 
 log = logging.getLogger("memkv_mesh.dataplane")
@@ -78,6 +90,7 @@ _MAX_WIRE_BLOCK = 1 << 30
 SEND = 0  # send the bytes
 ALREADY = 1  # already stored here: nothing to send, counts as stored
 REFUSED = 2  # cannot store it (full, too large): nothing to send
+DELETED = 3  # deleted mesh-wide (tombstoned here): nothing to send, and the pusher drops its copy
 
 
 class DataPlaneError(Exception):
@@ -131,9 +144,13 @@ class FetchReply(Msg, tag=5):
 
 
 class PushRequest(Msg, tag=6):
+    """``fresh``: blocks a client just put on the pushing node (its replication, not a repair or
+    a hand-off); they are accepted over a tombstone, since the put is newer than the delete."""
+
     keys: list[bytes]
     sizes: list[int]
     checksums: list[int]
+    fresh: bool = False
 
 
 class PushReady(Msg, tag=7):
@@ -144,12 +161,27 @@ class PushDone(Msg, tag=8):
     stored: list[bool]
 
 
+class DeleteRequest(Msg, tag=9):
+    """Delete these blocks here and remember them as deleted (a mesh-wide delete)."""
+
+    keys: list[bytes]
+
+
+class DeleteDone(Msg, tag=10):
+    """Per key: whether this node held a copy that it deleted."""
+
+    deleted: list[bool]
+
+
 class Error(Msg, tag=63):
     code: str
     message: str
 
 
-AnyMsg = Hello | Challenge | Proof | Welcome | FetchRequest | FetchReply | PushRequest | PushReady | PushDone | Error
+AnyMsg = (
+    Hello | Challenge | Proof | Welcome | FetchRequest | FetchReply | PushRequest | PushReady | PushDone
+    | DeleteRequest | DeleteDone | Error
+)
 _decoder: msgspec.msgpack.Decoder[AnyMsg] = msgspec.msgpack.Decoder(AnyMsg)
 def decode_body(body: bytes | bytearray | memoryview) -> Msg:
     try:
@@ -374,7 +406,9 @@ _COUNTERS = (
 
 
 class DataPlane:
-    def __init__(self, config: DataPlaneConfig, store: BlockStore, *, node_id: str) -> None:
+    def __init__(
+        self, config: DataPlaneConfig, store: BlockStore, *, node_id: str, tombstones: Tombstones | None = None
+    ) -> None:
         try:
             config.validate()
         except ValueError as e:
@@ -382,6 +416,12 @@ class DataPlane:
         self.config = config
         self.store = store
         self.node_id = node_id
+        # Keys deleted mesh-wide lately (pushes of them are refused DELETED); 10 min by default
+        # when the daemon does not share the mesh's.
+        self.tombstones = tombstones if tombstones is not None else Tombstones(600.0, 65536)
+        # Told (on the Trio thread) which keys a mesh-wide delete removed here, by a peer's
+        # DeleteRequest or a push answered DELETED, so the mesh stops replicating them.
+        self.on_deleted: Callable[[list[bytes]], None] | None = None
         self._keys = config.keyring()
         self._transport: str = config.transport
         self._reason = "not started"
@@ -464,14 +504,46 @@ class DataPlane:
         self._c["fetches"] += 1
         return result
 
-    async def push(self, peer: str, keys: list[bytes]) -> list[bool]:
-        """Replicate ``keys`` from our store to ``peer``. True per block the peer now holds."""
+    async def push(self, peer: str, keys: list[bytes], *, fresh: bool = False) -> list[bool]:
+        """Replicate ``keys`` from our store to ``peer``. True per block the peer now holds.
+        ``fresh``: just put by a local client (accepted over the peer's tombstones)."""
         _check_batch(keys)
         if not keys:
             return []
-        out = await self._transfer(peer, lambda ch, fresh: self._push_on(ch, keys))
+        out = await self._transfer(peer, lambda ch, _: self._push_on(ch, keys, fresh))
         self._c["pushes"] += 1
         return out
+
+    async def delete(self, peer: str, keys: list[bytes]) -> list[bool]:
+        """Delete ``keys`` on ``peer`` (which tombstones them). True per key it held."""
+        _check_batch(keys)
+        if not keys:
+            return []
+        return await self._transfer(peer, lambda ch, fresh: self._delete_on(ch, keys))
+
+    async def _delete_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
+        try:
+            await chan.send_msg(DeleteRequest(keys))
+            reply = await chan.recv_msg(self.config.io_timeout_s)
+        except PeerClosed:
+            raise _StaleConnection() from None
+        if isinstance(reply, Error):
+            raise DataPlaneError(f"peer {chan.peer} refused the delete: {reply.code}: {reply.message}")
+        if not isinstance(reply, DeleteDone) or len(reply.deleted) != len(keys):
+            self._c["protocol_errors"] += 1
+            raise DataPlaneError(f"peer {chan.peer} answered a delete of {len(keys)} keys with a bad reply")
+        return [bool(d) for d in reply.deleted]
+
+    async def forget(self, keys: list[bytes]) -> list[bool]:
+        """A mesh-wide delete reached this node: tombstone the keys, delete local copies, tell
+        the mesh. True per key held here."""
+        self.tombstones.add(keys, trio.current_time())
+        held = self.store.contains(keys)
+        if any(held):
+            await self.store.delete([k for k, h in zip(keys, held, strict=True) if h])
+        if self.on_deleted is not None:
+            self.on_deleted(keys)
+        return held
 
     async def _transfer(
         self, peer: str, op: Callable[[Channel, bool], Awaitable[list[bool]]]
@@ -660,7 +732,7 @@ class DataPlane:
                 v.release()
         return out
 
-    async def _push_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
+    async def _push_on(self, chan: Channel, keys: list[bytes], fresh: bool = False) -> list[bool]:
         store, to = self.store, self.config.io_timeout_s
         owner = _Owner()
         try:
@@ -672,7 +744,7 @@ class DataPlane:
             sizes = [locs[i][1] for i in held]  # type: ignore[index]
             cks = [_stored_checksum(store, keys[i], locs[i]) for i in held]  # type: ignore[arg-type]
             try:
-                await chan.send_msg(PushRequest([keys[i] for i in held], sizes, cks))
+                await chan.send_msg(PushRequest([keys[i] for i in held], sizes, cks, fresh))
                 ready = await chan.recv_msg(to)
             except PeerClosed:
                 raise _StaleConnection() from None
@@ -689,9 +761,12 @@ class DataPlane:
                 raise DataPlaneError(f"peer {chan.peer} did not confirm the push")
             for i, ok in zip(held, done.stored, strict=True):
                 out[i] = bool(ok)
-            return out
+            deleted = [keys[i] for i, st in zip(held, ready.status, strict=True) if st == DELETED]
         finally:
             store.drop_owner(owner)
+        if deleted:  # the peer knows these were deleted mesh-wide: so do we now
+            await self.forget(deleted)
+        return out
 
     async def _send(self, chan: Channel, blocks: list[tuple[bytes, tuple[int, int]]]) -> None:
         """Send pinned blocks (key, (offset, length)) straight from the arena, as one batch."""
@@ -736,6 +811,13 @@ class DataPlane:
                         await self._serve_fetch(chan, owner, msg)
                     elif isinstance(msg, PushRequest):
                         await self._serve_push(chan, owner, msg)
+                    elif isinstance(msg, DeleteRequest):
+                        bad = _batch_problem(msg.keys)
+                        if bad:
+                            self._c["protocol_errors"] += 1
+                            await chan.send_msg(Error("bad_request", bad))
+                        else:
+                            await chan.send_msg(DeleteDone(await self.forget(msg.keys)))
                     else:
                         self._c["protocol_errors"] += 1
                         await chan.send_msg(Error("bad_request", f"unexpected {type(msg).__name__}"))
@@ -783,7 +865,14 @@ class DataPlane:
             return
         status: list[int] = []
         offsets: list[int] = []
+        dead = self.tombstones
+        if dead and req.fresh:
+            dead.discard(req.keys)  # put again after the delete: the put is newer
         for k, size in zip(req.keys, req.sizes, strict=True):
+            if dead and k in dead:
+                status.append(DELETED)
+                offsets.append(-2)
+                continue
             try:
                 off = (await store.alloc(owner, [k], [size]))[0]
             except StoreError:
@@ -795,7 +884,17 @@ class DataPlane:
         await chan.send_msg(PushReady(status))
         sizes = [size if st == SEND else -1 for st, size in zip(status, req.sizes, strict=True)]
         got = await self._receive(chan, owner, req.keys, sizes, req.checksums, offsets)
-        await chan.send_msg(PushDone([g or st == ALREADY for g, st in zip(got, status, strict=True)]))
+        stored = [g or st == ALREADY for g, st in zip(got, status, strict=True)]
+        late = [k for k, ok in zip(req.keys, stored, strict=True) if ok and k in dead] if dead else []
+        if late:  # deleted mesh-wide while the bytes were on the wire
+            await store.delete(late)
+            stored = [ok and k not in dead for k, ok in zip(req.keys, stored, strict=True)]
+        if store.write_through and any(stored):
+            # A replica counts once it is on NVMe: a kill -9 of this node must not lose it.
+            keep = [k for k, ok in zip(req.keys, stored, strict=True) if ok]
+            durable = dict(zip(keep, await store.persist(keep), strict=True))
+            stored = [ok and durable[k] for k, ok in zip(req.keys, stored, strict=True)]
+        await chan.send_msg(PushDone(stored))
 
 
 async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored) -> None:
