@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from simulations.mesh.engine import FailureEvent, fixed_delay_failures, simulate
+from simulations.mesh.engine import FailureEvent, fixed_delay_failures, simulate, with_restarts
 from simulations.mesh.ideal import prefix_hit_ratio
 from simulations.mesh.spec import (
     MODEL_PRESETS,
@@ -96,11 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which blocks GPU nodes put to the mesh")
     cl.add_argument("--ideal-network", action="store_true", default=None,
                     help="infinite bandwidth everywhere (prefill still takes time)")
+    wp = p.add_argument_group("write path")
+    wp.add_argument("--write-path", choices=["instant", "async"],
+                    help="instant: puts are on their owners at prefill end (default); async: the "
+                    "daemon's write path (dirty blocks pinned in DRAM, replication lag, directory "
+                    "delay, back-pressure)")
+    wp.add_argument("--replication-lag-s", type=float, help="async: put to owners holding it (s)")
+    wp.add_argument("--directory-delay-s", type=float, help="async: put to other nodes' directories (s)")
+    wp.add_argument("--dirty-blocks", type=int, help="async: dirty blocks per GPU node before puts wait")
     cl.add_argument("--usd-per-gpu-hour", type=float)
     cl.add_argument("--usd-per-tb-month", type=float)
     fl = p.add_argument_group("failures")
     fl.add_argument("--kill", action="append", metavar="flash-I@SECONDS",
                     help="kill a flash node at a time (repeatable)")
+    fl.add_argument("--restart", action="append", metavar="flash-I@SECONDS",
+                    help="restart a killed flash node on its old disk at a time (repeatable)")
     fl.add_argument("--detect-delay-s", type=float, help="failure detection delay (fixed model)")
     fl.add_argument("--rereplication-gbps", type=float, help="mesh-wide re-replication rate cap")
     fl.add_argument("--gossip", action="store_true",
@@ -140,6 +150,10 @@ def _apply_overrides(spec: SimSpec, a: argparse.Namespace) -> SimSpec:
         ("routing", "routing"),
         ("ideal_network", "ideal_network"),
         ("put_policy", "put_policy"),
+        ("write_path", "write_path"),
+        ("replication_lag_s", "replication_lag_s"),
+        ("directory_delay_s", "directory_delay_s"),
+        ("dirty_blocks", "dirty_blocks"),
     ):
         v = getattr(a, flag)
         if v is not None:
@@ -155,6 +169,8 @@ def _apply_overrides(spec: SimSpec, a: argparse.Namespace) -> SimSpec:
     fail: dict[str, Any] = {}
     if a.kill:
         fail["kill"] = list(a.kill)
+    if a.restart:
+        fail["restart"] = list(a.restart)
     if a.detect_delay_s is not None:
         fail["detect_delay_s"] = a.detect_delay_s
     if a.rereplication_gbps is not None:
@@ -208,7 +224,7 @@ def _failures(
 
     g = gossip_failures(spec, until_s=reqs[-1].arrival_s, seed=a.seed, loss=a.gossip_loss,
                         profile_name=a.gossip_profile, progress=progress)  # fmt: skip
-    return g.failures, g.info
+    return with_restarts(g.failures, spec), g.info
 
 
 def _r(x: float | None) -> str:
@@ -238,6 +254,13 @@ def _human(s: dict[str, Any]) -> str:
         f"GPU busy share {s['gpu_busy_share']:.3f}; prefill tokens saved {s['prefill_tokens_saved']}; "
         f"peak link {s['peak_link_utilisation']:.2f}, peak NVMe {s['peak_nvme_utilisation']:.2f}"
     )
+    if s.get("write_path") == "async":
+        lines.append(
+            f"write path async (lag {s['replication_lag_s']} s, directory delay {s['directory_delay_s']} s, "
+            f"dirty bound {s['dirty_blocks_bound']}): back-pressure waits {s['backpressure_waits']} "
+            f"({s['backpressure_wait_s']:.2f} s), dirty peak per node {s['dirty_peak_blocks']} blocks, "
+            f"{s['blocks_held_nowhere']} of {s['blocks_put']} blocks put held nowhere at the end"
+        )
     if s["flash_nodes"]:
         lines.append(
             f"mesh traffic: {s['mesh_bytes_read'] / 1e12:.2f} TB read, "

@@ -6,13 +6,16 @@ Public surface (everything else is private to this package):
   with the :data:`CHAT` and :data:`AGENTIC` session shapes;
 - specs: :class:`SimSpec` (cluster, model, cost, failure), :func:`load_spec`, :data:`MODEL_PRESETS`;
 - running: :func:`simulate` -> :class:`RunResult`, :func:`summarize`, :func:`sweep`,
-  :func:`prefix_hit_ratio` (the timing-free reference), :func:`write_html_report`.
+  :func:`prefix_hit_ratio` (the timing-free reference), :func:`write_html_report`;
+- a replay through real daemons (``memkv-mesh bench replay``): :func:`replay_spec`,
+  :func:`predict_replay` -> :class:`ReplayPrediction`.
 
 The command line is ``memkv-mesh simulate mesh`` (``simulations/mesh_cli.py``).
 """
 
-from .engine import Engine, EngineStats, FailureEvent, RunResult, simulate
+from .engine import Engine, EngineStats, FailureEvent, RunResult, simulate, with_restarts
 from .ideal import hit_ratio_curve, prefix_hit_ratio
+from .replay import ReplayPrediction, predict_replay, replay_spec
 from .report import render_plots, write_html_report
 from .spec import (
     MODEL_PRESETS,
@@ -41,6 +44,7 @@ __all__ = [
     "FailureEvent",
     "FailureSpec",
     "ModelSpec",
+    "ReplayPrediction",
     "Request",
     "RunResult",
     "SessionShape",
@@ -51,12 +55,15 @@ __all__ = [
     "hit_ratio_curve",
     "load_spec",
     "model_preset",
+    "predict_replay",
     "prefix_hit_ratio",
     "read_mooncake",
     "render_plots",
+    "replay_spec",
     "simulate",
     "summarize",
     "sweep",
     "write_html_report",
+    "with_restarts",
     "write_mooncake",
 ]

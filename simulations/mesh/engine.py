@@ -33,11 +33,25 @@ On admission a request is routed to a GPU node (see ``routing``), then:
    ``put_policy = "on-reuse"`` only blocks the node re-used from its DRAM (local hits) are put,
    so one-off blocks never cost flash writes.
 
+**The daemon's write path** (``cluster.write_path = "async"``; the default ``"instant"`` is the
+above). Only the blocks the node computed are put (step 5 with what a real engine sends), and a
+put is not on its owners at once: the block is *dirty* on the GPU node, pinned in its DRAM (never
+evicted) until every owner holds it. Replication runs per node in put order, to all owners at
+once, and lands ``replication_lag_s`` after the put, or later when the NICs/NVMe are busy. Past
+``dirty_blocks`` dirty blocks a put waits until enough of them are clean (back-pressure). Another
+node's lookup sees a block ``directory_delay_s`` after its first put (the gossiped directory names
+the GPU node that put it) and fetches it from a flash holder, else from any GPU node holding it
+in DRAM. Blocks still being computed or written by the node itself are not hits (the daemon
+holds nothing until the put is acknowledged). ``Engine.run(put_at=...)`` takes the time each
+request's put was acknowledged, as a replay measured it, instead of the prefill end.
+
 Failures: a killed flash node stops serving at once but stays in every peer's view until its
 detection time (a fixed delay, or the real SWIM cores via ``gossip_detect``); writes to it in that
 window are lost. On detection the view drops it, placement is recomputed, and every block it held
 or should have received is copied from a surviving holder to its new owners at a mesh-wide rate cap
-(re-replication). Blocks with no surviving holder are lost. A per-window timeline records the dip.
+(re-replication). Blocks with no surviving holder are lost. A restarted node (``t_restart``) rejoins
+the view with the blocks it held when it died (its disk survived). A per-window timeline records
+the dip.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ import math
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
@@ -59,24 +73,39 @@ from .routing import make_router
 from .spec import SimSpec, parse_kill
 from .trace import Request
 
-__all__ = ["Engine", "EngineStats", "RunResult", "FailureEvent", "simulate", "fixed_delay_failures"]
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "RunResult",
+    "FailureEvent",
+    "simulate",
+    "fixed_delay_failures",
+    "with_restarts",
+]
 
 # Event kinds, in tie-break order at equal times.
 _EV_KILL = 0
 _EV_DETECT = 1
 _EV_WRITE = 2
 _EV_REREP = 3
+_EV_LAND = 4  # async write path: a replica lands on a flash owner
+_EV_CLEAN = 5  # async write path: every owner holds the blocks; the GPU node may evict them
+_EV_RESTART = 6
+
+_INF = math.inf
 
 _REREP_TICK_S = 1.0
 
 
 @dataclass(frozen=True)
 class FailureEvent:
-    """Flash node ``flash`` dies at ``t_kill`` and every peer's view drops it at ``t_detect``."""
+    """Flash node ``flash`` dies at ``t_kill`` and every peer's view drops it at ``t_detect``; it
+    comes back on its old disk at ``t_restart`` (never by default)."""
 
     flash: int
     t_kill: float
     t_detect: float
+    t_restart: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -92,6 +121,8 @@ class EngineStats:
     rereplication_pending: int
     failed_fetches: int
     dropped_write_bytes: int
+    backpressure_waits: int = 0
+    dirty_blocks: int = 0
 
 
 @dataclass
@@ -143,6 +174,14 @@ class RunResult:
     rerep_bytes: int = 0
     rerep_blocks: int = 0
     rerep_done_s: list[float] = field(default_factory=list)
+    # The async write path (zero / empty with "instant"):
+    write_path: str = "instant"
+    blocks_put: int = 0  # distinct blocks the GPU nodes put
+    blocks_held_nowhere: int = 0  # of those, held by no live node at the end (a read-back misses)
+    backpressure_waits: int = 0  # puts that waited for dirty blocks to clear
+    backpressure_wait_s: float = 0.0
+    dirty_peak_blocks: list[int] = field(default_factory=list)  # per GPU node
+    dram_pinned_overflow: int = 0  # inserts that found every DRAM block dirty (cache ran over)
 
     @property
     def hits(self) -> int:
@@ -251,6 +290,24 @@ class Engine:
         self.progress = progress
         self.progress_desc = progress_desc
         self.router = make_router(c.routing, self)
+        # The async write path (see the module docstring).
+        self.async_write = c.write_path == "async"
+        self.lag = c.replication_lag_s
+        self.dir_delay = c.directory_delay_s
+        self.dirty_bound = c.dirty_blocks
+        self._dirty: list[dict[int, float]] = [{} for _ in range(self.G)]  # block -> clean time
+        self._clean_heap: list[list[float]] = [[] for _ in range(self.G)]  # dirty blocks' clean times
+        self._gpu_holders: dict[int, list[int]] = {}  # block -> GPU nodes holding it in DRAM
+        self._vis: dict[int, float] = {}  # block -> when other nodes' directories see it
+        self._put_blocks: set[int] = set()
+        self._detect_at = [_INF] * self.F
+        for f in self.failures:
+            self._detect_at[f.flash] = min(self._detect_at[f.flash], f.t_detect)
+        self._held_at_detect: dict[int, list[int]] = {}
+        self.backpressure_waits = 0
+        self.backpressure_wait_s = 0.0
+        self.dirty_peak = [0] * self.G
+        self.dram_overflow = 0
         self._admitted = 0
         self._local = self._mesh = self._hit_tokens = self._refs = 0
         self._ran = False
@@ -291,11 +348,24 @@ class Engine:
             when, kind, _, payload = heapq.heappop(heap)
             if kind == _EV_WRITE:
                 wg, wblocks = cast(tuple[int, list[int]], payload)
-                self._mesh_write(when, wg, wblocks)
+                if self.async_write:
+                    self._async_write(when, wg, wblocks)
+                else:
+                    self._mesh_write(when, wg, wblocks)
+            elif kind == _EV_LAND:
+                lf, lblocks = cast(tuple[int, list[int]], payload)
+                self._land(when, lf, lblocks)
+            elif kind == _EV_CLEAN:
+                cg, cblocks = cast(tuple[int, list[int]], payload)
+                dirty = self._dirty[cg]
+                for b in cblocks:
+                    dirty.pop(b, None)
             elif kind == _EV_KILL:
                 self._kill(when, cast(int, payload))
             elif kind == _EV_DETECT:
                 self._detect(when, cast(int, payload))
+            elif kind == _EV_RESTART:
+                self._restart(when, cast(int, payload))
             else:
                 self._rerep_tick(when)
 
@@ -357,18 +427,142 @@ class Engine:
             for b in bs:
                 self._nvme_insert(f, b, ready)
 
+    def _async_write(self, now: float, g: int, computed: list[int]) -> None:
+        """The daemon's put path: wait out back-pressure, store the blocks in DRAM (dirty, so
+        pinned), then replicate to every owner at once; each replica lands after the lag (or the
+        transfers); the blocks stay dirty until all have landed."""
+        dirty = self._dirty[g]
+        heap = self._clean_heap[g]
+        while heap and heap[0] <= now:
+            heapq.heappop(heap)
+        t = now
+        bound = self.dirty_bound
+        if bound is not None and len(heap) >= bound:
+            # Back-pressure: the put waits until the dirty blocks are under the bound again. Like
+            # the daemon's, the bound is soft by one batch: a put that starts under it goes ahead.
+            for _ in range(len(heap) - bound + 1):
+                t = heapq.heappop(heap)
+            if t > now:
+                self.backpressure_waits += 1
+                self.backpressure_wait_s += t - now
+            else:
+                t = now
+        cache = self.dram[g]
+        d = cache.d
+        cap = cache.cap
+        gpu_holders = self._gpu_holders
+        blocks: list[int] = []
+        for b in computed:
+            if b in d:
+                continue  # stored meanwhile (another request computed it too): the put is a no-op
+            blocks.append(b)
+            if cap == 0:
+                continue
+            d[b] = t
+            dirty[b] = _INF  # pinned until every owner holds it
+            hs = gpu_holders.get(b)
+            if hs is None:
+                gpu_holders[b] = [g]
+            elif g not in hs:
+                hs.append(g)
+            if cap is not None and len(d) > cap:
+                self._dram_evict(g, d)
+        if not blocks:
+            return
+        if len(heap) + len(blocks) > self.dirty_peak[g]:
+            self.dirty_peak[g] = len(heap) + len(blocks)
+        directory = self.directory
+        vis = self._vis
+        seen_at = t + self.dir_delay
+        for b in blocks:
+            self._put_blocks.add(b)
+            if b not in vis or (not directory.get(b) and gpu_holders.get(b) == [g]):
+                vis[b] = seen_at  # nobody else holds it: others see it once our delta arrives
+        per_owner: dict[int, list[int]] = {}
+        for b in blocks if self.F else ():
+            hs = directory.get(b)
+            for f in self.owners(b):
+                if hs is None or f not in hs:
+                    per_owner.setdefault(f, []).append(b)
+        clean_at = dict.fromkeys(blocks, t)
+        bb = self.bb
+        for f, bs in per_owner.items():
+            nbytes = len(bs) * bb
+            if not self.alive[f]:
+                # The push fails; the blocks stay dirty until the view drops the dead owner and
+                # repair reaches the new one.
+                self.lost_write_bytes += nbytes
+                self._pending_lost.setdefault(f, set()).update(bs)
+                until = self._detect_at[f] + self.lag
+                for b in bs:
+                    if until > clean_at[b]:
+                        clean_at[b] = until
+                continue
+            t1 = self.gpu_nic_out[g].reserve(t, nbytes)
+            t2 = self.flash_nic_in[f].reserve(t, nbytes)
+            t3 = self.flash_nvme[f].reserve(t, int(nbytes * self._write_scale))
+            land = max(t + self.lag, t1, t2, t3)
+            self.flash_write[f] += nbytes
+            self._push(land, _EV_LAND, (f, bs))
+            for b in bs:
+                if land > clean_at[b]:
+                    clean_at[b] = land
+        by_time: dict[float, list[int]] = {}
+        for b, tc in clean_at.items():
+            if cap != 0:
+                dirty[b] = tc
+            by_time.setdefault(tc, []).append(b)
+            heapq.heappush(heap, tc)
+        for tc, bs in by_time.items():
+            if math.isfinite(tc):
+                self._push(tc, _EV_CLEAN, (g, bs))
+
+    def _land(self, now: float, f: int, blocks: list[int]) -> None:
+        if not self.alive[f]:  # died while the replica was on its way
+            self.lost_write_bytes += len(blocks) * self.bb
+            self._pending_lost.setdefault(f, set()).update(blocks)
+            return
+        for b in blocks:
+            self._nvme_insert(f, b, now)
+
+    def _dram_evict(self, g: int, d: OrderedDict[int, float]) -> None:
+        """Drop node ``g``'s least recently used block that is not dirty (async write path)."""
+        dirty = self._dirty[g]
+        victim = None
+        if len(dirty) >= len(d):
+            self.dram_overflow += 1  # everything is dirty: the cache runs over its size
+            return
+        if dirty:
+            for x in d:
+                if x not in dirty:
+                    victim = x
+                    break
+            if victim is None:
+                self.dram_overflow += 1  # everything is dirty: the cache runs over its size
+                return
+            del d[victim]
+        else:
+            victim, _ = d.popitem(last=False)
+        hs = self._gpu_holders.get(victim)
+        if hs is not None:
+            if g in hs:
+                hs.remove(g)
+            if not hs:
+                del self._gpu_holders[victim]
+
     # ----------------------------------------------------------------------------- failures
     def _kill(self, now: float, f: int) -> None:
         self.alive[f] = False
         self._window(now).alive_flash = sum(self.alive)
 
     def _detect(self, now: float, f: int) -> None:
-        if not self.in_view[f]:
+        if not self.in_view[f] or self.alive[f]:  # (restarted before anyone noticed)
             return
         self.in_view[f] = False
         self._ring = self._make_ring()
         self._owners.clear()
         held = list(self.nvme[f].d)
+        self._held_at_detect[f] = held
         self.nvme[f].d.clear()
         directory = self.directory
         for b in held:
@@ -386,10 +580,13 @@ class Engine:
             seen.add(b)
             hs = directory.get(b)
             if not hs or not any(alive[h] for h in hs):
-                self.lost_blocks += 1
-                continue
+                # With the async write path a GPU node still holds what never reached flash
+                # (it stays dirty there) and repair pushes it from there.
+                if not (self.async_write and self._gpu_holders.get(b)):
+                    self.lost_blocks += 1
+                    continue
             for dst in self.owners(b):
-                if dst not in hs and alive[dst]:
+                if (not hs or dst not in hs) and alive[dst]:
                     self._rerep_queue.append((b, dst))
         self._rerep_queue.reverse()  # pop() from the end serves in placement order
         if self._rerep_queue and not self._rerep_scheduled:
@@ -407,17 +604,20 @@ class Engine:
         while q and budget >= bb:
             b, dst = q.pop()
             hs = directory.get(b)
-            if not alive[dst] or not hs or dst in hs:
+            if not alive[dst] or (hs is not None and dst in hs):
                 continue
-            srcs = [h for h in hs if alive[h]]
-            if not srcs:
+            srcs = [h for h in hs if alive[h]] if hs else []
+            if srcs:
+                src = min(srcs, key=lambda h: self.flash_nvme[h].free_at)
+                t1 = self.flash_nvme[src].reserve(now, bb)
+                t2 = self.flash_nic_out[src].reserve(now, bb)
+                self.flash_read[src] += bb
+            elif self.async_write and self._gpu_holders.get(b):
+                t1 = t2 = self.gpu_nic_out[self._gpu_holders[b][0]].reserve(now, bb)
+            else:
                 continue
-            src = min(srcs, key=lambda h: self.flash_nvme[h].free_at)
-            t1 = self.flash_nvme[src].reserve(now, bb)
-            t2 = self.flash_nic_out[src].reserve(now, bb)
             t3 = self.flash_nic_in[dst].reserve(now, bb)
             t4 = self.flash_nvme[dst].reserve(now, int(bb * self._write_scale))
-            self.flash_read[src] += bb
             self.flash_write[dst] += bb
             self._nvme_insert(dst, b, max(t1, t2, t3, t4))
             budget -= bb
@@ -431,6 +631,19 @@ class Engine:
             self._rerep_scheduled = False
             self.rerep_done.append(now)
 
+    def _restart(self, now: float, f: int) -> None:
+        """Flash node ``f`` comes back on its old disk and rejoins the view."""
+        if self.alive[f]:
+            return
+        self.alive[f] = True
+        if not self.in_view[f]:
+            self.in_view[f] = True
+            self._ring = self._make_ring()
+            self._owners.clear()
+            for b in self._held_at_detect.pop(f, []):
+                self._nvme_insert(f, b, now)
+        self._window(now).alive_flash = sum(self.alive)
+
     # ----------------------------------------------------------------------------- admission
     def local_prefix(self, g: int, blocks: Sequence[int]) -> int:
         """How many leading blocks node ``g`` holds in DRAM (used by prefix-aware routing)."""
@@ -442,7 +655,15 @@ class Engine:
             n += 1
         return n
 
-    def _admit(self, req: Request, now: float) -> float:
+    def _holder_stages(self, h: int) -> tuple[Resource, Resource]:
+        """The two resources a fetch from holder ``h`` reads through: a flash node's NVMe and NIC
+        out, or (``h < 0``: GPU node ``-1 - h``, async write path) that node's NIC out twice."""
+        if h >= 0:
+            return self.flash_nvme[h], self.flash_nic_out[h]
+        nic = self.gpu_nic_out[-1 - h]
+        return nic, nic
+
+    def _admit(self, req: Request, now: float, put_s: float | None = None) -> float:
         g = self.router(req, now)
         blocks = req.blocks
         cache = self.dram[g]
@@ -450,6 +671,10 @@ class Engine:
         directory = self.directory
         alive = self.alive
         flash_nvme = self.flash_nvme
+        async_write = self.async_write
+        vis = self._vis
+        gpu_holders = self._gpu_holders
+        dram = self.dram
         bb = self.bb
         bt = self.bt
         tokens = req.input_tokens
@@ -458,29 +683,41 @@ class Engine:
         local = 0
         first_mesh = -1
         dead_tried: list[int] = []
-        mesh_blocks: list[tuple[int, int]] = []  # (block, holder)
+        mesh_blocks: list[tuple[int, int]] = []  # (block, holder: flash index, or -1 - GPU index)
         for b in blocks:
             r = d.get(b)
-            if r is not None:
+            if r is not None and (r <= now or not async_write):
                 local += 1
                 if r > ready:
                     ready = r
                     if first_mesh < 0:
                         ready0 = r
                 continue
+            if async_write:
+                v = vis.get(b)
+                if v is None or v > now:
+                    break  # no other node's directory names it yet
             hs = directory.get(b) if directory else None
-            if not hs:
+            if not hs and not async_write:
                 break
             best = -1
             bf = 0.0
-            for h in hs:
+            for h in hs or ():
                 if alive[h]:
                     fa = flash_nvme[h].free_at
                     if best < 0 or fa < bf:
                         best, bf = h, fa
                 elif h not in dead_tried:
                     dead_tried.append(h)
-            if best < 0:
+            if best < 0 and async_write:
+                # No flash holder yet: the GPU node that put it (or fetched it) serves it.
+                for h in gpu_holders.get(b, ()):
+                    if h != g and dram[h].d[b] <= now:
+                        best = -1 - h
+                        break
+                else:
+                    break
+            elif best < 0:
                 break
             if first_mesh < 0:
                 first_mesh = local + len(mesh_blocks)
@@ -495,7 +732,7 @@ class Engine:
             nvme = self.nvme
             for b, h in mesh_blocks:
                 per_holder[h] = per_holder.get(h, 0) + 1
-                rr = nvme[h].d[b]
+                rr = nvme[h].d[b] if h >= 0 else dram[-1 - h].d[b]
                 if rr > mesh_ready.get(h, 0.0):
                     mesh_ready[h] = rr
             penalty = len(dead_tried) * self.failed_fetch_s
@@ -507,8 +744,8 @@ class Engine:
                           self.gpu_nic_in[g].peek(start, len(mesh_blocks) * bb))  # fmt: skip
                 for h, n in per_holder.items():
                     t0 = max(start, mesh_ready[h])
-                    est = max(est, flash_nvme[h].peek(t0, n * bb),
-                              self.flash_nic_out[h].peek(t0, n * bb))  # fmt: skip
+                    s1, s2 = self._holder_stages(h)
+                    est = max(est, s1.peek(t0, n * bb), s2.peek(t0, n * bb))
                 miss_with = max(0, tokens - hit * bt)
                 end_with = max(est, free) + miss_with / tps
                 est0 = max(ready0, now, self.gpu_pcie[g].peek(now, first_mesh * bb))
@@ -527,6 +764,8 @@ class Engine:
             nvme = self.nvme
             flash_read = self.flash_read
             for b, h in mesh_blocks:
+                if h < 0:
+                    continue
                 c = nvme[h]
                 if c.lru:
                     c.d.move_to_end(b)
@@ -541,8 +780,11 @@ class Engine:
                 if t0 < start:
                     t0 = start
                 nbytes = n * bb
-                t1 = flash_nvme[h].reserve(t0, nbytes)
-                t2 = self.flash_nic_out[h].reserve(t0, nbytes)
+                if h >= 0:
+                    t1 = flash_nvme[h].reserve(t0, nbytes)
+                    t2 = self.flash_nic_out[h].reserve(t0, nbytes)
+                else:
+                    t1 = t2 = self.gpu_nic_out[-1 - h].reserve(t0, nbytes)
                 t3 = nic_in.reserve(t0, nbytes)
                 t = max(t1, t2, t3)
                 if t > load_done:
@@ -556,22 +798,44 @@ class Engine:
         p_start = load_done if load_done > free else free
         dur = miss_tokens / tps
         end = p_start + dur
+        if put_s is not None and put_s > end:
+            end = put_s  # the replay's measured put acknowledgement
         self.gpu_free[g] = end
         self.gpu_busy[g] += dur
         self.gpu_reqs[g] += 1
         # DRAM update, in order: hits refreshed, new blocks ready at prefill end.
         cap = cache.cap
+        # Async: as in the daemon, the hits are refreshed by the get, the blocks the node computed
+        # are stored by their put at prefill end, and a block after the first miss that the node
+        # happens to hold is not touched (the engine neither gets it nor re-stores it).
+        put: list[int] = []
         if cap != 0:
             lru = cache.lru
             for i, b in enumerate(blocks):
                 if b in d:
-                    if lru:
+                    if lru and (i < hit or not async_write):
                         d.move_to_end(b)
-                else:
+                elif not async_write:
                     d[b] = end if i >= hit else load_done
                     if cap is not None and len(d) > cap:
                         d.popitem(last=False)
-        if self.F and blocks:
+                elif i >= hit:
+                    put.append(b)
+                else:  # fetched from the mesh: in DRAM once loaded
+                    d[b] = load_done
+                    hs2 = gpu_holders.get(b)
+                    if hs2 is None:
+                        gpu_holders[b] = [g]
+                    elif g not in hs2:
+                        hs2.append(g)
+                    if cap is not None and len(d) > cap:
+                        self._dram_evict(g, d)
+        elif async_write:
+            put = list(blocks[hit:])
+        if async_write:
+            if put:
+                self._push(end, _EV_WRITE, (g, put))
+        elif self.F and blocks:
             if self.put_all:
                 self._push(end, _EV_WRITE, (g, list(blocks)))
             elif local:
@@ -601,19 +865,28 @@ class Engine:
             rereplication_pending=len(self._rerep_queue),
             failed_fetches=self.failed_fetches,
             dropped_write_bytes=self.dropped_write_bytes,
+            backpressure_waits=self.backpressure_waits,
+            dirty_blocks=sum(len(x) for x in self._dirty),
         )
 
-    def run(self, requests: Sequence[Request]) -> RunResult:
-        """Simulate ``requests`` (in arrival order). An engine runs once; build another to rerun."""
+    def run(self, requests: Sequence[Request], *, put_at: Sequence[float] | None = None) -> RunResult:
+        """Simulate ``requests`` (in arrival order). An engine runs once; build another to rerun.
+
+        ``put_at``: per request, when its blocks were put (a replay's measured acknowledgements);
+        a request's put is never earlier than its prefill end. Default: at prefill end."""
         if self._ran:
             raise RuntimeError("an Engine runs once; build a new one for another run")
         self._ran = True
         if not requests:
             raise ValueError("no requests to simulate")
+        if put_at is not None and len(put_at) != len(requests):
+            raise ValueError(f"put_at has {len(put_at)} times for {len(requests)} requests")
         for f in self.failures:
             self._push(f.t_kill, _EV_KILL, f.flash)
             if math.isfinite(f.t_detect):  # never detected: the view keeps the dead node
                 self._push(f.t_detect, _EV_DETECT, f.flash)
+            if math.isfinite(f.t_restart):
+                self._push(f.t_restart, _EV_RESTART, f.flash)
         ttft = np.empty(len(requests), dtype=np.float64)
         bar = None
         if self.progress:
@@ -636,7 +909,7 @@ class Engine:
             last = now
             if self._heap:
                 self._run_events_until(now)
-            ttft[i] = self._admit(req, now)
+            ttft[i] = self._admit(req, now, None if put_at is None else put_at[i])
             self._admitted = i + 1
             in_tok += req.input_tokens
             out_tok += req.output_tokens
@@ -649,6 +922,13 @@ class Engine:
         end = max(
             [requests[-1].arrival_s, *self.gpu_free, *(r.free_at for r in self.flash_nvme)]
         )
+        held: set[int] = set()
+        if self.async_write:
+            for fi in range(self.F):
+                if self.alive[fi]:
+                    held.update(self.nvme[fi].d)
+            for dc in self.dram:
+                held.update(dc.d)
         return RunResult(
             mesh=self.mesh,
             n_requests=len(requests),
@@ -683,15 +963,39 @@ class Engine:
             rerep_bytes=self.rerep_bytes,
             rerep_blocks=self.rerep_blocks,
             rerep_done_s=self.rerep_done,
+            write_path="async" if self.async_write else "instant",
+            blocks_put=len(self._put_blocks),
+            blocks_held_nowhere=len(self._put_blocks - held),
+            backpressure_waits=self.backpressure_waits,
+            backpressure_wait_s=self.backpressure_wait_s,
+            dirty_peak_blocks=list(self.dirty_peak) if self.async_write else [],
+            dram_pinned_overflow=self.dram_overflow,
         )
 
 
 def fixed_delay_failures(spec: SimSpec) -> list[FailureEvent]:
-    """The spec's kills with the fixed detection delay model."""
+    """The spec's kills with the fixed detection delay model; each restart goes to the latest
+    earlier kill of the same node."""
     out = []
     for k in spec.failure.kill:
         idx, t = parse_kill(k, spec.cluster.flash_nodes)
         out.append(FailureEvent(idx, t, t + spec.failure.detect_delay_s))
+    return with_restarts(out, spec)
+
+
+def with_restarts(failures: Sequence[FailureEvent], spec: SimSpec) -> list[FailureEvent]:
+    """``failures`` with the spec's ``failure.restart`` times filled in."""
+    out = list(failures)
+    for r in spec.failure.restart:
+        idx, t = parse_kill(r, spec.cluster.flash_nodes, field="failure.restart")
+        best = -1
+        for i, f in enumerate(out):
+            if f.flash == idx and f.t_kill < t and not math.isfinite(f.t_restart):
+                if best < 0 or f.t_kill > out[best].t_kill:
+                    best = i
+        if best < 0:
+            raise ValueError(f"restart {r!r}: flash-{idx} is not down before {t:g} s")
+        out[best] = replace(out[best], t_restart=t)
     return out
 
 
@@ -705,8 +1009,10 @@ def simulate(
     progress_desc: str = "simulate",
     window_s: float = 10.0,
     on_engine: Callable[[Engine], None] | None = None,
+    put_at: Sequence[float] | None = None,
 ) -> RunResult:
-    """Run one simulation. ``failures=None`` uses the spec's kills with its fixed delay."""
+    """Run one simulation. ``failures=None`` uses the spec's kills with its fixed delay; ``put_at``
+    see ``Engine.run``."""
     fs = fixed_delay_failures(spec) if failures is None else list(failures)
     eng = Engine(
         spec,
@@ -718,4 +1024,4 @@ def simulate(
     )
     if on_engine is not None:
         on_engine(eng)
-    return eng.run(requests)
+    return eng.run(requests, put_at=put_at)

@@ -30,6 +30,7 @@ __all__ = [
 Eviction = Literal["lru", "fifo"]
 Routing = Literal["round-robin", "least-loaded", "prefix-aware"]
 PutPolicy = Literal["all", "on-reuse"]
+WritePath = Literal["instant", "async"]
 
 
 class SpecError(ValueError):
@@ -108,6 +109,25 @@ class ClusterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # block is replicated to its owners), or "on-reuse": a block once the node re-uses it from
     # DRAM, so one-off prompts never cost flash writes (NVMe write bandwidth is usually the limit).
     put_policy: PutPolicy = "all"
+    # How a put reaches the flash owners. "instant": at prefill end the blocks are written to their
+    # owners (bandwidth permitting), the capacity planner's view of a mesh whose write path keeps
+    # up. "async": the daemon's write path (DESIGN.md "Data paths" 1): the block is acknowledged
+    # in the GPU node's DRAM and stays *dirty* there, pinned against eviction, until all its owners
+    # hold it; replication runs in put order and lands ``replication_lag_s`` later (or later still
+    # when NICs/NVMe are busy); another node's lookup sees the block once the gossiped directory
+    # says someone holds it (``directory_delay_s`` after the put) and may fetch it from the GPU
+    # node that put it; past ``dirty_blocks`` dirty blocks a put waits (back-pressure). Blocks still
+    # being computed are not hits. "instant" is the default so capacity figures stay comparable.
+    write_path: WritePath = "instant"
+    # "async": seconds from a put's acknowledgement to its owners holding it, on top of transfer
+    # times. 0 = bandwidth only; `memkv-mesh bench replay` passes the daemons' measured p50.
+    replication_lag_s: float = 0.0
+    # "async": seconds until a new holder is in every node's directory. The directory's deltas
+    # ride gossip batches of 0.25 s; docs/directory.md measures add staleness p50 0.14 s.
+    directory_delay_s: float = 0.14
+    # "async": dirty blocks a GPU node may hold before puts wait (the daemon's [mesh] dirty_bytes
+    # divided by the block size). None = no bound.
+    dirty_blocks: int | None = None
 
 
 class CostSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -133,6 +153,9 @@ class FailureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rereplication_gbps: float = 5.0
     # What a fetch from a dead node costs before falling back (connect timeout).
     failed_fetch_s: float = 0.05
+    # "flash-3@900" restarts killed flash node 3 at t = 900 s on its old disk: it rejoins the view
+    # with the blocks it held when it died. Each entry needs an earlier kill of the same node.
+    restart: list[str] = msgspec.field(default_factory=list)
 
 
 class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -167,6 +190,8 @@ class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "cluster.nvme_tb_per_flash_node": c.nvme_tb_per_flash_node,
             "cluster.flash_nodes": c.flash_nodes,
             "cluster.write_backlog_s": c.write_backlog_s,
+            "cluster.replication_lag_s": c.replication_lag_s,
+            "cluster.directory_delay_s": c.directory_delay_s,
             "failure.detect_delay_s": self.failure.detect_delay_s,
             "failure.failed_fetch_s": self.failure.failed_fetch_s,
             "cost.usd_per_gpu_hour": self.cost.usd_per_gpu_hour,
@@ -180,8 +205,13 @@ class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise SpecError(f"cluster.gpu_nodes must be >= 1, got {c.gpu_nodes}")
         if c.dram_blocks is not None and c.dram_blocks < 0:
             raise SpecError(f"cluster.dram_blocks must be >= 0, got {c.dram_blocks}")
-        for k in self.failure.kill:
-            parse_kill(k, c.flash_nodes)
+        if c.dirty_blocks is not None and c.dirty_blocks < 1:
+            raise SpecError(f"cluster.dirty_blocks must be >= 1 (or absent: no bound), got {c.dirty_blocks}")
+        kills = [parse_kill(k, c.flash_nodes) for k in self.failure.kill]
+        for r in self.failure.restart:
+            idx, t = parse_kill(r, c.flash_nodes, field="failure.restart")
+            if not any(k_idx == idx and k_t < t for k_idx, k_t in kills):
+                raise SpecError(f"failure.restart entry {r!r}: flash-{idx} is not killed before {t:g} s")
         return self
 
     @property
@@ -203,20 +233,20 @@ class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return int(self.cluster.nvme_tb_per_flash_node * 1e12 // self.block_bytes)
 
 
-def parse_kill(text: str, flash_nodes: int) -> tuple[int, float]:
+def parse_kill(text: str, flash_nodes: int, *, field: str = "failure.kill") -> tuple[int, float]:
     """Parse ``"flash-<i>@<seconds>"`` (or ``"<i>@<seconds>"``) into (flash index, time)."""
     node, sep, when = text.partition("@")
     if not sep:
-        raise SpecError(f"failure.kill entry {text!r} must look like 'flash-3@600'")
+        raise SpecError(f"{field} entry {text!r} must look like 'flash-3@600'")
     node = node.strip().removeprefix("flash-")
     try:
         idx, t = int(node), float(when)
     except ValueError:
-        raise SpecError(f"failure.kill entry {text!r} must look like 'flash-3@600'") from None
+        raise SpecError(f"{field} entry {text!r} must look like 'flash-3@600'") from None
     if not 0 <= idx < flash_nodes:
-        raise SpecError(f"failure.kill entry {text!r}: no flash node {idx} (have {flash_nodes})")
+        raise SpecError(f"{field} entry {text!r}: no flash node {idx} (have {flash_nodes})")
     if not (t >= 0 and math.isfinite(t)):
-        raise SpecError(f"failure.kill entry {text!r}: time must be >= 0")
+        raise SpecError(f"{field} entry {text!r}: time must be >= 0")
     return idx, t
 
 

@@ -116,6 +116,19 @@ def summarize(
         "cost_per_mtok_usd": cost_per_mtok(spec, run, busy=False),
         "cost_per_mtok_busy_usd": cost_per_mtok(spec, run, busy=True),
     }
+    out["write_path"] = run.write_path
+    if run.write_path == "async":
+        out.update({
+            "replication_lag_s": c.replication_lag_s,
+            "directory_delay_s": c.directory_delay_s,
+            "dirty_blocks_bound": c.dirty_blocks,
+            "blocks_put": run.blocks_put,
+            "blocks_held_nowhere": run.blocks_held_nowhere,
+            "backpressure_waits": run.backpressure_waits,
+            "backpressure_wait_s": run.backpressure_wait_s,
+            "dirty_peak_blocks": run.dirty_peak_blocks,
+            "dram_pinned_overflow": run.dram_pinned_overflow,
+        })  # fmt: skip
     if ideal_hit_ratio is not None:
         out["ideal_hit_ratio"] = ideal_hit_ratio
         out["share_of_ideal"] = run.hit_ratio / ideal_hit_ratio if ideal_hit_ratio else 0.0
@@ -140,6 +153,7 @@ def summarize(
                     "node": f"flash-{f.flash}",
                     "t_kill_s": f.t_kill,
                     "t_detect_s": f.t_detect if math.isfinite(f.t_detect) else None,
+                    "t_restart_s": f.t_restart if math.isfinite(f.t_restart) else None,
                 }
                 for f in run.failures
             ],
