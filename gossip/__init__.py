@@ -9,7 +9,8 @@ The public surface, used by ``transport/gossip_driver.py`` (Trio), ``transport/m
 - the wire messages and codec (``gossip/messages.py``);
 - the Lifeguard pieces, one file each: ``Suspicion`` (``suspicion.py``), ``Awareness``
   (``awareness.py``), ``BroadcastQueue`` (``broadcast_queue.py``), push-pull digests
-  (``pushpull.py``), the member table entry and probe order (``members.py``);
+  (``pushpull.py``), the member table entry and probe order (``members.py``), whom to re-contact
+  after a split or a restart: ``Reconnect`` (``reconnect.py``);
 - the block directory: ``Directory``, ``DirectoryConfig``, ``DirectoryStats``
   (``directory.py``), its lookup table ``HolderTable`` (``directory_table.py``), ``fingerprint``
   (``directory_filter.py``) and its messages ``DirDelta``, ``DirSummaryReq``, ``DirSummary``.
@@ -50,6 +51,7 @@ from gossip.messages import (
     wire_meta,
 )
 from gossip.profile import SwimConfig, default_profile, memberlist_profile, profile
+from gossip.reconnect import Reconnect
 from gossip.suspicion import Suspicion, suspicion_timeouts
 from gossip.swim import Swim, SwimCounters
 
@@ -80,6 +82,7 @@ __all__ = [
     "PushPullFinal",
     "PushPullReply",
     "PushPullReq",
+    "Reconnect",
     "StreamMsg",
     "Suspect",
     "Suspicion",

@@ -26,6 +26,10 @@ past 32 members).
   and an epidemic alone left one member of 64 still suspecting 2.4 s after a twice-stalled node
   woke up (a false death in one of five simulated hours at 10% loss).
 
+Both profiles reconnect to failed members and unknown seeds (``reconnect_interval_s``,
+``reconnect_timeout_s``, ``gossip/reconnect.py``): memberlist itself does not, Serf does it on top
+of it, and without it the sides of a partition never merge again.
+
 Public API: ``SwimConfig``, ``default_profile``, ``memberlist_profile``, ``profile``.
 """
 
@@ -48,11 +52,27 @@ class SwimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     awareness_max: int = 8
     udp_limit: int = 1400  # bytes of a datagram on the wire
     wire_overhead: int = 29  # AEAD envelope added by the transport (version + nonce + tag)
-    tombstone_s: float = 120.0  # keep dead/left members this long (replay window is shorter)
+    # Keep left members this long, dead ones at least this long (and reconnect_timeout_s while
+    # reconnecting): longer than the transport's 30 s replay window, so a replayed old Alive finds
+    # the tombstone and is refused.
+    tombstone_s: float = 120.0
     gossip_to_dead_s: float = 30.0  # keep gossiping to dead members so they can refute
     direct_refute: bool = True
     tcp_fallback: bool = True  # memberlist's TCP ping alongside the indirect probes
     refute_fanout: int = 64  # a refutation also goes straight to this many random members
+    # Serf's reconnect (gossip/reconnect.py): every this many seconds a node re-contacts one failed
+    # member (or unknown seed) with probability failed/alive. Serf uses 30 s; 10 s bridges a healed
+    # split within ~10 s even when one side is a single node (each side makes about
+    # min(|A|, |B|) attempts per interval), so the sides are one mesh within 30 s, and a healthy
+    # mesh pays about one failed TCP connect per dead member per 10 s, mesh-wide. 0 disables.
+    reconnect_interval_s: float = 10.0
+    # Failed (dead, not left) members are kept and re-contacted this long: Serf's 24 h, so a split
+    # of a working day heals by itself (longer ones heal through the seeds). Costs ~10 bytes per
+    # dead member in each push-pull digest.
+    reconnect_timeout_s: float = 86400.0
+    # While a node knows no other member it re-contacts seeds, rejoin targets and one failed member
+    # this often: cheap (one node, a few connects) and it is what a lone node needs most.
+    join_retry_s: float = 2.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -72,6 +92,9 @@ class SwimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             ("tombstone_s", self.tombstone_s > 0),
             ("gossip_to_dead_s", self.gossip_to_dead_s >= 0),
             ("refute_fanout", self.refute_fanout >= 0),
+            ("reconnect_interval_s", self.reconnect_interval_s >= 0),
+            ("reconnect_timeout_s", self.reconnect_timeout_s >= 0),
+            ("join_retry_s", self.join_retry_s > 0),
         ]
         for name, ok in checks:
             if not ok:

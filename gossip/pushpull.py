@@ -13,8 +13,14 @@ and only the differences travel in full:
 3. A -> B ``PushPullFinal(entries B wanted)``
 
 "Newer" is the gossip precedence: higher incarnation wins; at equal incarnation
-left > dead > suspect > alive. Dead and left members B does not know are not asked for (they only
-matter to nodes that knew them). The interval grows with the mesh like memberlist's
+left > dead > suspect > alive. Dead and left members the other side does not know are neither
+asked for nor sent (they only matter to nodes that knew them; a receiver ignores them anyway), so
+the failed members a node keeps for reconnecting (``gossip/reconnect.py``, up to 24 h) cost only
+their digest entries.
+
+A digest that holds the receiver itself as suspect/dead/left, and a reply that does the same to
+the initiator, make that node refute before it answers (``gossip/swim.py``): after a split, one
+exchange carries both refutations across. The interval grows with the mesh like memberlist's
 ``pushPullScale``: x(ceil(log2(N) - log2(32)) + 1) above 32 members.
 
 Public API: ``digest``, ``diff``, ``pushpull_scale``.
@@ -67,6 +73,6 @@ def diff(
         elif mine_key > theirs_key:
             send.append(entry(mine))
     for node, m in members.items():
-        if node not in seen:
+        if node not in seen and m.state != STATE_DEAD and m.state != STATE_LEFT:
             send.append(entry(m))
     return tuple(send), tuple(want)

@@ -17,8 +17,16 @@ Rules this module keeps (the gossip precedence):
 
 - a member's incarnation is raised only by the member itself;
 - ``Alive(i)`` overrides ``Suspect(j)``/``Dead(j)``/left only if ``i > j``; ``Suspect(i)``
-  overrides ``Alive(j)`` if ``i >= j``; ``Dead(i)`` overrides ``Alive(j)``/``Suspect(j)`` if
-  ``i >= j``. An old or replayed update therefore never resurrects a dead node or undoes a leave;
+  overrides ``Alive(j)`` if ``i >= j``; ``Dead(i)`` overrides ``Suspect(j)`` if ``i >= j``. An old
+  or replayed update therefore never resurrects a dead node or undoes a leave;
+- a *death verdict nobody here backs* is only a suspicion: ``Dead(i)`` from a third party about a
+  member we hold alive (we never heard it suspected; in one connected mesh the suspicion always
+  spreads before the verdict) makes it suspect with our own timer instead, and so does one about
+  a member whose suspicion only rests on such verdicts, on push-pull tables or on accusers we hold
+  dead (a *weak* suspicion). Such verdicts are typically stale: the other side of a healed split
+  declared our side dead. The member is told at once and refutes; a member that really died
+  still dies when our timer runs out (the minimum timeout when the verdict came from a live
+  member). A leave (``Dead(x, src=x)``) and our own verdicts apply at once;
 - a node that hears itself suspected or declared dead *refutes*: it raises its incarnation above
   the one in the rumour and gossips ``Alive`` (unless it is leaving); with ``refute_fanout`` it
   also sends that ``Alive`` straight to that many random members;
@@ -29,13 +37,25 @@ Rules this module keeps (the gossip precedence):
 - *buddy system*: the ping to a suspect always carries "you are suspected" first (and any queued
   update about the target goes first on any packet to it), so the suspect learns and refutes on
   the next probe even if the rumour ran out of retransmissions (e.g. it started on an isolated
-  node);
+  node). With ``direct_refute`` (default profile) each suspicion we hold on our own account (our
+  failed probe, or weak) is also sent straight to the suspect every probe period, and the ack to
+  a ping from a member we hold dead carries "you are suspected": a node back from a split learns
+  at once that it must refute;
 - the block directory (``gossip/directory.py``), when given, rides on this core: its delta
   packets and summary streams go out through ``take_outbox`` / ``take_streams``, its timers are
   part of ``next_deadline``, a member that becomes live gets its marker and one that dies or
   leaves has its view dropped;
-- dead/left members are kept as tombstones for ``tombstone_s`` (longer than the transport's replay
-  window) and gossiped to for ``gossip_to_dead_s``, so they can refute a false death;
+- left members are kept as tombstones for ``tombstone_s`` (longer than the transport's replay
+  window), dead ones as long as we reconnect to them (``reconnect_timeout_s``, 24 h; never less
+  than ``tombstone_s``), so a replayed old ``Alive`` always finds the tombstone; dead ones are
+  gossiped to for ``gossip_to_dead_s``, so they can refute a false death;
+- *reconnect* (``gossip/reconnect.py``): failed (dead, not left) members, seeds that are not live
+  members and, after a restart, the addresses the driver saved (``rejoin``) are re-contacted with
+  a join-style push-pull, so partitions of any length heal and a restarted node gets back in;
+- *push-pull after a split*: a digest that holds us suspect/dead makes us refute before we
+  answer, and an initiator that had to refute on the reply sends its new ``Alive`` in the final
+  frame, so one exchange carries both sides' refutations across; the stale verdicts on the
+  other members become weak suspicions that those members refute;
 - a graceful leave is ``Dead(self, inc, src=self)``.
 
 Public API (what drivers and simulators call):
@@ -48,7 +68,9 @@ Public API (what drivers and simulators call):
   (a push-pull request or a TCP fallback ``Ping``; the driver opens a stream per item),
   ``take_events() -> list[MembershipEvent]``
 - ``handle_stream(msg, src_addr, now) -> StreamMsg | None`` (push-pull, both ends)
-- ``join(seed_addrs, now)``, ``seed_members(...)``, ``leave(now)``, ``leave_pending()``,
+- ``join(seed_addrs, now)`` (once), ``add_seeds(seed_addrs, now)`` (kept and retried),
+  ``rejoin(addrs, now)`` (a restart's saved addresses), ``snapshot_addrs(limit, prefer)`` (what
+  to save), ``failed_members()``, ``seed_members(...)``, ``leave(now)``, ``leave_pending()``,
   ``farewell(limit)``,
   ``update_meta(meta, now)``, ``members()``, ``counters()``, ``incarnation``, ``state_of(node)``
 """
@@ -96,6 +118,7 @@ from gossip.messages import (
 )
 from gossip.profile import SwimConfig
 from gossip.pushpull import diff, digest, entry, pushpull_scale
+from gossip.reconnect import Reconnect
 from gossip.suspicion import Suspicion, suspicion_timeouts
 
 _INF = math.inf
@@ -118,6 +141,7 @@ class SwimCounters(msgspec.Struct, frozen=True, kw_only=True):
     left: int
     health_score: int
     incarnation: int
+    reconnects: int = 0  # push-pulls to failed members, unknown seeds or rejoin targets
 
 
 class _Probe:
@@ -183,6 +207,8 @@ class Swim:
             now + rng.random() * config.pushpull_interval if config.pushpull_interval > 0 else _INF
         )
         self._next_reap = now + config.tombstone_s / 4
+        self._reconnect = Reconnect(config.reconnect_interval_s, config.join_retry_s, rng)
+        self._weak: set[str] = set()  # suspicions that only rest on remote verdicts (_apply_dead)
         self._relays: dict[int, _Relay] = {}
         self._relay_min = _INF
         self._seq = rng.randrange(_SEQ_MASK + 1)
@@ -201,6 +227,7 @@ class Swim:
         self._c_refute = 0
         self._c_misdirected = 0
         self._c_pushpull = 0
+        self._c_reconnect = 0
 
     # ---------------------------------------------------------------- inspection
 
@@ -258,6 +285,7 @@ class Swim:
             left=by_state[STATE_LEFT],
             health_score=self.awareness.score,
             incarnation=self._me.inc,
+            reconnects=self._c_reconnect,
         )
 
     # ---------------------------------------------------------------- driver interface
@@ -319,6 +347,9 @@ class Swim:
             t = self._next_pushpull
         if self._next_reap < t:
             t = self._next_reap
+        rt = self._reconnect.next_deadline()
+        if rt < t:
+            t = rt
         d = self.directory
         if d is not None:
             dt = d.next_deadline()
@@ -346,6 +377,8 @@ class Swim:
             self._pushpull_tick(now)
         if self._next_reap <= now:
             self._reap(now)
+        if self._reconnect.next_deadline() <= now:
+            self._reconnect_tick(now)
         d = self.directory
         if d is not None and d.next_deadline() <= now:
             d.handle_timer(now, self.live_peers())
@@ -362,7 +395,14 @@ class Swim:
             if pkt.target != self.id:
                 self._c_misdirected += 1
                 return
-            self._outbox.append((src, Ack(pkt.seq, self._piggy(self._by_addr.get(src)))))
+            sender = self._by_addr.get(src)
+            ups = self._piggy(sender)
+            m = self._members.get(sender) if sender is not None else None
+            if m is not None and m.state == STATE_DEAD and self.config.direct_refute:
+                # a member we hold dead pings us: it was on the other side of a split. Tell it
+                # (as the buddy system tells a suspect), so it refutes and is back at once.
+                ups = (Suspect(m.node, m.inc, self.id), *ups)
+            self._outbox.append((src, Ack(pkt.seq, ups)))
         elif isinstance(pkt, Ack):
             p = self._probe
             if p is not None and p.seq == pkt.seq:
@@ -404,16 +444,19 @@ class Swim:
         if isinstance(msg, PushPullReq):
             self._c_pushpull += 1
             self._merge(msg.entries, peer, now)
+            self._refute_digest(msg.digest, now)
             entries, want = diff(self._members, msg.digest)
             return PushPullReply(entries, want)
         if isinstance(msg, PushPullReply):
+            inc = self._me.inc
             self._merge(msg.entries, peer, now)
-            if not msg.want:
+            out = [entry(self._members[n]) for n in msg.want if n in self._members]
+            if self._me.inc != inc and self.id not in msg.want:
+                # the peer thinks we are dead or suspect: our refutation crosses on this stream
+                out.append(entry(self._me))
+            if not msg.want and not out:
                 return None
-            out = tuple(
-                entry(self._members[n]) for n in msg.want if n in self._members
-            )
-            return PushPullFinal(out)
+            return PushPullFinal(tuple(out))
         self._merge(msg.entries, peer, now)
         return None
 
@@ -437,15 +480,60 @@ class Swim:
                 live.append(node)
             elif e.state == STATE_DEAD or e.state == STATE_LEFT:
                 self._tombstones[node] = now
+                if e.state == STATE_DEAD:
+                    self._reconnect.failed(node, now, not live)
 
     def join(self, seed_addrs: Iterable[str], now: float) -> None:
-        """Push-pull with each seed (join=True) and announce ourselves."""
+        """Push-pull with each seed (join=True) once and announce ourselves."""
         me = self._me
         req = PushPullReq(True, digest(self._members.values()), (entry(me),))
         for addr in seed_addrs:
             if addr != me.addr:
                 self._streams.append((addr, req))
         self._enqueue(Alive(self.id, me.inc, me.addr, me.meta), now)
+
+    def add_seeds(self, seed_addrs: Iterable[str], now: float) -> None:
+        """Remember seeds (configured or discovered) and join through those we do not know yet.
+
+        Unlike ``join`` they are retried: every ``join_retry_s`` while we know no other member,
+        and afterwards, when no live member has the seed's address, as reconnect candidates
+        (``gossip/reconnect.py``).
+        """
+        addrs = [a for a in seed_addrs if a and a != self._me.addr]
+        self._reconnect.add_seeds(addrs, now, not self._live)
+        todo = [a for a in addrs if not self._live_addr(a)]
+        if todo and not self.leaving:
+            self.join(todo, now)
+
+    def rejoin(self, addrs: Iterable[str], now: float) -> None:
+        """Join through the members a previous process of this node knew (the driver's members
+        snapshot, ``snapshot_addrs``): contacted now and every ``join_retry_s`` until we know
+        another member, then forgotten. Ignored once we already know another member."""
+        if self._live:
+            return
+        todo = [a for a in addrs if a and a != self._me.addr]
+        self._reconnect.add_rejoin(todo, now, True)
+        if todo and not self.leaving:
+            self.join(todo, now)
+
+    def snapshot_addrs(self, limit: int, prefer: Iterable[str] = ()) -> list[str]:
+        """Addresses of up to ``limit`` live members other than us, for the driver to persist so
+        that a restart can ``rejoin``. Addresses in ``prefer`` that are still live come first (a
+        snapshot that still holds need not be rewritten); the rest is a random pick."""
+        members = self._members
+        live = {members[n].addr for n in self._live}
+        out = [a for a in dict.fromkeys(prefer) if a in live][:limit]
+        if len(out) < limit:
+            taken = set(out)
+            rest = sorted(a for a in live if a not in taken)
+            if len(rest) > limit - len(out):
+                rest = self.rng.sample(rest, limit - len(out))
+            out.extend(rest)
+        return out
+
+    def failed_members(self) -> list[str]:
+        """Ids of the failed (dead, not left) members we still try to reconnect to."""
+        return [n for n in self._members if self._reconnect.is_failed(n)]
 
     def leave(self, now: float) -> None:
         """Start a graceful leave: gossip Dead(self, src=self) and stop probing."""
@@ -519,6 +607,23 @@ class Swim:
             # rumour has used up its retransmissions
             ups = (Suspect(target.node, target.inc, self.id), *ups)
         self._outbox.append((target.addr, Ping(seq, target.node, ups)))
+        if self._suspicions and cfg.direct_refute:
+            self._remind_suspects(target.node)
+
+    def _remind_suspects(self, skip: str) -> None:
+        """The buddy system, for every suspicion we hold on our own account (our failed probe,
+        or a weak one): each probe period the suspect hears it straight from us, not only when
+        its turn in the probe order comes. A suspect that is alive but was cut off (a split that
+        has just healed) then refutes within a probe period instead of dying when our timer
+        runs out. Bounded by our own suspicions: a probe period's worth of failed probes each."""
+        me = self.id
+        members = self._members
+        for node, s in self._suspicions.items():
+            if node == skip or not (me in s.confirmers or node in self._weak):
+                continue
+            m = members.get(node)
+            if m is not None and m.state == STATE_SUSPECT:
+                self._outbox.append((m.addr, Gossip((Suspect(node, m.inc, me),))))
 
     def _start_indirect(self, p: _Probe, now: float) -> None:
         p.indirect = True
@@ -659,21 +764,57 @@ class Swim:
         self._streams.append((peers[0].addr, PushPullReq(False, digest(self._members.values()))))
 
     def _merge(self, entries: Iterable[Entry], peer: str, now: float) -> None:
+        members = self._members
         for e in entries:
             if e.state == STATE_ALIVE:
                 self._apply(Alive(e.node, e.inc, e.addr, e.meta), now)
             elif e.state == STATE_LEFT:
-                if e.node not in self._members:
+                if e.node not in members:
                     continue
                 self._apply(Dead(e.node, e.inc, e.node), now)
             else:
                 # A remote suspect or dead becomes a suspicion here (as in memberlist), so a
                 # node that is in fact alive still gets its chance to refute.
-                if e.node not in self._members:
+                # It is *weak* (``_apply_dead``): after a split the peer's side holds ours as
+                # dead, and that stale verdict must not kill anyone here.
+                if e.node not in members:
                     if e.state == STATE_DEAD:
                         continue
                     self._apply(Alive(e.node, e.inc, e.addr, e.meta), now)
-                self._apply(Suspect(e.node, e.inc, peer), now)
+                self._apply_suspect(Suspect(e.node, e.inc, peer), now, False, weak=True)
+
+    def _refute_digest(self, remote: Iterable[tuple[str, int, int]], now: float) -> None:
+        """A push-pull digest that holds us as suspect/dead/left: refute before answering, so
+        our reply carries the new incarnation and the peer's side takes us back at once."""
+        me = self._me
+        for node, inc, state in remote:
+            if node == self.id:
+                if state != STATE_ALIVE and inc >= me.inc and not self.leaving:
+                    self._refute(inc, None, now)
+                return
+
+    def _live_addr(self, addr: str) -> bool:
+        node = self._by_addr.get(addr)
+        if node is None or node == self.id:
+            return False
+        m = self._members.get(node)
+        return m is not None and m.live and m.addr == addr
+
+    def _reconnect_addr(self, node: str) -> str | None:
+        m = self._members.get(node)
+        return m.addr if m is not None else None
+
+    def _reconnect_tick(self, now: float) -> None:
+        targets = self._reconnect.tick(
+            now, len(self._live) + 1, self._me.addr, self._reconnect_addr, self._live_addr
+        )
+        if not targets or self.leaving:
+            return
+        me = self._me
+        req = PushPullReq(True, digest(self._members.values()), (entry(me),))
+        for addr in targets:
+            self._c_reconnect += 1
+            self._streams.append((addr, req))
 
     # ---------------------------------------------------------------- state changes
 
@@ -715,7 +856,7 @@ class Swim:
             self._apply_alive(u, now)
         elif t is Suspect:
             assert isinstance(u, Suspect)
-            self._apply_suspect(u, now, local)
+            self._apply_suspect(u, now, local, weak=self._stale_accuser(u.src))
         else:
             assert isinstance(u, Dead)
             self._apply_dead(u, now)
@@ -755,6 +896,7 @@ class Swim:
         if old == STATE_DEAD or old == STATE_LEFT:
             self._recent_dead.pop(node, None)
             self._tombstones.pop(node, None)
+            self._reconnect.recovered(node)
             self._live_add(node)
             self._order.add(node)
             self._event("join", m, node, now)
@@ -764,7 +906,16 @@ class Swim:
             self._event("update", m, node, now)
         self._enqueue(u, now)
 
-    def _apply_suspect(self, u: Suspect, now: float, local: bool) -> None:
+    def _stale_accuser(self, src: str) -> bool:
+        """An accuser we hold dead (or do not know): its view is from across a split."""
+        if src == self.id:
+            return False
+        a = self._members.get(src)
+        return a is None or not a.live
+
+    def _apply_suspect(
+        self, u: Suspect, now: float, local: bool, weak: bool = False, verdict: bool = False
+    ) -> None:
         node = u.node
         m = self._members.get(node)
         if m is None or u.inc < m.inc:
@@ -776,6 +927,8 @@ class Swim:
                 self._refute(u.inc, u.src, now)
             return
         cfg = self.config
+        if local:
+            self._weak.discard(node)  # our own probe failed: the suspicion is ours now
         s = self._suspicions.get(node)
         if s is not None and m.state == STATE_SUSPECT and u.inc == m.inc:
             if s.confirm(u.src):
@@ -796,8 +949,8 @@ class Swim:
         m.since = now
         n = len(self._live) + 1
         k = int(cfg.suspicion_mult) - 2
-        if n - 2 < k:
-            k = 0
+        if n - 2 < k or verdict:
+            k = 0  # a verdict of a live member: the minimum timeout, as if fully confirmed
         lo, hi = suspicion_timeouts(
             cfg.suspicion_mult, cfg.suspicion_max_mult, n, cfg.probe_interval,
             cfg.suspicion_log_base,
@@ -808,10 +961,18 @@ class Swim:
             self._susp_min = s.deadline
         if local:
             self._c_susp += 1
+        elif weak:
+            self._weak.add(node)
         self._event("suspect", m, u.src, now)
         self._enqueue(u, now)
-        if local and cfg.direct_refute:
-            self._outbox.append((m.addr, Gossip((u,))))
+        if cfg.direct_refute:
+            if local:
+                self._outbox.append((m.addr, Gossip((u,))))
+            elif weak:
+                # the member may be alive and right here (a stale verdict from across a split):
+                # it must refute (only it can raise its incarnation) before timers run out, so
+                # it hears it at once, from us, and answers us directly
+                self._outbox.append((m.addr, Gossip((Suspect(node, u.inc, self.id),))))
 
     def _apply_dead(self, u: Dead, now: float) -> None:
         node = u.node
@@ -821,10 +982,27 @@ class Swim:
         if m.state == STATE_DEAD or m.state == STATE_LEFT:
             if m.state == STATE_DEAD and u.src == node and u.inc >= m.inc:
                 m.state = STATE_LEFT  # a leave supersedes a death at the same incarnation
+                self._reconnect.recovered(node)  # a left member is not reconnected
             return
         if node == self.id:
             if not self.leaving:
                 self._refute(u.inc, u.src, now)
+            return
+        if u.src != node and u.src != self.id and (
+            m.state == STATE_ALIVE or node in self._weak
+        ):
+            # A death verdict we cannot back: we never heard the member suspected (or only from
+            # such verdicts and stale accusers). In one connected mesh a suspicion always spreads
+            # before the verdict; one that comes alone is typically stale, from the other side of
+            # a healed split. It becomes a (weak) suspicion with our own timer instead, so a
+            # member that is alive refutes and a dead one still dies.
+            # From a live member (not a stale accuser) the suspicion runs the minimum timeout
+            # (a member that really died is not kept much longer); the member hears it from us
+            # at once, so if alive it refutes long before that.
+            self._apply_suspect(
+                Suspect(node, u.inc, u.src), now, False, weak=True,
+                verdict=not self._stale_accuser(u.src),
+            )
             return
         m.inc = u.inc
         m.state = STATE_LEFT if u.src == node else STATE_DEAD
@@ -833,6 +1011,8 @@ class Swim:
         self._live_remove(node)
         self._recent_dead[node] = now
         self._tombstones[node] = now
+        if m.state == STATE_DEAD:
+            self._reconnect.failed(node, now, not self._live)
         self._event("leave" if m.state == STATE_LEFT else "dead", m, u.src, now)
         self._enqueue(u, now)
 
@@ -864,6 +1044,7 @@ class Swim:
         self._outbox.append((m.addr, Gossip((Alive(self.id, me.inc, me.addr, me.meta),))))
 
     def _cancel_suspicion(self, node: str) -> None:
+        self._weak.discard(node)
         s = self._suspicions.pop(node, None)
         if s is not None and s.deadline <= self._susp_min:
             self._recompute_susp_min()
@@ -875,6 +1056,7 @@ class Swim:
         due = [n for n, s in self._suspicions.items() if s.deadline <= now]
         for node in due:
             del self._suspicions[node]
+            self._weak.discard(node)
             m = self._members.get(node)
             if m is not None and m.state == STATE_SUSPECT:
                 self._c_dead += 1
@@ -884,16 +1066,24 @@ class Swim:
     def _reap(self, now: float) -> None:
         cfg = self.config
         self._next_reap = now + cfg.tombstone_s / 4
-        horizon = now - cfg.tombstone_s
+        left_horizon = now - cfg.tombstone_s
+        # failed members stay while we reconnect to them; never shorter than tombstone_s, so
+        # every tombstone outlives the transport's replay window
+        keep_dead = cfg.tombstone_s
+        if cfg.reconnect_interval_s > 0:
+            keep_dead = max(keep_dead, cfg.reconnect_timeout_s)
+        dead_horizon = now - keep_dead
         for node, since in list(self._tombstones.items()):
-            if since >= horizon:
-                continue
-            del self._tombstones[node]
             m = self._members.get(node)
             if m is None or node == self.id or not (
                 m.state == STATE_DEAD or m.state == STATE_LEFT
             ):
+                del self._tombstones[node]
                 continue
+            if since >= (dead_horizon if m.state == STATE_DEAD else left_horizon):
+                continue
+            del self._tombstones[node]
+            self._reconnect.recovered(node)
             del self._members[node]
             if self._by_addr.get(m.addr) == node:
                 del self._by_addr[m.addr]

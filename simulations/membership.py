@@ -20,7 +20,18 @@ the ``default`` and ``memberlist`` profiles:
   Poisson random times (mean gap ``starve_every_s``) from t = 20 on;
 - ``false_suspicions`` counts suspicions a node *started itself* (a failed probe) about a node
   that was alive; ``false_deaths`` counts the times a node's own suspicion timer declared an alive
-  node dead.
+  node dead (with a partition: not counting the marks across the split, reported apart);
+- partition (``partition_s > 0``): at t = 60 a random ``partition_nodes`` nodes are cut off from
+  the rest (``MemoryNetwork.partition``), at ``60 + partition_s`` the network heals. ``heal_s``
+  is the time from the heal until every node sees every other node alive, for good (the last time
+  that became true; None if it is not true at the end). ``false_deaths_uncut`` counts the dead
+  marks (by anyone's timer or gossip) of a member of the larger side by members of the larger
+  side, ``false_deaths_within_sides`` those within either side, ``cross_deaths`` the (expected)
+  marks across the split and ``cross_deaths_after_heal`` those of them made after the heal (a
+  suspicion that ran out within a moment of the heal, refuted soon after);
+  ``partition_bytes_per_node_per_s`` and ``heal_bytes_per_node_per_s`` are
+  the bytes sent during the partition and in the 30 s after the heal. Kills cannot be combined
+  with a partition.
 
 Public API: ``Scenario``, ``Result``, ``simulate(scenario) -> Result``, ``pooled(results)``,
 ``make_core``, ``node_addr``.
@@ -44,6 +55,8 @@ JOIN_START = 5.0
 IDLE_START = 20.0
 IDLE_END = 50.0
 TAIL = 60.0  # no kill or update in the last minute, so detection can finish
+PARTITION_START = 60.0  # after the idle window, so the idle bytes are the same as without
+HEAL_WINDOW = 30.0  # heal_bytes_per_node_per_s is measured over this long after the heal
 
 
 class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +73,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     updates: int = 0
     delay: float = 0.0005
     jitter: float = 0.0005
+    partition_s: float = 0.0
+    partition_nodes: int = 0
 
     def __post_init__(self) -> None:
         if self.nodes < 3:
@@ -82,6 +97,20 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(
                 f"--duration must be >= {IDLE_END + TAIL + 10} s with --kill or --updates"
             )
+        if self.partition_s < 0:
+            raise ValueError(f"--partition-s must be >= 0, got {self.partition_s}")
+        if self.partition_s > 0:
+            if not 1 <= self.partition_nodes <= self.nodes - 1:
+                raise ValueError(
+                    f"--partition-nodes must be in [1, nodes - 1], got {self.partition_nodes}"
+                )
+            if self.kill:
+                raise ValueError("--kill cannot be combined with --partition-s")
+            if self.duration < PARTITION_START + self.partition_s + 60:
+                raise ValueError(
+                    f"--duration must be >= {PARTITION_START + self.partition_s + 60:g} s with "
+                    f"--partition-s {self.partition_s:g} (60 s after the heal)"
+                )
         profile(self.profile)  # validates the name
 
 
@@ -110,6 +139,17 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     detection_samples_s: list[float] = []
     spread_samples_s: list[float] = []
     dissemination_samples_s: list[float] = []
+    partition_s: float = 0.0
+    partition_nodes: int = 0
+    heal_s: float | None = None
+    false_deaths_uncut: int = 0
+    false_deaths_within_sides: int = 0
+    suspicions_within_sides: int = 0
+    cross_deaths: int = 0
+    cross_deaths_after_heal: int = 0
+    partition_bytes_per_node_per_s: float = 0.0
+    heal_bytes_per_node_per_s: float = 0.0
+    reconnects: int = 0
 
 
 def node_addr(i: int) -> str:
@@ -150,20 +190,48 @@ def simulate(sc: Scenario) -> Result:
     join_seen: dict[str, dict[str, float]] = {}
     upd_seen: dict[tuple[str, int], dict[str, float]] = {}
     upd_at: dict[tuple[str, int], float] = {}
-    counts = {"false_deaths": 0, "false_susp": 0, "events": 0}
+    counts = {"false_deaths": 0, "false_susp": 0, "events": 0, "uncut": 0, "within": 0,
+              "susp_within": 0, "cross": 0, "cross_after": 0}  # fmt: skip
+
+    # partition: side of each node (0 = the cut-off group), the larger side is "uncut"
+    side: dict[str, int] = {}
+    uncut = 1
+    t_split = PARTITION_START
+    t_heal = PARTITION_START + sc.partition_s
+    if sc.partition_s > 0:
+        order = list(range(sc.nodes))
+        random.Random(sc.seed * 7919 + 17).shuffle(order)  # own stream: other draws unchanged
+        cut = set(order[: sc.partition_nodes])
+        side = {f"n{i}": (0 if i in cut else 1) for i in range(sc.nodes)}
+        uncut = 1 if sc.nodes - sc.partition_nodes >= sc.partition_nodes else 0
+        groups = [[node_addr(i) for i in sorted(cut)],
+                  [node_addr(i) for i in range(sc.nodes) if i not in cut]]
+        net.call_at(t_split, lambda: net.partition(groups))
+    # after the heal: per observer, the nodes it does not see alive; one mesh = all empty
+    not_alive: dict[str, set[str]] = {}
+    mesh = {"bad": 0, "ok_since": -1.0}
 
     def on_event(addr: str, ev: MembershipEvent) -> None:
         counts["events"] += 1
         obs = id_of_addr[addr]
         node = ev.node_id
         kind = ev.kind
+        cross = bool(side) and side[obs] != side[node]
+        if side and not cross and (kind == "dead" or kind == "suspect"):
+            counts["within" if kind == "dead" else "susp_within"] += 1
+            if kind == "dead" and side[obs] == uncut:
+                counts["uncut"] += 1
         if kind == "dead":
+            if cross:
+                counts["cross"] += 1
+                if ev.at >= t_heal:
+                    counts["cross_after"] += 1
             if node in killed_at:
                 dead_seen[node].setdefault(obs, ev.at)
-            elif ev.source == obs:
+            elif ev.source == obs and not cross:
                 counts["false_deaths"] += 1
         elif kind == "suspect":
-            if ev.source == obs and node not in killed_at:
+            if ev.source == obs and node not in killed_at and not cross:
                 counts["false_susp"] += 1
         elif kind == "join" or kind == "update" or kind == "alive":
             if node in join_seen:
@@ -172,6 +240,32 @@ def simulate(sc: Scenario) -> Result:
                 key = (node, ev.incarnation)
                 if key in upd_seen:
                     upd_seen[key].setdefault(obs, ev.at)
+        if not_alive:
+            bad = not_alive[obs]
+            if kind == "join" or kind == "update" or kind == "alive":
+                if node in bad:
+                    bad.discard(node)
+                    if not bad:
+                        mesh["bad"] -= 1
+                        if mesh["bad"] == 0:
+                            mesh["ok_since"] = ev.at
+            elif node not in bad:
+                if not bad:
+                    mesh["bad"] += 1
+                    mesh["ok_since"] = -1.0
+                bad.add(node)
+
+    def heal() -> None:
+        net.heal()
+        ids = [f"n{i}" for i in range(sc.nodes)]
+        for i in range(sc.nodes):
+            core = net.nodes[node_addr(i)]
+            not_alive[core.id] = {o for o in ids if o != core.id and core.state_of(o) != "alive"}
+        mesh["bad"] = sum(1 for b in not_alive.values() if b)
+        mesh["ok_since"] = net.now if mesh["bad"] == 0 else -1.0
+
+    if sc.partition_s > 0:
+        net.call_at(t_heal, heal)
 
     net.on_event = on_event
 
@@ -231,15 +325,23 @@ def simulate(sc: Scenario) -> Result:
             starvations += 1
             t += sc.starve_s + rng.expovariate(1.0 / sc.starve_every_s)
 
-    # run: measure the idle window's bytes
-    net.run_until(IDLE_START)
-    b0 = sum(net.bytes_sent.values())
-    net.run_until(IDLE_END)
-    b1 = sum(net.bytes_sent.values())
-    net.run_until(sc.duration)
-    b2 = sum(net.bytes_sent.values())
-    idle_bps = (b1 - b0) / sc.nodes / (IDLE_END - IDLE_START)
-    total_bps = b2 / sc.nodes / sc.duration
+    # run: measure the bytes of the idle window (and of the partition and the heal)
+    marks = {IDLE_START, IDLE_END, sc.duration}
+    if sc.partition_s > 0:
+        marks |= {t_split, t_heal, t_heal + HEAL_WINDOW}
+    sent: dict[float, int] = {}
+    for t in sorted(marks):
+        net.run_until(t)
+        sent[t] = sum(net.bytes_sent.values())
+    idle_bps = (sent[IDLE_END] - sent[IDLE_START]) / sc.nodes / (IDLE_END - IDLE_START)
+    total_bps = sent[sc.duration] / sc.nodes / sc.duration
+    part_bps = heal_bps = 0.0
+    heal_s: float | None = None
+    if sc.partition_s > 0:
+        part_bps = (sent[t_heal] - sent[t_split]) / sc.nodes / sc.partition_s
+        heal_bps = (sent[t_heal + HEAL_WINDOW] - sent[t_heal]) / sc.nodes / HEAL_WINDOW
+        if mesh["bad"] == 0 and mesh["ok_since"] >= 0:
+            heal_s = mesh["ok_since"] - t_heal
 
     live_ids = {f"n{i}" for i in range(sc.nodes)} - set(killed_at)
 
@@ -316,6 +418,17 @@ def simulate(sc: Scenario) -> Result:
         detection_samples_s=[round(x, 3) for x in detections],
         spread_samples_s=[round(x, 3) for x in spreads],
         dissemination_samples_s=[round(x, 3) if math.isfinite(x) else -1.0 for x in diss],
+        partition_s=sc.partition_s,
+        partition_nodes=sc.partition_nodes if sc.partition_s > 0 else 0,
+        heal_s=fin(heal_s),
+        false_deaths_uncut=counts["uncut"],
+        false_deaths_within_sides=counts["within"],
+        suspicions_within_sides=counts["susp_within"],
+        cross_deaths=counts["cross"],
+        cross_deaths_after_heal=counts["cross_after"],
+        partition_bytes_per_node_per_s=round(part_bps, 1),
+        heal_bytes_per_node_per_s=round(heal_bps, 1),
+        reconnects=sum(c.counters().reconnects for c in net.nodes.values()),
     )
 
 
@@ -354,4 +467,29 @@ def pooled(results: list[Result]) -> dict[str, object]:
         "dissemination_p99_s": fin(_pct(diss, 0.99)),
         "starvations": sum(r.starvations for r in results),
         "wall_s": round(sum(r.wall_s for r in results), 2),
+        **(_pooled_partition(results) if results[0].partition_s > 0 else {}),
+    }
+
+
+def _pooled_partition(results: list[Result]) -> dict[str, object]:
+    heals = [r.heal_s for r in results]
+    done = [h for h in heals if h is not None]
+    return {
+        "partition_s": results[0].partition_s,
+        "partition_nodes": results[0].partition_nodes,
+        "heal_s_max": max(done) if len(done) == len(heals) else None,
+        "heal_s_p50": _pct(done, 0.5),
+        "healed_within_30s": f"{sum(1 for h in done if h <= 30.0)}/{len(results)}",
+        "false_deaths_uncut": sum(r.false_deaths_uncut for r in results),
+        "false_deaths_within_sides": sum(r.false_deaths_within_sides for r in results),
+        "suspicions_within_sides": sum(r.suspicions_within_sides for r in results),
+        "cross_deaths": sum(r.cross_deaths for r in results),
+        "cross_deaths_after_heal": sum(r.cross_deaths_after_heal for r in results),
+        "partition_bytes_per_node_per_s": round(
+            sum(r.partition_bytes_per_node_per_s for r in results) / len(results), 1
+        ),
+        "heal_bytes_per_node_per_s": round(
+            sum(r.heal_bytes_per_node_per_s for r in results) / len(results), 1
+        ),
+        "reconnects": sum(r.reconnects for r in results),
     }

@@ -243,3 +243,53 @@ async def test_pushpull_streams_complete_cleanly() -> None:
         assert [s.statistics().stream_errors for s in (a, b, z)] == [0, 0, 0]
         assert a.statistics().streams_out > 3
         nursery.cancel_scope.cancel()
+
+
+async def _run_in(
+    scope: trio.CancelScope, s: GossipService, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await s.run(task_status=task_status)
+
+
+async def test_first_node_restarted_on_a_new_port_rejoins_through_its_members_snapshot(
+    tmp_path: Path,
+) -> None:
+    """The mesh's first node has no seeds; killed and restarted on a new port (port 0), only the
+    members snapshot it saved gets it back in: b and c know nothing but its old address."""
+    state = tmp_path / "a"
+    async with trio.open_nursery() as nursery:
+        a = svc("a", cfg(), state_dir=state)
+        a_scope = trio.CancelScope()
+        await nursery.start(_run_in, a_scope, a)
+        b, c = svc("b", cfg([a.local_addr])), svc("c", cfg([a.local_addr]))
+        await nursery.start(b.run)
+        await nursery.start(c.run)
+        names = {"a": "alive", "b": "alive", "c": "alive"}
+        await wait_for(lambda: all(states(x) == names for x in (a, b, c)))
+        snap = state / "gossip.members"
+
+        def saved() -> set[str]:
+            text = snap.read_text() if snap.exists() else ""
+            return {x for x in text.splitlines() if x and not x.startswith("#")}
+
+        peers = {b.local_addr, c.local_addr}
+        with trio.move_on_after(5):  # written in a worker thread right after the joins
+            while saved() != peers:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        old_addr = a.local_addr
+        a_scope.cancel()  # a crash: no leave
+        await wait_for(lambda: states(b).get("a") == "dead" and states(c).get("a") == "dead")
+        a2 = svc("a", cfg(), state_dir=state)
+        t0 = trio.current_time()
+        await nursery.start(a2.run)
+        assert a2.local_addr != old_addr
+        await wait_for(lambda: all(states(x) == names for x in (a2, b, c)))
+        print(f"restarted first node back in every view after {trio.current_time() - t0:.2f} s")
+        for x in (b, c):
+            info = {m.node_id: m for m in x.members()}["a"]
+            assert info.addr == a2.local_addr and info.incarnation == 2
+        assert a2.statistics().reconnects == 0  # the snapshot's first push-pull was enough
+        assert saved() == peers  # what got it back in
+        nursery.cancel_scope.cancel()

@@ -203,7 +203,7 @@ def test_restarted_node_outbids_its_old_incarnation() -> None:
 
 def test_old_alive_never_resurrects_the_dead_nor_undoes_a_leave() -> None:
     c = seeded(5)[0]
-    c.handle_message(Gossip((Dead("n1", 1, "n2"),)), addr(2), 1.0)
+    c.handle_message(Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"))), addr(2), 1.0)
     assert c.state_of("n1") == "dead"
     for _ in range(3):  # replays
         c.handle_message(Gossip((Alive("n1", 1, addr(1), W),)), addr(3), 2.0)
@@ -379,9 +379,24 @@ def test_same_seed_same_history() -> None:
 
 
 def test_tombstones_are_reaped_after_their_time() -> None:
-    c = seeded(4)[0]
-    c.handle_message(Gossip((Dead("n1", 1, "n2"),)), addr(2), 1.0)
-    run_timers_until(c, 1.0 + c.config.tombstone_s / 2)
-    assert c.state_of("n1") == "dead"  # still remembered: a replay inside the window is refused
-    run_timers_until(c, 1.0 + c.config.tombstone_s * 1.5)
-    assert c.state_of("n1") is None
+    """Left members go after tombstone_s; failed ones stay while we reconnect to them."""
+    cfg = msgspec.structs.replace(default_profile(), reconnect_timeout_s=600.0)
+    c = seeded(5, cfg)[0]
+    c.handle_message(
+        Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"), Dead("n4", 1, "n4"))), addr(2), 1.0
+    )
+    assert (c.state_of("n1"), c.state_of("n4")) == ("dead", "left")
+    run_timers_until(c, 1.0 + cfg.tombstone_s / 2)
+    # still remembered: a replay inside the window is refused
+    assert (c.state_of("n1"), c.state_of("n4")) == ("dead", "left")
+    run_timers_until(c, 1.0 + cfg.tombstone_s * 1.5)
+    assert c.state_of("n4") is None
+    assert c.state_of("n1") == "dead" and "n1" in c.failed_members()  # (n2, n3: no network)
+    run_timers_until(c, 1.0 + cfg.reconnect_timeout_s + cfg.tombstone_s / 2)
+    assert c.state_of("n1") is None and "n1" not in c.failed_members()
+    # without reconnect, a failed member is reaped like any tombstone
+    c2 = seeded(4, msgspec.structs.replace(default_profile(), reconnect_interval_s=0.0))[0]
+    c2.handle_message(Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"))), addr(2), 1.0)
+    assert c2.state_of("n1") == "dead" and c2.failed_members() == []
+    run_timers_until(c2, 1.0 + cfg.tombstone_s * 1.5)
+    assert c2.state_of("n1") is None

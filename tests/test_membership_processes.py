@@ -1,5 +1,7 @@
 """Real processes on loopback: 5 nodes; kill -9 one (others mark it dead); restart it (it rejoins
-with a higher incarnation); a node with the wrong key never joins.
+with a higher incarnation); a node with the wrong key never joins. And the mesh's first node (no
+seeds of its own) killed with -9 and restarted on a new port (port 0) gets back into every view
+through its members snapshot.
 
 Each node is the daemon (``python -m memkv_mesh daemon --config mesh.toml``, membership read with
 ``python -m memkv_mesh members --socket ... --json``) when the daemon's config has a ``[gossip]``
@@ -218,3 +220,104 @@ def test_five_processes_kill_restart_and_wrong_key(cluster: tuple[list[Node], Pa
     for n in nodes[:-1]:
         assert "intruder" not in n.members(), n.name
     assert set(intruder.members()) == {"intruder"}
+
+
+def _daemon_members(dp: Any) -> dict[str, dict[str, Any]]:
+    from memkv_mesh.client import MemkvError
+
+    try:
+        c = dp.client()
+    except (ConnectionError, OSError):
+        return {}
+    try:
+        return {m["node_id"]: m for m in c.members()}
+    except (ConnectionError, OSError, MemkvError):
+        return {}
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_first_node_killed_and_restarted_on_a_new_port_is_back_in_every_view(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    """n1 has no seeds (n2 and n3 joined through it) and port 0; after kill -9 it restarts on a
+    new port, knowing nobody but what its snapshot (<data_dir>/gossip.members) says."""
+    if NODE_KIND != "daemon":
+        pytest.skip("the daemon reports the port-0 gossip address; the bare runner does not")
+    from conftest import DaemonProcess, write_config
+
+    def make(name: str, seeds: list[str]) -> Any:
+        data = tmp_path / name
+        data.mkdir()
+        sock = short_dir / f"{name}.sock"
+        gossip = {"enabled": True, "port": 0, "seeds": seeds, "keys": [KEY], "join_retry_s": 0.5}
+        cfg = write_config(data / "mesh.toml", data / "data", sock, node={"id": name},
+                           gossip=gossip)  # fmt: skip
+        return DaemonProcess(cfg, sock)
+
+    def gossip_addr(dp: Any) -> str:
+        c = dp.client()
+        try:
+            return str(c.stats()["gossip_addr"])
+        finally:
+            c.close()
+
+    def wait(pred: Callable[[], bool], limit_s: float, what: str) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit_s:
+            if pred():
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        views = {dp.sock.name: {k: (v["state"], v["addr"]) for k, v in _daemon_members(dp).items()}
+                 for dp in procs}
+        pytest.fail(f"timed out after {limit_s} s waiting for {what}; views={views}")
+
+    n1 = make("n1", [])
+    procs = [n1]
+    try:
+        n1.start()
+        first_addr = gossip_addr(n1)
+        n2, n3 = make("n2", [first_addr]), make("n3", [first_addr])
+        procs += [n2, n3]
+        n2.start()
+        n3.start()
+        names = {"n1", "n2", "n3"}
+
+        def all_alive() -> bool:
+            for dp in procs:
+                m = _daemon_members(dp)
+                if {k for k, v in m.items() if v["state"] == "alive"} != names:
+                    return False
+            return True
+
+        wait(all_alive, 60, "3 nodes to converge")
+        snap = tmp_path / "n1" / "data" / "gossip.members"
+
+        def saved() -> list[str]:
+            text = snap.read_text() if snap.exists() else ""
+            return [a for a in text.splitlines() if a and not a.startswith("#")]
+
+        deadline = time.monotonic() + 10
+        while len(saved()) < 2 and time.monotonic() < deadline:  # written right after the joins
+            time.sleep(0.1)
+        n1.kill()
+        wait(lambda: all(_daemon_members(dp).get("n1", {}).get("state") == "dead"
+                         for dp in (n2, n3)), 30, "n2 and n3 to mark the killed n1 dead")
+        t0 = time.monotonic()
+        n1.start()
+        new_addr = gossip_addr(n1)
+        assert new_addr != first_addr
+
+        def back() -> bool:
+            return all_alive() and all(
+                _daemon_members(dp)["n1"]["addr"] == new_addr for dp in (n2, n3)
+            )
+
+        wait(back, 30, "the restarted n1 to be alive in every view")
+        assert len(saved()) == 2  # what got it back in (it now lists n2 and n3 again)
+        print(f"\nrestarted first node (new port) alive in every view "
+              f"{time.monotonic() - t0:.2f} s after its restart began (daemon start included)")
+    finally:
+        for dp in procs:
+            dp.stop()

@@ -78,8 +78,22 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # Accept messages sealed at most this far from our clock; longer than any sane NTP skew,
     # shorter than the core's 120 s tombstones so a replay can never outlive the tombstone.
     replay_window_s: float = 30.0
-    # Re-contact the seeds this often while we know no other member (seeds started later).
+    # Re-contact the seeds, the members snapshot of a restart and one failed member this often
+    # while we know no other member (seeds started later, a node cut off alone): one node, a few
+    # connects every 2 s, and a lone node gets back within 2 s of its network healing.
     join_retry_s: float = 2.0
+    # Every this many seconds a node re-contacts one failed (dead, not left) member or a seed
+    # that is not a live member, with probability failed/alive (Serf's reconnect). Serf uses
+    # 30 s; 10 s bridges a healed split of any shape within about 10 s, even one side being a
+    # single node (each side makes about min(|A|, |B|) attempts per interval), so the sides are
+    # one mesh again within 30 s. In a healthy mesh each dead member costs about one failed TCP
+    # connect per 10 s, mesh-wide, whatever the mesh size. 0 turns reconnecting off (a healed
+    # split then stays split).
+    reconnect_interval_s: float = 10.0
+    # Failed members are kept and re-contacted this long: Serf's 24 h, so a split that lasts a
+    # working day heals by itself (longer ones heal through the seeds). A dead member costs ~10
+    # bytes in each push-pull digest meanwhile.
+    reconnect_timeout_s: float = 86400.0
     # A push-pull or TCP fallback ping that takes longer than this is abandoned.
     stream_timeout_s: float = 5.0
 
@@ -117,6 +131,9 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
         for name in ("replay_window_s", "join_retry_s", "stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"gossip.{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("reconnect_interval_s", "reconnect_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"gossip.{name}: must be >= 0, got {getattr(self, name)!r}")
         try:
             self.swim_config()
         except ValueError as exc:
@@ -139,9 +156,12 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
             )
             if getattr(self, name) is not None
         }
+        over["join_retry_s"] = self.join_retry_s
+        over["reconnect_interval_s"] = self.reconnect_interval_s
+        over["reconnect_timeout_s"] = self.reconnect_timeout_s
         if not self.keys:
             over["wire_overhead"] = 1
-        return msgspec.structs.replace(base, **over) if over else base
+        return msgspec.structs.replace(base, **over)
 
     def key_bytes(self) -> list[bytes]:
         return parse_keys(self.keys)

@@ -17,10 +17,17 @@ Theory of operation
   ``on_event`` (the daemon);
 - the incarnation is persisted to ``<state_dir>/gossip.incarnation`` (in a worker thread) before
   the service reports started and whenever it changes, so a restarted node always comes back with
-  a higher incarnation than anything it said before.
+  a higher incarnation than anything it said before;
+- the addresses of up to 64 live members are persisted to ``<state_dir>/gossip.members`` (the
+  *members snapshot*; in a worker thread, at most once a second, only when they changed and never
+  while we know no other member, so an isolated node keeps the addresses it had).
 
-Join: the seeds of the config (and peers found by mDNS when enabled) are contacted by push-pull;
-while the node knows no other member it retries every ``join_retry_s``.
+Join: the seeds of the config (and peers found by mDNS when enabled) and the addresses of the
+members snapshot are handed to the core (``Swim.add_seeds``, ``Swim.rejoin``), which contacts them
+by push-pull and keeps at it (``gossip/reconnect.py``): all of them every ``join_retry_s`` while
+the node knows no other member, then seeds that are not live members and failed members now and
+then, so a split mesh merges again and a restarted node gets back in even with no seeds of its
+own and on a new address (its peers learn the address from its higher-incarnation ``Alive``).
 
 The block directory (``gossip/directory.py``) rides on the same core, sockets and key: the daemon
 reports its holdings with ``directory_added(keys)`` / ``directory_removed(keys)`` (plain calls
@@ -78,6 +85,12 @@ log = logging.getLogger("gossip")
 _FRAME = struct.Struct(">I")
 MAX_FRAME = 16 << 20  # a push-pull of 100k members is ~10 MB; anything bigger is an attack
 INCARNATION_FILE = "gossip.incarnation"
+MEMBERS_FILE = "gossip.members"
+# Addresses kept in the members snapshot: any one of them still alive gets a restart back in; 64
+# random live members make "none of them is left" unlikely, and the file stays under 2 KB.
+SNAPSHOT_MAX = 64
+_SNAPSHOT_READ_LIMIT = 64 << 10  # a snapshot is read up to this many bytes (bounded input)
+_SNAPSHOT_GAP_S = 1.0  # at most one snapshot write a second, however fast the members change
 _SEND_QUEUE = 4096
 
 
@@ -109,6 +122,7 @@ class GossipStats(msgspec.Struct, frozen=True, kw_only=True):
     suspicions_started: int
     deaths_declared: int
     refutations: int
+    reconnects: int = 0  # push-pulls to failed members, unknown seeds and snapshot addresses
 
 
 def _fmt_addr(host: str, port: int) -> str:
@@ -165,6 +179,8 @@ class GossipService:
         self._timer_target = float("inf")
         self._persist_wanted = trio.Event()
         self._persisted_inc = -1
+        self._snapshot_wanted = trio.Event()
+        self._snapshot: list[str] = []  # what the members snapshot file holds
         self._leave_done = trio.Event()
         self._running = False
         self._extra_seeds: list[str] = []
@@ -219,6 +235,7 @@ class GossipService:
             suspicions_started=counters.suspicions_started if counters else 0,
             deaths_declared=counters.deaths_declared if counters else 0,
             refutations=counters.refutations if counters else 0,
+            reconnects=counters.reconnects if counters else 0,
         )
 
     # ------------------------------------------------------------------ block directory
@@ -266,14 +283,12 @@ class GossipService:
         self._extra_seeds.extend(new)
         if core is None or not new or not self._running:
             return
-        known = {m.addr for m in core.members()}
-        todo = [a for a in new if a not in known and a != self._local_addr]
-        if todo:
-            core.join(todo, trio.current_time())
-            self._flush()
+        core.add_seeds(new, trio.current_time())
+        self._flush()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         inc = await self._load_incarnation()
+        self._snapshot = await self._load_snapshot()
         udp, listener, port = await self._bind()
         self._udp = udp
         # wall-clock ms: grows across restarts even without a state_dir (the incarnation then
@@ -299,6 +314,8 @@ class GossipService:
                 nursery.start_soon(self._send_loop, udp)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._persist_loop)
+                if self.state_dir is not None:
+                    nursery.start_soon(self._snapshot_loop)
                 nursery.start_soon(trio.serve_listeners, self._serve_stream, [listener])
                 if self.config.mdns:
                     from transport.discovery import run_mdns
@@ -314,7 +331,15 @@ class GossipService:
                         "transport": "udp+tcp",
                     }},
                 )  # fmt: skip
-                nursery.start_soon(self._join_loop)
+                now = trio.current_time()
+                self._core.add_seeds([*self.config.seeds, *self._extra_seeds], now)
+                if self._snapshot:
+                    log.info(
+                        "gossip rejoins through the members snapshot",
+                        extra={"fields": {"addrs": len(self._snapshot)}},
+                    )
+                    self._core.rejoin(self._snapshot, now)
+                self._flush()
                 task_status.started()
         finally:
             self._running = False
@@ -431,6 +456,72 @@ class GossipService:
                 except OSError as exc:
                     log.warning("cannot persist the gossip incarnation: %s", exc)
 
+    async def _load_snapshot(self) -> list[str]:
+        """The members snapshot of a previous process (bad lines and excess are ignored)."""
+        if self.state_dir is None:
+            return []
+        path = self.state_dir / MEMBERS_FILE
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read(_SNAPSHOT_READ_LIMIT)
+            except FileNotFoundError:
+                return b""
+
+        try:
+            data = await trio.to_thread.run_sync(read)
+        except OSError as exc:
+            log.warning("cannot read the gossip members snapshot %s: %s", path, exc)
+            return []
+        out: list[str] = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            addr = line.strip()
+            if not addr or addr.startswith("#") or addr in out:
+                continue
+            try:
+                parse_hostport(addr, "snapshot address")
+            except ValueError:
+                continue
+            out.append(addr)
+            if len(out) == SNAPSHOT_MAX:
+                break
+        return out
+
+    async def _write_snapshot(self, addrs: list[str]) -> None:
+        assert self.state_dir is not None
+        path = self.state_dir / MEMBERS_FILE
+        text = "# memkv-mesh: live gossip members, to rejoin through after a restart\n"
+        text += "".join(f"{a}\n" for a in addrs)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        await trio.to_thread.run_sync(write)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await self._snapshot_wanted.wait()
+            self._snapshot_wanted = trio.Event()
+            core = self._core
+            if core is None:
+                continue
+            addrs = core.snapshot_addrs(SNAPSHOT_MAX, prefer=self._snapshot)
+            # alone (isolated, or everyone else died): keep the addresses we had
+            if addrs and addrs != self._snapshot:
+                try:
+                    await self._write_snapshot(addrs)
+                    self._snapshot = addrs
+                except OSError as exc:
+                    log.warning("cannot persist the gossip members snapshot: %s", exc)
+            await trio.sleep(_SNAPSHOT_GAP_S)
+
     # ------------------------------------------------------------------ core stepping
 
     def _now_ms(self) -> int:
@@ -458,6 +549,8 @@ class GossipService:
                 self._nursery.start_soon(self._stream_client, addr, msg)
         if core.has_events:
             cb = self.on_event
+            if self.state_dir is not None:
+                self._snapshot_wanted.set()
             for ev in core.take_events():
                 if cb is not None:
                     try:
@@ -634,15 +727,3 @@ class GossipService:
         except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self._c["stream_errors"] += 1
             log.debug("gossip stream from %s dropped: %s", src, exc)
-
-    # ------------------------------------------------------------------ join
-
-    async def _join_loop(self) -> None:
-        core = self._core
-        assert core is not None
-        while True:
-            seeds = [s for s in [*self.config.seeds, *self._extra_seeds] if s != self._local_addr]
-            if core.n_live() == 1 and seeds and not core.leaving:
-                core.join(seeds, trio.current_time())
-                self._flush()
-            await trio.sleep(self.config.join_retry_s)

@@ -10,7 +10,8 @@ identical. It models:
 - **datagrams** with per-link loss (global ``loss`` or ``set_link_loss(a, b, p)``) and delay
   (``delay`` + uniform ``jitter``); lost datagrams still count as sent bytes;
 - **streams** (push-pull over TCP): reliable, three frames each delayed like a datagram, failed
-  when either end is dead or the two are partitioned;
+  when either end is dead or the two are partitioned (a failed connect counts no bytes: it
+  sends no payload);
 - **partitions**: ``partition([[a, b], [c]])`` drops everything between groups; ``heal()``;
 - **starved nodes**: ``starve(addr, start, duration)`` freezes a node's loop: what arrives is
   queued (like a socket buffer) and its timers do not fire; on wake-up it first drains the queue,
@@ -215,13 +216,16 @@ class MemoryNetwork:
         self.packets_sent[src] += len(out)
 
     def _stream_frame(self, src: str, dst: str, msg: StreamMsg, step: int) -> None:
-        self.bytes_sent[src] += len(self._enc.encode(msg)) + self.wire_overhead
-        self.bytes_sent[src] += _STREAM_FRAME_PREFIX
-        self.packets_sent[src] += 1
         target = self._nodes.get(dst)
-        if target is None or target.dead or not self._link_ok(src, dst):
+        ok = target is not None and not target.dead and self._link_ok(src, dst)
+        if ok or step > 0:  # a connect that fails sends no payload (SYNs are not counted)
+            self.bytes_sent[src] += len(self._enc.encode(msg)) + self.wire_overhead
+            self.bytes_sent[src] += _STREAM_FRAME_PREFIX
+            self.packets_sent[src] += 1
+        if not ok:
             self.streams_failed += 1
             return
+        assert target is not None
         t = self.now + 2 * self.delay + self.rng.random() * self.jitter
         self._push(t, _STREAM, target, msg, (src, step))
 
