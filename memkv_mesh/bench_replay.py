@@ -640,6 +640,23 @@ def _replay(
     }  # fmt: skip
 
 
+def _cpu_seconds(cluster: _Cluster) -> dict[str, float]:
+    """User + system CPU seconds of each running daemon (``/proc``) and of this client process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, dm in cluster.daemons.items():
+        if dm.proc is None or not dm.running:
+            continue
+        try:
+            fields = Path(f"/proc/{dm.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    t = os.times()
+    out["client"] = t.user + t.system
+    return out
+
+
 def _mesh_stats(cluster: _Cluster) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, dm in cluster.daemons.items():
@@ -801,8 +818,10 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         join_s = _wait_all_alive(cluster, 60)
         dir_delay = _directory_delay(cluster, gpus, bb)
         st0 = _mesh_stats(cluster)
+        cpu0 = _cpu_seconds(cluster)
         run = _replay(args, cluster, gpus, flash, reqs, keys, ids, actions)
         st_replay = _mesh_stats(cluster)
+        cpu1 = _cpu_seconds(cluster)
         settled, settle_s = _settle(cluster, gpus, args.settle_timeout_s)
         st_end = _mesh_stats(cluster)
         sampler: _LagSampler | None = run["sampler"]
@@ -813,7 +832,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         put_keys = [key_of[b] for b in put_ids]
         t_rb = time.perf_counter()
         rb: dict[str, Any] = {}
-        rb_threads = [threading.Thread(target=_read_back, args=(cluster, g, put_keys, bb, rb)) for g in gpus]
+        rb_threads = [threading.Thread(target=_read_back, args=(cluster, g, put_keys, bb, rb)) for g in gpus if args.readback]
         for t in rb_threads:
             t.start()
         for t in rb_threads:
@@ -903,7 +922,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         "lookup_blocks": counts["lookup_blocks"],
         "stale_lookups": counts["stale_lookups"],
         "blocks_put": len(put_ids),
-        "unreadable_blocks": len(missing_any),
+        "unreadable_blocks": len(missing_any) if args.readback else None,
         "unreadable_per_node": {g: len(r["missing"]) for g, r in rb.items()},
         "sim_unreadable_blocks": pred.blocks_held_nowhere,
         "wrong_blocks": wrong_blocks,
@@ -922,6 +941,8 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         "settle_s": round(settle_s, 3),
         "readback_s": round(readback_s, 3),
         "join_s": round(join_s, 3),
+        # CPU seconds each process spent during the replay (a restarted daemon: since its restart).
+        "cpu_s": {k: round(v - cpu0.get(k, 0.0) if v >= cpu0.get(k, 0.0) else v, 2) for k, v in cpu1.items()},
         "sim": {
             **{k: v for k, v in _builtins(pred).items() if k != "spec"},
             "spec": pred.spec, "replication_lag_from": lag_from, "wall_s": round(sim_s, 3),
@@ -990,6 +1011,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--daemon-src", help="checkout whose memkv_mesh the daemons run (e.g. a git worktree of an older commit)")
     run.add_argument("--work-dir", default=None, help="where the daemons' data dirs and NVMe files go (default: the temp dir)")
     run.add_argument("--arena-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None, help="where the DRAM arenas go")
+    run.add_argument("--no-readback", dest="readback", action="store_false",
+                     help="skip the read-back (for throughput runs; unreadable_blocks is then null)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
