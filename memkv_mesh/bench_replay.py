@@ -136,7 +136,7 @@ class Action:
 
     def at_request(self, requests: int) -> int:
         """The index of the request before whose issue the action happens."""
-        return min(requests, math.ceil(self.share * requests))
+        return min(requests, math.ceil(self.share * requests - 1e-9))
 
 
 def parse_action(what: str, text: str, flash_nodes: int) -> Action:
@@ -391,13 +391,24 @@ def _directory_delay(cluster: _Cluster, gpus: list[str], block_bytes: int) -> fl
 class _Shared:
     """What the client threads share; every counter is changed under ``lock``."""
 
-    n: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     next_i: int = 0
     counts: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     events: list[dict[str, Any]] = field(default_factory=list)
     put_keys: set[int] = field(default_factory=set)  # block ids put (acknowledged)
+
+
+@dataclass
+class _Run:
+    """What one replay measured, per request in request order (seconds from its start)."""
+
+    wall_s: float
+    issued: np.ndarray  # when the lookup went out
+    put_done: np.ndarray  # when the put was acknowledged (or the request ended)
+    latency: np.ndarray
+    shared: _Shared
+    sampler: _LagSampler | None
 
 
 def _percentile_ms(x: np.ndarray, q: float) -> float | None:
@@ -497,11 +508,11 @@ class _Watcher:
 def _replay(
     args: argparse.Namespace, cluster: _Cluster, gpus: list[str], flash: list[str],
     reqs: list[Request], keys: list[list[bytes]], ids: list[list[int]], actions: list[Action],
-) -> dict[str, Any]:  # fmt: skip
+) -> _Run:  # fmt: skip
     from memkv_mesh.client import MemkvError
 
     n = len(reqs)
-    sh = _Shared(n)
+    sh = _Shared()
     issued = np.zeros(n)
     put_done = np.zeros(n)
     latency = np.zeros(n)
@@ -634,16 +645,13 @@ def _replay(
         w.thread.join(130)
     if sampler is not None:
         sampler.stop.set()
-    return {
-        "wall_s": wall, "issued": issued, "put_done": put_done, "latency": latency, "shared": sh,
-        "sampler": sampler,
-    }  # fmt: skip
+    return _Run(wall, issued, put_done, latency, sh, sampler)
 
 
-def _cpu_seconds(cluster: _Cluster) -> dict[str, float]:
-    """User + system CPU seconds of each running daemon (``/proc``) and of this client process."""
+def _cpu_seconds(cluster: _Cluster) -> dict[str, tuple[int, float]]:
+    """(pid, user + system CPU seconds) of each running daemon (``/proc``) and of this client."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    out: dict[str, tuple[int, float]] = {}
     for name, dm in cluster.daemons.items():
         if dm.proc is None or not dm.running:
             continue
@@ -651,9 +659,18 @@ def _cpu_seconds(cluster: _Cluster) -> dict[str, float]:
             fields = Path(f"/proc/{dm.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        out[name] = (dm.proc.pid, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
     t = os.times()
-    out["client"] = t.user + t.system
+    out["client"] = (os.getpid(), t.user + t.system)
+    return out
+
+
+def _cpu_spent(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> dict[str, float]:
+    """CPU seconds between two snapshots; a daemon restarted meanwhile counts from its restart."""
+    out = {}
+    for name, (pid, secs) in after.items():
+        pid0, secs0 = before.get(name, (-1, 0.0))
+        out[name] = round(secs - secs0 if pid == pid0 else secs, 2)
     return out
 
 
@@ -766,9 +783,44 @@ def _size_or_share(given: int | None, share: float, working_set: int, floor: int
     return max(floor, int(share * working_set) // _MiB * _MiB)
 
 
+def _start(cluster: _Cluster, gpus: list[str], flash: list[str], dram: int, flash_dram: int, nvme: int) -> float:
+    """gpu-0 first (every other daemon joins through it), then the rest at once; returns the
+    seconds until every daemon saw every other alive."""
+    first = cluster.add(gpus[0], "gpu", dram, 0)
+    cluster.launch(first)
+    cluster.wait_ready(first)
+    with cluster.client(first.name) as c:
+        cluster.seed_addr = str(c.stats()["gossip_addr"])
+    rest = [cluster.add(g, "gpu", dram, 0) for g in gpus[1:]]
+    rest += [cluster.add(f, "flash", flash_dram, nvme) for f in flash]
+    for dm in rest:
+        cluster.launch(dm)
+    for dm in rest:
+        cluster.wait_ready(dm)
+    return _wait_all_alive(cluster, 60)
+
+
+def _failures(events: list[dict[str, Any]]) -> list[Any]:
+    """The simulator's failures from the replay's kills, with the detection and rejoin times
+    the watchers measured (never, when they did not see it)."""
+    from simulations.mesh.engine import FailureEvent
+
+    out = []
+    for ev in events:
+        if ev["action"] != "kill":
+            continue
+        restart = next(
+            (r for r in events if r["action"] == "restart" and r["node"] == ev["node"] and r["t_s"] >= ev["t_s"]), None
+        )
+        out.append(FailureEvent(
+            int(ev["node"][6:]), ev["t_s"], ev.get("t_dead_s", math.inf),
+            restart.get("t_alive_s", math.inf) if restart is not None else math.inf,
+        ))  # fmt: skip
+    return out
+
+
 def run_replay(args: argparse.Namespace) -> dict[str, Any]:
     """Start the daemons, replay, read back, predict; the JSON-able result."""
-    from simulations.mesh.engine import FailureEvent
     from simulations.mesh.replay import predict_replay, replay_spec
 
     reqs, trace_name = load_requests(args)
@@ -804,18 +856,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
     arena_root = Path(tempfile.mkdtemp(prefix="memkv-replay-", dir=args.arena_dir))
     cluster = _Cluster(args, root, arena_root, mesh_key)
     try:
-        first = cluster.add(gpus[0], "gpu", dram, 0)
-        cluster.launch(first)
-        cluster.wait_ready(first)
-        with cluster.client(first.name) as c:
-            cluster.seed_addr = str(c.stats()["gossip_addr"])
-        rest = [cluster.add(g, "gpu", dram, 0) for g in gpus[1:]]
-        rest += [cluster.add(f, "flash", flash_dram, nvme) for f in flash]
-        for dm in rest:
-            cluster.launch(dm)
-        for dm in rest:
-            cluster.wait_ready(dm)
-        join_s = _wait_all_alive(cluster, 60)
+        join_s = _start(cluster, gpus, flash, dram, flash_dram, nvme)
         dir_delay = _directory_delay(cluster, gpus, bb)
         st0 = _mesh_stats(cluster)
         cpu0 = _cpu_seconds(cluster)
@@ -824,10 +865,10 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         cpu1 = _cpu_seconds(cluster)
         settled, settle_s = _settle(cluster, gpus, args.settle_timeout_s)
         st_end = _mesh_stats(cluster)
-        sampler: _LagSampler | None = run["sampler"]
+        sampler = run.sampler
         if sampler is not None:
             sampler.thread.join(60)
-        sh: _Shared = run["shared"]
+        sh = run.shared
         put_ids = sorted(sh.put_keys)
         put_keys = [key_of[b] for b in put_ids]
         t_rb = time.perf_counter()
@@ -846,7 +887,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- figures ----
     counts = sh.counts
-    lat = run["latency"]
+    lat = run.latency
     nodes = [_node_summary(n, st_end.get(n) or st_replay.get(n) or {}) for n in cluster.daemons]
     gpu_nodes = [x for x in nodes if x["node"] in gpus]
     lag_p50 = [x["replication_lag_p50_s"] for x in gpu_nodes if x.get("replication_lag_p50_s") is not None]
@@ -867,15 +908,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         dirty_blocks = max(1, args.dirty_bytes // bb)
     elif dirty_limit:
         dirty_blocks = max(1, int(dirty_limit) // bb)
-    failures = []
-    for ev in sh.events:
-        if ev["action"] != "kill":
-            continue
-        restart = next((r for r in sh.events if r["action"] == "restart" and r["node"] == ev["node"] and r["t_s"] >= ev["t_s"]), None)
-        failures.append(FailureEvent(
-            int(ev["node"][6:]), ev["t_s"], ev.get("t_dead_s", math.inf),
-            restart.get("t_alive_s", math.inf) if restart is not None else math.inf,
-        ))  # fmt: skip
+    failures = _failures(sh.events)
     sim_args = {
         "gpu_nodes": args.gpu_nodes, "flash_nodes": args.flash_nodes, "dram_blocks": dram_blocks,
         "nvme_blocks": nvme_blocks, "replicas": args.replicas, "block_bytes": bb, "eviction": args.eviction,
@@ -884,9 +917,9 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
     pred = predict_replay(
         replay_spec(**sim_args, write_path="async", replication_lag_s=lag,
                     directory_delay_s=dir_delay if dir_delay is not None else 0.14, dirty_blocks=dirty_blocks),
-        reqs, run["issued"].tolist(), put_s=run["put_done"].tolist(), failures=failures,
+        reqs, run.issued.tolist(), put_s=run.put_done.tolist(), failures=failures,
     )  # fmt: skip
-    pred_instant = predict_replay(replay_spec(**sim_args, write_path="instant"), reqs, run["issued"].tolist(), failures=failures)
+    pred_instant = predict_replay(replay_spec(**sim_args, write_path="instant"), reqs, run.issued.tolist(), failures=failures)
     sim_s = time.perf_counter() - t_sim
     hits = counts["hits"]
     missing_any: set[int] = set()
@@ -907,8 +940,8 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
     refs_n = counts["refs"]
     return {
         "requests": len(reqs),
-        "requests_per_s": round(len(reqs) / run["wall_s"], 2),
-        "wall_s": round(run["wall_s"], 3),
+        "requests_per_s": round(len(reqs) / run.wall_s, 2),
+        "wall_s": round(run.wall_s, 3),
         "request_p50_ms": _percentile_ms(lat, 50),
         "request_p99_ms": _percentile_ms(lat, 99),
         "hit_ratio": round(hits / refs_n, 4) if refs_n else 0.0,
@@ -942,7 +975,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         "readback_s": round(readback_s, 3),
         "join_s": round(join_s, 3),
         # CPU seconds each process spent during the replay (a restarted daemon: since its restart).
-        "cpu_s": {k: round(v - cpu0.get(k, 0.0) if v >= cpu0.get(k, 0.0) else v, 2) for k, v in cpu1.items()},
+        "cpu_s": _cpu_spent(cpu0, cpu1),
         "sim": {
             **{k: v for k, v in _builtins(pred).items() if k != "spec"},
             "spec": pred.spec, "replication_lag_from": lag_from, "wall_s": round(sim_s, 3),
