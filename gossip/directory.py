@@ -61,14 +61,16 @@ right size (growing at least 1.25x) and refills it
 by fetching every holder's summary again; until a holder's summary arrives, its entries stay in
 the old table, and lookups read both (every view lives in exactly one table).
 
-Maths (defaults: ``target_load`` 0.88, ``batch_s`` 0.25, N members, c blocks per holder).
+Maths (defaults: ``target_load`` 0.75, ``batch_s`` 0.25, N members, c blocks per holder).
 
-- Memory: 16 bits per (holder, block) entry at the table's load: 2 / 0.88 = 2.27 B at a fresh
-  table, 2.1 B at ``max_load``, 2.5 B after a 1.25x growth (measured 2.2-2.6 B per pair, ~4.5 B
-  per unique block at R = 2), whatever N (up to 127 other holders; 32-bit entries beyond). The
-  per-holder filters this replaces used 1.69 B per pair (12-bit blocked Bloom plus removed sets).
+- Memory: 16 bits per (holder, block) entry at the table's load: 2 / 0.75 = 2.67 B at a fresh
+  table, 2.35 B at ``max_load``, 2.9 B after a 1.25x growth (at the older 0.88 / 0.95 loads:
+  measured 2.2-2.6 B per pair, ~4.5 B per unique block at R = 2), whatever N (up to 127 other
+  holders; 32-bit entries beyond). The per-holder filters this replaces used 1.69 B per pair
+  (12-bit blocked Bloom plus removed sets). The loads trade bytes for insert time (see
+  ``target_load``).
 - False positives: an absent key matches one of the 16 tags of its two buckets with probability
-  ~ 16 x load / 511: 2.8% at 0.88, whatever N (measured 1.4% at N = 64, load 0.79; the
+  ~ 16 x load / 511: 2.3% at 0.75, whatever N (measured 1.4% at N = 64, load 0.79; the
   per-holder Bloom filters it replaces gave 1 - 0.988^(N-1): 51% at N = 64). One holder is named
   wrongly for ~1/(N-1) of that.
   A false positive costs one failed fetch, reported as a miss, never wrong bytes (the get path
@@ -143,14 +145,19 @@ class DirectoryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     resend_wait_s: float = 0.05
     # Deltas a holder keeps for resends (up to 146 fingerprints each); 0 turns resends off.
     resend_log: int = 64
-    # A new lookup table is sized for this load: 2 / 0.88 = 2.27 B per entry, and absent keys
-    # match a tag with probability 16 x 0.88 / 511 = 2.8%; the load then drifts with holdings.
-    target_load: float = 0.88
-    # Above this load the table is rebuilt bigger (refilled from summaries). Measured fill limits
-    # of the 8-slot buckets: 0.97 with blocks held once or twice, 0.94 with every block held
-    # three times (copies share a bucket pair); past that entries spill into the overflow, which
-    # also starts a rebuild once it holds more than 1/1024 of the slots.
-    max_load: float = 0.95
+    # A new lookup table is sized for this load: 2 / 0.75 = 2.67 B per entry, and absent keys
+    # match a tag with probability 16 x 0.75 / 511 = 2.3%; the load then drifts with holdings.
+    # Not higher: the R copies of a block share a bucket pair, and an insert's eviction walk gets
+    # long as the table fills. Measured (blocks held 3x, as at R = 2 with the GPU node's copy,
+    # inserts of 8 per call): 7 us per entry between loads 0.75 and 0.85, 270 us between 0.88
+    # and 0.94; at the old 0.88 / 0.95 the flash daemons of `bench replay` spent most of their
+    # event loop placing directory deltas.
+    target_load: float = 0.75
+    # Above this load the table is rebuilt bigger (refilled from summaries). Fill limits of the
+    # 8-slot buckets are 0.97 (blocks held once or twice) and 0.94 (three times), but walks cost
+    # 10-40x more past 0.88 (above); past the limit entries spill into the overflow, which also
+    # starts a rebuild once it holds more than 1/1024 of the slots.
+    max_load: float = 0.85
     # Below this load (holders left) it is rebuilt smaller: memory per entry stays <= 5 B.
     min_load: float = 0.4
     # Evictions tried before an entry goes to the (exact) overflow map; a few hundred is the

@@ -63,7 +63,7 @@ class DirScenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     seed: int = 1
     fpr_probes: int = 20000
     lookup_reps: int = 2000
-    target_load: float = 0.85
+    target_load: float = DirectoryConfig().target_load
 
     def __post_init__(self) -> None:
         if self.nodes < 2:
@@ -80,7 +80,12 @@ class DirScenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError(f"--loss must be in [0, 1), got {self.loss}")
         if self.fpr_probes < 1 or self.lookup_reps < 1:
             raise ValueError("--fpr-probes and --lookup-reps must be >= 1")
-        DirectoryConfig(target_load=self.target_load)  # validates it
+        _dir_config(self.target_load)  # validates it
+
+
+def _dir_config(target_load: float) -> DirectoryConfig:
+    """The directory's defaults at another target load (max_load kept above it)."""
+    return DirectoryConfig(target_load=target_load, max_load=max(DirectoryConfig().max_load, min(1.0, target_load + 0.07)))
 
 
 class DirResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,7 +144,7 @@ class _Run(msgspec.Struct):
 
 def _run(sc: DirScenario, with_blocks: bool) -> _Run:
     cfg = profile("default")
-    dcfg = DirectoryConfig(target_load=sc.target_load)
+    dcfg = _dir_config(sc.target_load)
     rng = random.Random(sc.seed)
     net = MemoryNetwork(sc.seed, loss=sc.loss, delay=sc.delay, jitter=sc.jitter,
                         wire_overhead=cfg.wire_overhead)

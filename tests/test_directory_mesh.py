@@ -129,10 +129,10 @@ def test_simulator_figures_and_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert '"unreached": 0' in capsys.readouterr().out
     c = construction(5000)  # one holder's summary built, then placed by a receiver
     assert c["summary_bytes_per_block"] == 6.0 and c["overflow_entries"] == 0
-    assert 0.85 < c["table_load"] <= 0.88 and c["receiver_place_s"] < 2.0
+    assert 0.72 < c["table_load"] <= 0.75 and c["receiver_place_s"] < 2.0
     c = construction(120_000)  # more than install_step (50,000 units): placed over timer calls
     assert c["receiver_calls"] >= 3 and c["overflow_entries"] == 0
-    assert 0.85 < c["table_load"] <= 0.88 and c["receiver_max_call_s"] <= c["receiver_place_s"]
+    assert 0.72 < c["table_load"] <= 0.75 and c["receiver_max_call_s"] <= c["receiver_place_s"]
     assert main(["--construction", "100", "--json"]) == 0
     assert '"summary_bytes_per_block": 6.0' in capsys.readouterr().out
 
