@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch < 1:
             p.error("--batch must be >= 1")
         try:
-            us = bench_fsync(args.dir, args.block, args.total, args.batch, max(1, args.repeat))
+            per_block = bench_fsync(args.dir, args.block, args.total, args.batch, max(1, args.repeat))
         finally:
             if not args.keep:
                 shutil.rmtree(args.dir, ignore_errors=True)
@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"dir={args.dir} block={args.block} total={args.total // args.block * args.block} "
             f"batch={args.batch} median of {max(1, args.repeat)}"
         )
-        for name, per in us.items():
-            print(f"  fsync={name:<7} {per:9.1f} us per block  {args.block / per / 1e3:7.3f} GB/s  ({per / us['off']:.1f}x off)")
+        for name, per in per_block.items():
+            print(f"  fsync={name:<7} {per:9.1f} us per block  {args.block / per / 1e3:7.3f} GB/s  ({per / per_block['off']:.1f}x off)")
         return 0
     if args.recovery is not None:
         if args.recovery < 1:
