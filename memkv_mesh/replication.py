@@ -8,7 +8,8 @@ Theory of operation
   writes through to NVMe (``store.write_through``): its own copy is made durable by
   ``store.persist``, like a push to itself.
 * One worker per owner pushes that owner's queue, a batch at a time (``batch_keys`` /
-  ``batch_bytes``), each push bounded by ``timeout_s``. Owners are served concurrently, so a slow
+  ``batch_bytes``; a queue shorter than a batch lingers ``linger_s`` first so a few puts travel
+  together), each push bounded by ``timeout_s``. Owners are served concurrently, so a slow
   or SIGSTOPped owner delays its own share only; its worker backs off (0.25 s doubling to 5 s) and
   retries while the owner is still in the placement ring.
 * A block is clean once its last owner confirmed it: ``store.mark_clean`` makes it evictable again
@@ -48,6 +49,11 @@ __all__ = ["Replicator", "ReplicationStats"]
 _BACKOFF_MIN_S = 0.25
 _BACKOFF_MAX_S = 5.0
 _LAGS_KEPT = 8192
+# A worker whose queue holds less than a batch waits this long before pushing, so the puts of a
+# few requests travel together: a push of 24 blocks of 16 KiB cost 20% less CPU per block than
+# two of 12 (PushRequest/Ready/Done, a thread hop for the write-through, on both ends), for 10 ms
+# of replication lag (the directory itself takes ~140 ms to tell other nodes).
+_LINGER_S = 0.01
 
 
 class _Store(Protocol):
@@ -114,6 +120,7 @@ class Replicator:
         batch_keys: int = 256,
         batch_bytes: int = 16 << 20,
         max_refusals: int = 5,
+        linger_s: float = _LINGER_S,
     ) -> None:
         if limit_bytes < 1:
             raise ValueError(f"limit_bytes must be >= 1, got {limit_bytes}")
@@ -129,6 +136,7 @@ class Replicator:
         self.batch_keys = batch_keys
         self.batch_bytes = batch_bytes
         self.max_refusals = max_refusals
+        self.linger_s = linger_s
         self._blocks: dict[bytes, _Block] = {}  # insertion order = arrival order
         self._queues: dict[str, dict[bytes, None]] = {}
         self._workers: set[str] = set()
@@ -362,6 +370,11 @@ class Replicator:
                 q = self._queues.get(owner)
                 if not q:
                     return
+                if self.linger_s and len(q) < self.batch_keys:
+                    await trio.sleep(self.linger_s)  # let a few more puts join this push
+                    q = self._queues.get(owner)
+                    if not q:
+                        continue
                 batch = self._take(owner, q)
                 if not batch:
                     continue

@@ -649,9 +649,11 @@ class DataPlane:
 
         ``offsets`` are slots already reserved (push: reserved before PushReady), else each block
         is allocated here; a block that cannot or need not be stored (already held, full) is read
-        and discarded. Each block is verified and committed as soon as it has landed, so a batch
-        cut short keeps the blocks that arrived whole. True per block stored here now. Slots not
-        committed are freed by the caller's ``drop_owner`` whatever happens.
+        and discarded. With ``on_stored`` (a streamed get) each block is verified and committed as
+        soon as it has landed, so a batch cut short keeps the blocks that arrived whole; without,
+        the batch is verified and committed at once when it has all landed (one commit and one
+        directory update per batch). True per block stored here now. Slots not committed are
+        freed by the caller's ``drop_owner`` whatever happens.
         """
         store = self.store
         if offsets is None:
@@ -713,7 +715,12 @@ class DataPlane:
                     targets.append(v)
             if not targets:
                 pass
-            elif on_stored is None or sum(sizes[i] for i in which) < _STREAM_MIN_BYTES:
+            elif on_stored is None:
+                # Nobody waits for single blocks (a push, a plain fetch): verify and commit the
+                # batch at once (one commit, one directory update), not a callback per block.
+                self._commit_batch(chan, owner, keys, sizes, cks, offsets, which, out,
+                                   await chan.recv_blocks(targets))  # fmt: skip
+            elif sum(sizes[i] for i in which) < _STREAM_MIN_BYTES:
                 # Small batches arrive in one go: handing them on early would only add messages.
                 await chan.recv_blocks(targets, landed)
             else:
@@ -731,6 +738,35 @@ class DataPlane:
             for v in views:
                 v.release()
         return out
+
+    def _commit_batch(
+        self, chan: Channel, owner: _Owner, keys: list[bytes], sizes: list[int], cks: list[int],
+        offsets: list[int], which: list[int], out: list[bool], digests: list[int],
+    ) -> None:
+        """Verify a received batch against the sender's checksums; commit the good blocks in one
+        call, abort the corrupt ones (counted and logged). Marks ``out`` for what is stored."""
+        store = self.store
+        good: list[int] = []
+        for t, digest in enumerate(digests):
+            i = which[t]
+            if offsets[i] < 0:
+                continue  # read and discarded
+            if digest == cks[i]:
+                good.append(i)
+                continue
+            store.abort(owner, [keys[i]])
+            self._c["corrupt_blocks"] += 1
+            log.warning(
+                "corrupt block from peer dropped",
+                extra={"fields": {"peer": chan.peer, "key": keys[i].hex(), "size": sizes[i]}},
+            )
+        if not good:
+            return
+        store.commit(owner, [keys[i] for i in good], [cks[i] for i in good])
+        for i in good:
+            out[i] = True
+        self._c["blocks_in"] += len(good)
+        self._c["bytes_in"] += sum(sizes[i] for i in good)
 
     async def _push_on(self, chan: Channel, keys: list[bytes], fresh: bool = False) -> list[bool]:
         store, to = self.store, self.config.io_timeout_s

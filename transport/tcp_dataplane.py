@@ -48,6 +48,8 @@ _READ = 256 * 1024
 # Bulk runs at least this long are moved by a worker thread (one thread hop, ~40 us, instead of a
 # Trio wake-up per socket read); below it the hop costs more than the loop saves.
 THREAD_BULK_BYTES = 512 * 1024
+# Buffers per sendmsg / recvmsg_into call (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 # How often a bulk thread (blocked in readv/write) checks whether its Trio task was cancelled.
 _POLL_MS = 50
 _SOCK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -180,8 +182,26 @@ class TcpChannel:
             fd, limit = self._sock.fileno(), self._io_timeout
             await trio.to_thread.run_sync(_send_runs_thread, fd, views, limit, self.peer)
         else:
-            for v in views:
-                await self._send_all(v)
+            await self._send_many(views)
+
+    async def _send_many(self, views: list[memoryview]) -> None:
+        """Small batches on the loop: one sendmsg per call for all the views left (a batch of
+        16 KiB blocks was one send per block, each a trip through Trio's socket machinery)."""
+        sock = self._sock
+        todo = [v for v in views if len(v)]
+        try:
+            with trio.fail_after(self._io_timeout):
+                while todo:
+                    sent = await sock.sendmsg(todo[:_IOV_MAX])
+                    while sent and sent >= len(todo[0]):
+                        sent -= len(todo[0])
+                        todo.pop(0)
+                    if sent:
+                        todo[0] = todo[0][sent:]
+        except trio.TooSlowError:
+            raise DataPlaneError(f"peer {self.peer}: send stalled for {self._io_timeout} s") from None
+        except _SOCK_ERRORS as e:
+            raise PeerClosed(f"peer {self.peer}: send failed: {e}") from None
 
     async def _send_all(self, view: memoryview) -> None:
         sock = self._sock
@@ -251,31 +271,42 @@ class TcpChannel:
                     token.run_sync_soon(cb, i, digest)
 
             return await trio.to_thread.run_sync(_recv_runs_thread, fd, jobs, limit, self.peer, landed)
-        # Small runs (under THREAD_BULK_BYTES in all): on the loop, under one deadline.
-        digests = []
+        # Small runs (under THREAD_BULK_BYTES in all): on the loop, under one deadline, each
+        # recvmsg_into filling as many of the runs as the socket has bytes for.
+        views = [v if v is not None else memoryview(bytearray(n)) for v, _, n in jobs]
+        digests: list[int] = []
         try:
             with trio.fail_after(self._io_timeout):
-                for view, pos, n in jobs:
-                    target = view if view is not None else memoryview(bytearray(n))
-                    await self._recv_into(target, pos)
-                    digests.append(xxhash.xxh3_64_intdigest(view) if view is not None else 0)
-                    if on_block is not None:
-                        on_block(len(digests) - 1, digests[-1])
+                i = 0  # the first run not yet full; pos: its bytes so far (plus any overrun)
+                pos = jobs[0][1] if jobs else 0
+                while True:
+                    while i < len(jobs) and pos >= len(views[i]):
+                        pos -= len(views[i])  # what a recv put into the runs after this one
+                        view = jobs[i][0]
+                        digests.append(xxhash.xxh3_64_intdigest(view) if view is not None else 0)
+                        if on_block is not None:
+                            on_block(i, digests[-1])
+                        i += 1
+                        if i < len(jobs):
+                            pos += jobs[i][1]  # bytes the frame reader already had (then pos was 0)
+                    if i == len(jobs):
+                        break
+                    end = min(len(jobs), i + _IOV_MAX)
+                    bufs = [views[i][pos:], *(views[j][jobs[j][1] :] for j in range(i + 1, end))]
+                    pos += await self._recv_many(bufs, i, pos)
         except trio.TooSlowError:
             raise DataPlaneError(f"peer {self.peer}: bytes stalled for {self._io_timeout} s") from None
         return digests
 
-    async def _recv_into(self, view: memoryview, pos: int) -> None:
-        n = len(view)
-        sock = self._sock
+    async def _recv_many(self, bufs: list[memoryview], i: int, pos: int) -> int:
+        """One recvmsg_into over ``bufs`` (the rest of run ``i``, then the runs after it)."""
         try:
-            while pos < n:
-                got = await sock.recv_into(view[pos:], n - pos)
-                if got == 0:
-                    raise PeerClosed(f"peer {self.peer} closed the connection after {pos} of {n} bytes")
-                pos += got
+            got, _, _, _ = await self._sock.recvmsg_into(bufs)
         except _SOCK_ERRORS as e:
-            raise PeerClosed(f"peer {self.peer}: receive failed after {pos} of {n} bytes: {e}") from None
+            raise PeerClosed(f"peer {self.peer}: receive failed in run {i} after {pos} bytes: {e}") from None
+        if got == 0:
+            raise PeerClosed(f"peer {self.peer} closed the connection in run {i} after {pos} bytes")
+        return int(got)
 
     async def aclose(self) -> None:
         await self._stream.aclose()
