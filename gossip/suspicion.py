@@ -14,7 +14,9 @@ slow node) rarely gets confirmations, so it waits near ``max`` and the suspect h
 refute. With ``k < 1`` the timeout is simply ``min``.
 
 ``confirm`` returns True only for a new confirmation, which is when the suspect message should be
-re-broadcast (so confirmations spread without echoing duplicates).
+re-broadcast (so confirmations spread without echoing duplicates). ``conclude`` counts another
+live member's death verdict (its own timer ran out): as many confirmations as it takes, so the
+timer is at ``min`` from its own start (``gossip/swim.py`` never lets the verdict kill directly).
 
 Public API: ``Suspicion``, ``suspicion_timeouts``.
 """
@@ -61,5 +63,14 @@ class Suspicion:
             return False
         self.confirmers.add(source)
         self.n += 1
+        self.deadline = self.start + self.timeout()
+        return True
+
+    def conclude(self, source: str) -> bool:
+        """A live member's verdict: fully confirmed, the deadline is ``start + min_timeout``."""
+        self.confirmers.add(source)
+        if self.n >= self.k:
+            return False  # already at the minimum: nothing to re-broadcast
+        self.n = self.k
         self.deadline = self.start + self.timeout()
         return True

@@ -17,16 +17,18 @@ Rules this module keeps (the gossip precedence):
 
 - a member's incarnation is raised only by the member itself;
 - ``Alive(i)`` overrides ``Suspect(j)``/``Dead(j)``/left only if ``i > j``; ``Suspect(i)``
-  overrides ``Alive(j)`` if ``i >= j``; ``Dead(i)`` overrides ``Suspect(j)`` if ``i >= j``. An old
-  or replayed update therefore never resurrects a dead node or undoes a leave;
-- a *death verdict nobody here backs* is only a suspicion: ``Dead(i)`` from a third party about a
-  member we hold alive (we never heard it suspected; in one connected mesh the suspicion always
-  spreads before the verdict) makes it suspect with our own timer instead, and so does one about
-  a member whose suspicion only rests on such verdicts, on push-pull tables or on accusers we hold
-  dead (a *weak* suspicion). Such verdicts are typically stale: the other side of a healed split
-  declared our side dead. The member is told at once and refutes; a member that really died
-  still dies when our timer runs out (the minimum timeout when the verdict came from a live
-  member). A leave (``Dead(x, src=x)``) and our own verdicts apply at once;
+  overrides ``Alive(j)`` if ``i >= j``; a leave ``Dead(x, i, src=x)`` overrides
+  ``Alive(j)``/``Suspect(j)`` if ``i >= j``. An old or replayed update therefore never resurrects
+  a dead node or undoes a leave;
+- a member is declared dead here only by *our own* suspicion timer: another node's verdict
+  ``Dead(x, i, src=y)`` is one more accusation (it starts a suspicion at incarnation ``i``, or
+  confirms ours), never a death by itself. In one connected mesh the suspicion spreads before the
+  verdicts and the verdicts shorten our timer to the minimum, so a dead member is dead here about
+  as soon (first-to-last grows by ~0.2 s); but the verdicts the other side of a healed split made
+  about ours are stale, and now only start suspicions that the members refute;
+- a suspicion started by a verdict, by a push-pull table or by an accuser we hold dead is *weak*:
+  the member is told at once (it may be alive and reachable, back from a split); started by a
+  live member's verdict it runs the minimum timeout;
 - a node that hears itself suspected or declared dead *refutes*: it raises its incarnation above
   the one in the rumour and gossips ``Alive`` (unless it is leaving); with ``refute_fanout`` it
   also sends that ``Alive`` straight to that many random members;
@@ -208,7 +210,7 @@ class Swim:
         )
         self._next_reap = now + config.tombstone_s / 4
         self._reconnect = Reconnect(config.reconnect_interval_s, config.join_retry_s, rng)
-        self._weak: set[str] = set()  # suspicions that only rest on remote verdicts (_apply_dead)
+        self._weak: set[str] = set()  # suspicions from verdicts, tables or stale accusers
         self._relays: dict[int, _Relay] = {}
         self._relay_min = _INF
         self._seq = rng.randrange(_SEQ_MASK + 1)
@@ -216,6 +218,7 @@ class Swim:
         self._streams: list[tuple[str, StreamMsg]] = []
         self._events: list[MembershipEvent] = []
         self._told: set[str] = set()  # suspecters already sent our refutation directly
+        self._sync_peer: str | None = None  # the push-pull peer whose table we are merging
         self.leaving = False
         self._budget = config.udp_limit - config.wire_overhead - _BASE_RESERVE
         # counters
@@ -764,6 +767,13 @@ class Swim:
         self._streams.append((peers[0].addr, PushPullReq(False, digest(self._members.values()))))
 
     def _merge(self, entries: Iterable[Entry], peer: str, now: float) -> None:
+        self._sync_peer = peer
+        try:
+            self._merge_entries(entries, peer, now)
+        finally:
+            self._sync_peer = None
+
+    def _merge_entries(self, entries: Iterable[Entry], peer: str, now: float) -> None:
         members = self._members
         for e in entries:
             if e.state == STATE_ALIVE:
@@ -931,7 +941,7 @@ class Swim:
             self._weak.discard(node)  # our own probe failed: the suspicion is ours now
         s = self._suspicions.get(node)
         if s is not None and m.state == STATE_SUSPECT and u.inc == m.inc:
-            if s.confirm(u.src):
+            if s.conclude(u.src) if verdict else s.confirm(u.src):
                 if s.deadline < self._susp_min:
                     self._susp_min = s.deadline
                 else:
@@ -974,7 +984,7 @@ class Swim:
                 # it hears it at once, from us, and answers us directly
                 self._outbox.append((m.addr, Gossip((Suspect(node, u.inc, self.id),))))
 
-    def _apply_dead(self, u: Dead, now: float) -> None:
+    def _apply_dead(self, u: Dead, now: float, own: bool = False) -> None:
         node = u.node
         m = self._members.get(node)
         if m is None or u.inc < m.inc:
@@ -988,17 +998,15 @@ class Swim:
             if not self.leaving:
                 self._refute(u.inc, u.src, now)
             return
-        if u.src != node and u.src != self.id and (
-            m.state == STATE_ALIVE or node in self._weak
-        ):
-            # A death verdict we cannot back: we never heard the member suspected (or only from
-            # such verdicts and stale accusers). In one connected mesh a suspicion always spreads
-            # before the verdict; one that comes alone is typically stale, from the other side of
-            # a healed split. It becomes a (weak) suspicion with our own timer instead, so a
-            # member that is alive refutes and a dead one still dies.
-            # From a live member (not a stale accuser) the suspicion runs the minimum timeout
-            # (a member that really died is not kept much longer); the member hears it from us
-            # at once, so if alive it refutes long before that.
+        if u.src != node and not own:
+            # Someone else's verdict is one more accusation, never a death by itself: a member
+            # dies here when *our* suspicion timer runs out (a leave and our own verdict apply
+            # at once). In one connected mesh the suspicion spreads before the verdict, and a
+            # live member's verdict fully confirms ours (the minimum timeout from when *we*
+            # started suspecting), so a dead member is dead here about as soon. A verdict from
+            # the other side of a healed split is stale and only accuses: the member refutes.
+            # On a member we hold alive a verdict starts a weak suspicion (told to the member at
+            # once, and every probe period), at the minimum timeout if from a live member.
             self._apply_suspect(
                 Suspect(node, u.inc, u.src), now, False, weak=True,
                 verdict=not self._stale_accuser(u.src),
@@ -1030,6 +1038,20 @@ class Swim:
                 for m in self._pick(self.config.refute_fanout, exclude=None, alive_only=False):
                     self._told.add(m.node)
                     self._outbox.append((m.addr, burst))
+            if (
+                suspecter is not None and suspecter != self._sync_peer
+                and suspecter != self.id and self._reconnect.failed_count()
+            ):
+                # We were held dead or suspect while we hold others dead: likely back from a
+                # split. Sync with the node that told us (it is reachable now), so our own
+                # stale verdicts cross too and their members refute, instead of waiting for
+                # our next reconnect tick.
+                s = self._members.get(suspecter)
+                if s is not None:
+                    self._c_reconnect += 1
+                    self._streams.append((s.addr, PushPullReq(
+                        True, digest(self._members.values()), (entry(me),)
+                    )))
         if suspecter is not None:
             self._tell_suspecter(suspecter)
 
@@ -1060,7 +1082,7 @@ class Swim:
             m = self._members.get(node)
             if m is not None and m.state == STATE_SUSPECT:
                 self._c_dead += 1
-                self._apply_dead(Dead(node, m.inc, self.id), now)
+                self._apply_dead(Dead(node, m.inc, self.id), now, own=True)
         self._recompute_susp_min()
 
     def _reap(self, now: float) -> None:

@@ -59,6 +59,15 @@ def test_suspicion_shrinks_with_independent_confirmations() -> None:
     assert not s.confirm("d")  # k reached: nothing more to gain, no re-broadcast
 
 
+def test_a_live_members_verdict_concludes_a_suspicion_at_its_own_minimum() -> None:
+    s = Suspicion(10.0, k=2, min_timeout=4.0, max_timeout=24.0, first_from="a")
+    assert s.conclude("v")
+    assert s.deadline == pytest.approx(14.0)  # from our own start, not from the verdict
+    assert not s.conclude("v") and not s.conclude("w") and not s.confirm("x")  # nothing to gain
+    k0 = Suspicion(10.0, k=0, min_timeout=4.0, max_timeout=24.0, first_from="a")
+    assert not k0.conclude("v") and k0.deadline == pytest.approx(14.0)
+
+
 def test_suspicion_with_k_zero_uses_min_and_rejects_bad_timeouts() -> None:
     s = Suspicion(0.0, k=0, min_timeout=3.0, max_timeout=18.0, first_from="a")
     assert s.deadline == 3.0

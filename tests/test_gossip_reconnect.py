@@ -1,9 +1,10 @@
 """Reconnecting after a split, and the push-pull that merges the sides, step by step.
 
 ``gossip/reconnect.py`` (whom to re-contact, how often) alone, then the core: a failed member is
-re-contacted, a left one never; one push-pull between the sides carries both refutations; a
-death verdict nobody here can back becomes a suspicion the member refutes; a member we hold dead
-that pings us is told; seeds that are not members and a restart's snapshot are retried.
+re-contacted, a left one never; one push-pull between the sides carries both refutations;
+another node's death verdict only accuses (a stale one from across a split is refuted); a member
+we hold dead that pings us is told; seeds that are not members and a restart's snapshot are
+retried.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def with_members(c: Swim, states: dict[int, int], inc: int = 1) -> Swim:
 def run_timers_until(c: Swim, t: float) -> None:
     while c.next_deadline() <= t:
         c.handle_timer(c.next_deadline())
+
+
+def declare_dead(c: Swim, node: str, now: float) -> None:
+    """As when ``c``'s own suspicion timer runs out (another node's verdict only accuses)."""
+    inc = c.incarnation_of(node)
+    assert inc is not None
+    c._apply_dead(Dead(node, inc, c.id), now, own=True)
 
 
 def join_streams(c: Swim) -> list[str]:
@@ -142,9 +150,8 @@ def test_reconnect_interval_zero_only_retries_seeds_while_alone() -> None:
 
 def test_failed_member_is_reconnected_with_a_join_push_pull_and_a_left_one_never() -> None:
     c = with_members(core(0), {1: STATE_ALIVE, 2: STATE_ALIVE, 3: STATE_ALIVE})
-    c.handle_message(
-        Gossip((Suspect("n1", 1, "n2"), Dead("n1", 1, "n2"), Dead("n3", 1, "n3"))), addr(2), 1.0
-    )
+    declare_dead(c, "n1", 1.0)
+    c.handle_message(Gossip((Dead("n3", 1, "n3"),)), addr(3), 1.0)
     assert (c.state_of("n1"), c.state_of("n3")) == ("dead", "left")
     assert c.failed_members() == ["n1"]
     targets: list[str] = []
@@ -191,36 +198,41 @@ def test_one_push_pull_across_a_split_carries_both_refutations() -> None:
     assert b.state_of("n3") == "alive"
 
 
-def test_a_death_verdict_nobody_here_backs_is_a_suspicion_the_member_can_refute() -> None:
-    c = with_members(core(0), {i: STATE_ALIVE for i in range(1, 6)})
-    c.take_events()
-    # n4 is held dead here (the other side of a split): its verdict on n1 is stale
-    c.handle_message(Gossip((Suspect("n4", 1, "n2"), Dead("n4", 1, "n2"))), addr(2), 1.0)
+def test_another_nodes_death_verdict_only_accuses_and_a_live_member_refutes_it() -> None:
+    c = with_members(core(0), {i: STATE_ALIVE for i in range(1, 7)})
+    declare_dead(c, "n4", 1.0)  # n4 is held dead here: the other side of a split
     c.take_outbox()
-    c.handle_message(Gossip((Dead("n1", 1, "n4"),)), addr(4), 2.0)
+    c.take_events()
+    c.handle_message(Gossip((Dead("n1", 1, "n4"),)), addr(4), 2.0)  # n4's stale verdict on n1
     assert c.state_of("n1") == "suspect"
     assert (addr(1), Gossip((Suspect("n1", 1, "n0"),))) in c.take_outbox()  # told straight away
-    c.handle_message(Gossip((Dead("n1", 1, "n4"),)), addr(4), 2.1)  # a copy of the same verdict
+    for _ in range(3):  # more copies of the verdict change nothing
+        c.handle_message(Gossip((Dead("n1", 1, "n4"),)), addr(4), 2.1)
     assert c.state_of("n1") == "suspect"
-    c.handle_message(Gossip((Alive("n1", 2, addr(1), W),)), addr(1), 2.2)
+    c.handle_message(Gossip((Alive("n1", 2, addr(1), W),)), addr(1), 2.2)  # n1 refutes
     assert c.state_of("n1") == "alive"
     assert "dead" not in [e.kind for e in c.take_events() if e.node_id == "n1"]
-    # a verdict from a live member on a member we never heard suspected: a suspicion too, at the
-    # minimum timeout, so a member that really died is dead here soon after
-    c.handle_message(Gossip((Dead("n3", 1, "n2"),)), addr(2), 3.0)
-    assert c.state_of("n3") == "suspect"
-    lo = c._suspicions["n3"].min_timeout
+    # even after a suspicion we heard of, verdicts only shorten our timer to the minimum
+    c.handle_message(Gossip((Suspect("n2", 1, "n5"),)), addr(5), 3.0)
+    for judge in ("n3", "n5", "n6"):
+        c.handle_message(Gossip((Dead("n2", 1, judge),)), addr(3), 3.1)
+    assert c.state_of("n2") == "suspect"
+    lo = c._suspicions["n2"].min_timeout
+    run_timers_until(c, 3.0 + lo - 0.01)
+    assert c.state_of("n2") == "suspect"
     run_timers_until(c, 3.0 + lo)
+    assert c.state_of("n2") == "dead"
+    assert [(e.kind, e.source) for e in c.take_events() if e.node_id == "n2"][-1] == ("dead", "n0")
+    # a live member's verdict on a member we never heard suspected: the minimum timeout too
+    c.handle_message(Gossip((Dead("n3", 1, "n5"),)), addr(5), 10.0)
+    assert c.state_of("n3") == "suspect"
+    run_timers_until(c, 10.0 + c._suspicions["n3"].min_timeout)
     assert c.state_of("n3") == "dead"
-    # after a suspicion of our own, a verdict ends it at once (the usual path)
-    c.handle_message(Gossip((Suspect("n5", 1, "n2"),)), addr(2), 10.0)
-    c.handle_message(Gossip((Dead("n5", 1, "n2"),)), addr(2), 10.1)
-    assert c.state_of("n5") == "dead"
 
 
 def test_a_member_held_dead_that_pings_us_is_told_and_comes_back() -> None:
     c = with_members(core(0), {1: STATE_ALIVE, 2: STATE_ALIVE})
-    c.handle_message(Gossip((Suspect("n1", 1, "n2"), Dead("n1", 1, "n2"))), addr(2), 1.0)
+    declare_dead(c, "n1", 1.0)
     c.take_outbox()
     c.handle_message(Ping(9, "n0"), addr(1), 2.0)
     ((dst, ack),) = c.take_outbox()
@@ -231,6 +243,29 @@ def test_a_member_held_dead_that_pings_us_is_told_and_comes_back() -> None:
     back = [p for d, p in lonely.take_outbox() if d == addr(0)]
     c.handle_message(back[0], addr(1), 2.02)
     assert c.state_of("n1") == "alive" and c.failed_members() == []
+
+
+def test_a_node_back_from_a_split_syncs_with_whoever_told_it_so_its_verdicts_cross() -> None:
+    z = with_members(core(1), {0: STATE_ALIVE, 2: STATE_DEAD, 3: STATE_DEAD})
+    z.handle_message(Gossip((Suspect("n1", 1, "n0"),)), addr(0), 1.0)  # "you are suspected"
+    assert z.incarnation == 2
+    ((dst, req),) = z.take_streams()
+    assert dst == addr(0) and isinstance(req, PushPullReq) and req.join
+    m = with_members(core(0), {1: STATE_DEAD, 2: STATE_ALIVE, 3: STATE_ALIVE})
+    reply = m.handle_stream(req, addr(1), 1.01)
+    assert m.state_of("n1") == "alive"  # z's new incarnation took it back
+    assert isinstance(reply, PushPullReply) and sorted(reply.want) == ["n2", "n3"]
+    final = z.handle_stream(reply, addr(0), 1.02)
+    assert isinstance(final, PushPullFinal)
+    m.handle_stream(final, addr(1), 1.03)
+    # z's stale verdicts reached m as suspicions, told straight to n2 and n3, which refute
+    assert (m.state_of("n2"), m.state_of("n3")) == ("suspect", "suspect")
+    told = {d for d, p in m.take_outbox() if isinstance(p, Gossip) and isinstance(p.updates[0], Suspect)}
+    assert {addr(2), addr(3)} <= told
+    # a node that holds nobody dead (an ordinary false suspicion) just refutes
+    ok = with_members(core(4), {0: STATE_ALIVE, 2: STATE_ALIVE})
+    ok.handle_message(Gossip((Suspect("n4", 1, "n0"),)), addr(0), 1.0)
+    assert ok.incarnation == 2 and ok.take_streams() == []
 
 
 def test_suspects_of_our_own_are_reminded_every_probe_period() -> None:
@@ -290,7 +325,7 @@ def test_rejoin_targets_are_retried_while_alone_then_forgotten() -> None:
 
 def test_snapshot_addrs_prefers_the_previous_snapshot_and_is_bounded() -> None:
     c = with_members(core(0), {i: STATE_ALIVE for i in range(1, 11)})
-    c.handle_message(Gossip((Suspect("n4", 1, "n2"), Dead("n4", 1, "n2"))), addr(2), 1.0)
+    declare_dead(c, "n4", 1.0)
     snap = c.snapshot_addrs(4)
     assert len(snap) == 4 and addr(0) not in snap and addr(4) not in snap
     assert c.snapshot_addrs(4, prefer=snap) == snap

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from gossip.messages import Ping, encode
+from gossip.profile import SwimConfig
 from transport.gossip_config import GossipConfig, parse_hostport
 from transport.gossip_crypto import (
     CHANNEL_TCP,
@@ -102,6 +103,13 @@ def test_config_defaults_and_profile_overrides() -> None:
     sc = GossipConfig(profile="memberlist", probe_interval=2.0, keys=[b64(K1)]).swim_config()
     assert sc.probe_interval == 2.0 and sc.probe_timeout == 0.5 and sc.wire_overhead == 29
     assert GossipConfig(insecure_no_key=True).swim_config().wire_overhead == 1
+    # reconnect and join retry reach the core; the [gossip] defaults are the core's
+    default = GossipConfig().swim_config()
+    core_default = SwimConfig()
+    for name in ("reconnect_interval_s", "reconnect_timeout_s", "join_retry_s"):
+        assert getattr(default, name) == getattr(core_default, name)
+    sc = GossipConfig(reconnect_interval_s=0, reconnect_timeout_s=60, join_retry_s=0.5).swim_config()
+    assert (sc.reconnect_interval_s, sc.reconnect_timeout_s, sc.join_retry_s) == (0, 60, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +123,9 @@ def test_config_defaults_and_profile_overrides() -> None:
         ({"bind": "0.0.0.0"}, "gossip.advertise"),
         ({"probe_interval": 0.1, "probe_timeout": 0.5}, "gossip.probe_timeout"),
         ({"replay_window_s": 0}, "gossip.replay_window_s"),
+        ({"reconnect_interval_s": -1}, "gossip.reconnect_interval_s"),
+        ({"reconnect_timeout_s": -5}, "gossip.reconnect_timeout_s"),
+        ({"join_retry_s": 0}, "gossip.join_retry_s"),
         ({"mdns_service": "memkv"}, "gossip.mdns_service"),
     ],
 )

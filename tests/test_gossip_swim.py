@@ -69,6 +69,13 @@ def run_timers_until(c: Swim, t: float) -> None:
         c.handle_timer(c.next_deadline())
 
 
+def declare_dead(c: Swim, node: str, now: float) -> None:
+    """As when ``c``'s own suspicion timer runs out (another node's verdict only accuses)."""
+    inc = c.incarnation_of(node)
+    assert inc is not None
+    c._apply_dead(Dead(node, inc, c.id), now, own=True)
+
+
 def test_ping_is_acked_and_misdirected_ping_dropped() -> None:
     c = core(0)
     c.handle_message(Ping(5, "n0"), addr(1), 0.1)
@@ -203,7 +210,7 @@ def test_restarted_node_outbids_its_old_incarnation() -> None:
 
 def test_old_alive_never_resurrects_the_dead_nor_undoes_a_leave() -> None:
     c = seeded(5)[0]
-    c.handle_message(Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"))), addr(2), 1.0)
+    declare_dead(c, "n1", 1.0)
     assert c.state_of("n1") == "dead"
     for _ in range(3):  # replays
         c.handle_message(Gossip((Alive("n1", 1, addr(1), W),)), addr(3), 2.0)
@@ -382,9 +389,8 @@ def test_tombstones_are_reaped_after_their_time() -> None:
     """Left members go after tombstone_s; failed ones stay while we reconnect to them."""
     cfg = msgspec.structs.replace(default_profile(), reconnect_timeout_s=600.0)
     c = seeded(5, cfg)[0]
-    c.handle_message(
-        Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"), Dead("n4", 1, "n4"))), addr(2), 1.0
-    )
+    declare_dead(c, "n1", 1.0)
+    c.handle_message(Gossip((Dead("n4", 1, "n4"),)), addr(4), 1.0)
     assert (c.state_of("n1"), c.state_of("n4")) == ("dead", "left")
     run_timers_until(c, 1.0 + cfg.tombstone_s / 2)
     # still remembered: a replay inside the window is refused
@@ -396,7 +402,7 @@ def test_tombstones_are_reaped_after_their_time() -> None:
     assert c.state_of("n1") is None and "n1" not in c.failed_members()
     # without reconnect, a failed member is reaped like any tombstone
     c2 = seeded(4, msgspec.structs.replace(default_profile(), reconnect_interval_s=0.0))[0]
-    c2.handle_message(Gossip((Suspect("n1", 1, "n3"), Dead("n1", 1, "n2"))), addr(2), 1.0)
+    declare_dead(c2, "n1", 1.0)
     assert c2.state_of("n1") == "dead" and c2.failed_members() == []
     run_timers_until(c2, 1.0 + cfg.tombstone_s * 1.5)
     assert c2.state_of("n1") is None

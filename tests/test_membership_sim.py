@@ -173,3 +173,20 @@ def test_idle_gossip_fits_the_byte_budget() -> None:
     for n, budget in ((64, 250.0), (256, 500.0)):
         r = simulate(Scenario(nodes=n, loss=0.0, duration=50, seed=1, joins=0))
         assert 0 < r.bytes_per_node_per_s <= budget, (n, r.bytes_per_node_per_s)
+
+
+def test_cli_partition_scenario_reports_heal_time_and_rejects_bad_input(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli_main(["--nodes", "12", "--partition-s", "20", "--partition-nodes", "3",
+                     "--seed", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["duration"] == 60 + 20 + 120 and out["partition_nodes"] == 3
+    assert out["cross_deaths"] > 0 and out["heal_s"] is not None and out["heal_s"] <= 30
+    assert out["false_deaths_within_sides"] == 0
+    assert cli_main(["--nodes", "12", "--partition-s", "20", "--partition-nodes", "12"]) == 2
+    assert "--partition-nodes" in capsys.readouterr().err
+    assert cli_main(["--nodes", "12", "--partition-s", "20", "--kill", "1"]) == 2
+    assert "--kill" in capsys.readouterr().err
+    assert cli_main(["--nodes", "12", "--partition-s", "200", "--duration", "200"]) == 2
+    assert "--duration" in capsys.readouterr().err
