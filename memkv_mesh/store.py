@@ -410,17 +410,10 @@ class BlockStore:
         sync = self.fsync == "batch"
 
         def write() -> tuple[list[bool], list[bytes]]:
-            ok: list[bool] = []
-            dropped: list[bytes] = []
-            for (_, e), v in zip(todo, views, strict=True):
-                try:
-                    dropped += nvme.put(e.key, v, e.checksum)
-                    ok.append(True)
-                except NvmeFullError as err:
-                    dropped += err.dropped
-                    ok.append(False)
-                except (ValueError, OSError):
-                    ok.append(False)
+            try:  # one journal append for the batch
+                ok, dropped = nvme.put_many([(e.key, v, e.checksum) for (_, e), v in zip(todo, views, strict=True)])
+            except OSError:  # the journal append failed: nothing of the batch is published
+                return [False] * len(todo), []
             if sync:
                 try:
                     nvme.sync()

@@ -813,3 +813,25 @@ TestNvmeMachine = NvmeMachine.TestCase
 TestNvmeMachine.settings = settings(
     max_examples=100, stateful_step_count=30, deadline=None, derandomize=True
 )
+
+
+def test_put_many_is_one_journal_append_and_survives_a_reopen(tmp_path: Path) -> None:
+    t = make(tmp_path / "t", capacity=64 * A, file_size=16 * A)
+    size = 3 * A
+    items = [(key(i), memoryview(payload(i, size)), xxhash.xxh3_64_intdigest(payload(i, size))) for i in range(6)]
+    too_big = (key(99), memoryview(bytes(20 * A)), 0)  # larger than a data file: refused, not raised
+    before = (tmp_path / "t" / "journal").stat().st_size
+    ok, dropped = t.put_many([*items[:3], too_big, *items[3:]])
+    assert ok == [True, True, True, False, True, True, True] and dropped == []
+    assert (tmp_path / "t" / "journal").stat().st_size == before + 6 * RECORD_SIZE
+    assert [get(t, i) for i in range(6)] == [payload(i, size) for i in range(6)]
+    ok, dropped = t.put_many([(key(10 + i), memoryview(payload(10 + i, size)), xxhash.xxh3_64_intdigest(payload(10 + i, size))) for i in range(12)])
+    assert all(ok) and len(dropped) >= 2  # the tier is 64 pages: older blocks made room
+    live = [i for i in (*range(6), *range(10, 22)) if t.length(key(i)) is not None]
+    t.close()
+    again = make(tmp_path / "t", capacity=64 * A, file_size=16 * A)
+    assert sorted(k for k in again.keys()) == sorted(key(i) for i in live)
+    assert all(get(again, i) == payload(i, size) for i in live)
+    with pytest.raises(ValueError, match="checksum"):
+        again.put_many([(key(1), memoryview(b"x"), -1)])
+    again.close()
