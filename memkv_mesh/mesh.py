@@ -131,6 +131,11 @@ class Mesh:
         self._retry: dict[bytes, None] = {}  # keys whose replication failed, for the next pass
         self._repair_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Membership events seen (member_event); once the gossip delivers them, the ring is
+        # rebuilt only after one, not on every put and get.
+        self._evented = False
+        self._events = 0
+        self._seen_events = -1
         self.node_id = node_id
         self.gossip = gossip
         self.dataplane = dataplane
@@ -158,6 +163,9 @@ class Mesh:
         and a suspicion is often refuted (a node stalled, a lost probe). Dropping suspects would
         move owners, and start repair traffic, twice on every false suspicion. Gets try suspects
         last instead (``_peers_for``)."""
+        if self._evented and self._seen_events == self._events:
+            return self._ring  # no membership event since the last look: nothing can have moved
+        self._seen_events = self._events
         members = self.gossip.members()
         cands: list[tuple[str, float]] = []
         addrs: dict[str, str] = {}
@@ -398,6 +406,8 @@ class Mesh:
     def member_event(self, event: Any) -> None:
         """A membership event: owners may move (repair follows); a node that (re)joined is sent
         every live tombstone, so it drops blocks deleted while it was away."""
+        self._evented = True
+        self._events += 1
         self._refresh()
         if getattr(event, "kind", "") == "join" and self.tombstones and self._nursery is not None:
             addr = getattr(event.meta, "data_addr", "")
@@ -438,10 +448,6 @@ class Mesh:
             self._c["replication_dropped"] += 1
 
     # ---- self-healing ----------------------------------------------------------------------------
-    def membership_changed(self) -> None:
-        """Called on every membership event; a repair pass follows if the owner set moved."""
-        self._refresh()
-
     async def _repair_loop(self) -> None:
         """Re-replicate when the owner set changes (a join, leave or death), and now and then;
         the periodic pass also retries deletes that did not reach a peer and expires tombstones."""

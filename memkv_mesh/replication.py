@@ -268,12 +268,10 @@ class Replicator:
                 q[k] = None
         self._queues = queues
         now = trio.current_time()
-        for k in clean:
-            self._clean(k, now)
+        self._clean(clean, now)
         if unplaced:
             self._c["unplaced"] += len(unplaced)
-            for k in unplaced:
-                self._clean(k, now, lag=False)
+            self._clean(unplaced, now, lag=False)
             self._give_up(unplaced)
             log.warning(
                 "no flash peer is a placement candidate: dirty blocks handed to repair",
@@ -300,16 +298,21 @@ class Replicator:
             self.store.mark_clean(gone)
             self._wake_room()
 
-    def _clean(self, key: bytes, now: float, *, lag: bool = True) -> None:
-        b = self._blocks.pop(key, None)
-        if b is None:
-            return
-        self.store.mark_clean([key])
-        if lag:
-            self._lags.append(now - b.since)
-        if b.event is not None:
-            b.event.set()
-        self._wake_room()
+    def _clean(self, keys: list[bytes], now: float, *, lag: bool = True) -> None:
+        """Every owner of ``keys`` holds them (or they were given up on): evictable again."""
+        done: list[bytes] = []
+        for key in keys:
+            b = self._blocks.pop(key, None)
+            if b is None:
+                continue
+            done.append(key)
+            if lag:
+                self._lags.append(now - b.since)
+            if b.event is not None:
+                b.event.set()
+        if done:
+            self.store.mark_clean(done)
+            self._wake_room()
 
     def _wake_room(self) -> None:
         self._room.set()
@@ -396,6 +399,7 @@ class Replicator:
         q = self._queues.get(owner)
         refused = False
         given_up: list[bytes] = []
+        clean: list[bytes] = []
         for k, good in zip(batch, ok, strict=True):
             b = self._blocks.get(k)
             if b is None or owner not in b.need:
@@ -420,7 +424,8 @@ class Replicator:
             if q is not None:
                 q.pop(k, None)
             if not b.need:
-                self._clean(k, now)
+                clean.append(k)
+        self._clean(clean, now)
         if given_up:
             self._give_up(given_up)
         return refused

@@ -212,18 +212,21 @@ class BlockStore:
                 raise StoreError("bad_request", f"key {i} is already allocated and not yet committed")
         offsets: list[int] = []
         got: list[tuple[bytes, int, int]] = []
+        gone: list[bytes] = []  # evicted to make room: the listener hears of them once, at the end
         try:
             for k, size in zip(keys, sizes, strict=True):
                 if k in self._index and not self._index[k].doomed:
                     offsets.append(-1)
                     continue
-                off = await self._make_room(size)
+                off = await self._make_room(size, gone)
                 got.append((k, off, size))
                 offsets.append(off)
         except BaseException:
             for _, off, _ in got:
                 self._alloc.free(off)
             raise
+        finally:
+            self._gone(gone)
         for k, off, size in got:
             pending[k] = (off, size)
         return offsets
@@ -267,8 +270,9 @@ class BlockStore:
             self._alloc.free(off)
         return len(todo)
 
-    async def _make_room(self, size: int) -> int:
-        """An extent of ``size`` bytes, evicting unpinned blocks until one exists."""
+    async def _make_room(self, size: int, gone: list[bytes]) -> int:
+        """An extent of ``size`` bytes, evicting unpinned blocks until one exists; keys that
+        left this node altogether are added to ``gone`` for the caller's ``_gone``."""
         while True:
             off = self._alloc.alloc(size)
             if off is not None:
@@ -281,7 +285,7 @@ class BlockStore:
                     f"are all pinned by leases or pending puts, or dirty ({self._dirty_bytes} bytes "
                     "not yet on their owners)",
                 )
-            await self._evict(self._index[victim])  # type: ignore[index]
+            await self._evict(self._index[victim], gone)  # type: ignore[index]
 
     def _evictable(self, key: object) -> bool:
         e = self._index.get(key)  # type: ignore[call-overload]
@@ -324,8 +328,9 @@ class BlockStore:
         self._dirty_bytes -= e.length
         self._dirty_blocks -= 1
 
-    async def _evict(self, e: _Entry) -> None:
-        """Move one unpinned DRAM block to NVMe (or drop it) and free its extent."""
+    async def _evict(self, e: _Entry, gone: list[bytes]) -> None:
+        """Move one unpinned DRAM block to NVMe (or drop it) and free its extent; keys this node no
+        longer holds in any tier go to ``gone``."""
         nvme = self.nvme
         if nvme is not None and e.key not in nvme:
             e.pins += 1
@@ -337,14 +342,14 @@ class BlockStore:
                 # data file): it is a cache, so the block is dropped rather than failing the put.
                 self._c["nvme_drops"] += len(getattr(err, "dropped", ()))
                 self._c["dram_drops"] += 1
-                self._gone(getattr(err, "dropped", ()))
+                gone.extend(getattr(err, "dropped", ()))
             else:
                 self._c["demotions"] += 1
                 self._c["nvme_drops"] += len(dropped)
-                self._gone(dropped)
+                gone.extend(dropped)
                 if e.doomed:  # deleted while it was being written: do not resurrect it
                     await trio.to_thread.run_sync(nvme.delete, e.key)
-                    self._gone([e.key])
+                    gone.append(e.key)
             finally:
                 view.release()
                 e.pins -= 1
@@ -353,13 +358,13 @@ class BlockStore:
             if e.doomed:
                 return
             self._remove(e)
-            self._gone([e.key])  # gone only if NVMe could not take it
+            gone.append(e.key)  # gone only if NVMe could not take it
             return
         if nvme is None:
             self._c["dram_drops"] += 1
         self._remove(e)
         if nvme is None or e.key not in nvme:
-            self._gone([e.key])
+            gone.append(e.key)
 
     def _gone(self, keys: Sequence[bytes]) -> None:
         """Tell the listener which of ``keys`` this node no longer holds in any tier."""
@@ -495,8 +500,9 @@ class BlockStore:
         if length is None or checksum is None:
             return None
         ev = self._promoting[key] = trio.Event()
+        gone: list[bytes] = []
         try:
-            off = await self._make_room(length)
+            off = await self._make_room(length, gone)
             view = self.arena.slice(off, length)
             try:
                 got = await trio.to_thread.run_sync(nvme.read_into, key, view)
@@ -507,7 +513,7 @@ class BlockStore:
                 # Corrupt (dropped by the tier), put again meanwhile, or deleted meanwhile.
                 self._alloc.free(off)
                 if got is None:
-                    self._gone([key])
+                    gone.append(key)
                 return existing
             e = _Entry(key, off, got, checksum)
             self._index[key] = e
@@ -516,6 +522,7 @@ class BlockStore:
         finally:
             del self._promoting[key]
             self._unpromote.discard(key)
+            self._gone(gone)
             ev.set()
 
     def release(self, owner: Hashable, lease: int) -> bool:
