@@ -560,7 +560,8 @@ class Daemon:
             store.release(conn, req.lease)
             return None
         if isinstance(req, protocol.Alloc):
-            if self.mesh is not None and not await self.mesh.wait_room():
+            nbytes = sum(n for n in req.sizes if 0 < n <= store.max_block_bytes)  # bad sizes: the store says so
+            if self.mesh is not None and not await self.mesh.wait_room(nbytes):
                 limit = self.config.dirty_limit_bytes
                 return protocol.Error(
                     protocol.BUSY,

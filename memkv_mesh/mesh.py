@@ -318,9 +318,10 @@ class Mesh:
         self.tombstones.discard(keys)
         self.replicator.add(keys)
 
-    async def wait_room(self) -> bool:
-        """Back-pressure before a put: False if the dirty bound stayed full for ``put_wait_s``."""
-        return await self.replicator.wait_room()
+    async def wait_room(self, nbytes: int) -> bool:
+        """Back-pressure before a put of ``nbytes``: False if it did not fit under the dirty bound
+        within ``put_wait_s``."""
+        return await self.replicator.wait_room(nbytes)
 
     async def wait_replicated(self, keys: Sequence[bytes], timeout_s: float) -> int:
         """``ack = "replicated"``: wait until the owners hold ``keys``; how many still do not."""

@@ -22,9 +22,10 @@ Theory of operation
 * A live owner that refuses a block ``max_refusals`` times (full, block too large) is given up on
   for that block, counted (``given_up``) and handed to the repair pass, so one owner that cannot
   take a block never pins DRAM for good.
-* Back-pressure: ``wait_room`` lets a put go ahead while the dirty bytes are under ``limit`` and
-  otherwise waits up to ``put_wait_s`` for replication to catch up; the daemon answers ``busy``
-  when it cannot. The bound is soft by one batch (a put that started under it is not cut short).
+* Back-pressure: ``wait_room`` lets a put go ahead when its bytes fit under ``limit`` with the
+  dirty bytes (or nothing is dirty) and otherwise waits up to ``put_wait_s`` for replication to
+  catch up; the daemon answers ``busy`` when it cannot. The bound is soft by the puts admitted at
+  the same moment on other connections (each checked before any of them committed).
   ``wait_replicated`` is the ``ack = "replicated"`` path: the put returns once every owner holds
   its blocks.
 * A deleted block (``discard``) leaves its queues at once. Everything runs on the Trio loop;
@@ -319,15 +320,18 @@ class Replicator:
         self._room = trio.Event()
 
     # ---- back-pressure and ack = "replicated" -------------------------------------------------------
-    async def wait_room(self) -> bool:
-        """True once the dirty bytes are under the limit (at once, usually); False if they stayed
-        at it for ``put_wait_s`` (the put is refused ``busy``)."""
-        store = self.store
-        if store.dirty_bytes < self.limit:
+    def _fits(self, nbytes: int) -> bool:
+        dirty = self.store.dirty_bytes
+        return dirty == 0 or dirty + nbytes <= self.limit  # a batch bigger than the bound goes alone
+
+    async def wait_room(self, nbytes: int) -> bool:
+        """True once a put of ``nbytes`` fits under the limit with the dirty bytes (at once,
+        usually); False if it did not for ``put_wait_s`` (the put is refused ``busy``)."""
+        if self._fits(nbytes):
             return True
         self._c["backpressure_waits"] += 1
         with trio.move_on_after(self.put_wait_s):
-            while store.dirty_bytes >= self.limit:
+            while not self._fits(nbytes):
                 await self._room.wait()
             return True
         self._c["busy_rejections"] += 1

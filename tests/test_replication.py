@@ -173,7 +173,7 @@ async def test_back_pressure_waits_then_refuses_busy(tmp_path: Path, autojump_cl
         await _put(store, r, keys[:8])
         assert store.dirty_bytes == 8 * SIZE
         t0 = trio.current_time()
-        assert not await r.wait_room()  # the owners are unreachable: refused after put_wait_s
+        assert not await r.wait_room(4 * SIZE)  # the owners are unreachable: refused after put_wait_s
         assert trio.current_time() - t0 == pytest.approx(3.0)
         st = r.statistics()
         assert st.busy_rejections == 1 and st.backpressure_waits == 1
@@ -184,13 +184,26 @@ async def test_back_pressure_waits_then_refuses_busy(tmp_path: Path, autojump_cl
 
         nursery.start_soon(later)
         r.put_wait_s = 10.0  # longer than the back-off's 5 s cap
-        assert await r.wait_room()  # waited, then admitted
+        assert await r.wait_room(4 * SIZE)  # waited, then admitted
         assert r.statistics().backpressure_waits == 2
         await _put(store, r, keys[8:])
         await _drained(r)
         nursery.cancel_scope.cancel()
     assert all([await read(store, k) is not None for k in keys])  # nothing was lost meanwhile
     assert r.statistics().dirty_peak_bytes >= 8 * SIZE
+
+
+async def test_a_put_waits_if_its_own_bytes_would_cross_the_bound(tmp_path: Path, autojump_clock: Any) -> None:
+    store, plane, ring = make_store(tmp_path / "arena"), _Plane(), _Ring(["a", "b"])
+    r, _ = _replicator(store, plane, ring, limit_bytes=8 * SIZE, put_wait_s=1.0)
+    assert await r.wait_room(20 * SIZE)  # nothing dirty: even a batch over the bound goes (alone)
+    plane.down = {"a", "b"}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        await _put(store, r, _keys(4))
+        assert await r.wait_room(4 * SIZE)  # 4 + 4 fits
+        assert not await r.wait_room(5 * SIZE)  # 4 + 5 would cross it: waits, then busy
+        nursery.cancel_scope.cancel()
 
 
 async def test_ack_replicated_waits_for_the_owners(tmp_path: Path, autojump_clock: Any) -> None:

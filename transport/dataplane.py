@@ -675,32 +675,16 @@ class DataPlane:
         def landed(t: int, digest: int) -> None:
             # Runs as a run_sync_soon callback while the receive thread goes on (TCP): anything
             # raised here would end the whole Trio run, so nothing may escape.
-            i = which[t]
-            off = offsets[i]
-            if off < 0:
-                return  # read and discarded
-            k, size, ck = keys[i], sizes[i], cks[i]
-            if digest == ck:
+            try:
+                good = self._commit_batch(chan, owner, keys, sizes, cks, offsets, which, out, [(t, digest)])
+            except Exception:  # a store bug: the block is not stored (drop_owner frees it)
+                log.exception("commit of a fetched block failed", extra={"fields": {"key": keys[which[t]].hex()}})
+                return
+            if good and publish is not None:
                 try:
-                    store.commit(owner, [k], [ck])
-                except Exception:  # a store bug: the block is not stored (drop_owner frees it)
-                    log.exception("commit of a fetched block failed", extra={"fields": {"key": k.hex()}})
-                    return
-                self._c["blocks_in"] += 1
-                self._c["bytes_in"] += size
-                out[i] = True
-                if publish is not None:
-                    try:
-                        publish.send_nowait(k)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the hand-on task has stopped (cancelled): the block stays stored
-            else:
-                store.abort(owner, [k])
-                self._c["corrupt_blocks"] += 1
-                log.warning(
-                    "corrupt block from peer dropped",
-                    extra={"fields": {"peer": chan.peer, "key": k.hex(), "size": size}},
-                )
+                    publish.send_nowait(keys[good[0]])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the hand-on task has stopped (cancelled): the block stays stored
 
         try:
             for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
@@ -718,8 +702,8 @@ class DataPlane:
             elif on_stored is None:
                 # Nobody waits for single blocks (a push, a plain fetch): verify and commit the
                 # batch at once (one commit, one directory update), not a callback per block.
-                self._commit_batch(chan, owner, keys, sizes, cks, offsets, which, out,
-                                   await chan.recv_blocks(targets))  # fmt: skip
+                digests = await chan.recv_blocks(targets)
+                self._commit_batch(chan, owner, keys, sizes, cks, offsets, which, out, list(enumerate(digests)))
             elif sum(sizes[i] for i in which) < _STREAM_MIN_BYTES:
                 # Small batches arrive in one go: handing them on early would only add messages.
                 await chan.recv_blocks(targets, landed)
@@ -741,13 +725,14 @@ class DataPlane:
 
     def _commit_batch(
         self, chan: Channel, owner: _Owner, keys: list[bytes], sizes: list[int], cks: list[int],
-        offsets: list[int], which: list[int], out: list[bool], digests: list[int],
-    ) -> None:
-        """Verify a received batch against the sender's checksums; commit the good blocks in one
-        call, abort the corrupt ones (counted and logged). Marks ``out`` for what is stored."""
+        offsets: list[int], which: list[int], out: list[bool], landed: list[tuple[int, int]],
+    ) -> list[int]:
+        """Verify landed targets ``(target, xxh3 digest)`` against the sender's checksums; commit
+        the good blocks in one call, abort the corrupt ones (counted and logged). Marks ``out``
+        and returns the key indexes stored."""
         store = self.store
         good: list[int] = []
-        for t, digest in enumerate(digests):
+        for t, digest in landed:
             i = which[t]
             if offsets[i] < 0:
                 continue  # read and discarded
@@ -760,13 +745,13 @@ class DataPlane:
                 "corrupt block from peer dropped",
                 extra={"fields": {"peer": chan.peer, "key": keys[i].hex(), "size": sizes[i]}},
             )
-        if not good:
-            return
-        store.commit(owner, [keys[i] for i in good], [cks[i] for i in good])
-        for i in good:
-            out[i] = True
-        self._c["blocks_in"] += len(good)
-        self._c["bytes_in"] += sum(sizes[i] for i in good)
+        if good:
+            store.commit(owner, [keys[i] for i in good], [cks[i] for i in good])
+            for i in good:
+                out[i] = True
+            self._c["blocks_in"] += len(good)
+            self._c["bytes_in"] += sum(sizes[i] for i in good)
+        return good
 
     async def _push_on(self, chan: Channel, keys: list[bytes], fresh: bool = False) -> list[bool]:
         store, to = self.store, self.config.io_timeout_s
