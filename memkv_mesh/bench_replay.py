@@ -60,6 +60,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from memkv_mesh.spawn import toml_text, wait_serving
+
 if TYPE_CHECKING:
     from memkv_mesh.client import Client
     from simulations.mesh.trace import Request
@@ -199,23 +201,6 @@ def _unique(ids: Sequence[int]) -> list[int]:
 
 
 # ---- daemons ----------------------------------------------------------------------------------------
-def _toml(tables: dict[str, dict[str, Any]]) -> str:
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))  # a TOML basic string is a JSON string
-
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {val(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
-
-
 @dataclass
 class _Daemon:
     name: str
@@ -276,7 +261,7 @@ class _Cluster:
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         cfg = d / "mesh.toml"
-        cfg.write_text(_toml(self.config_tables(name, role, dram, nvme)))
+        cfg.write_text(toml_text(self.config_tables(name, role, dram, nvme)))
         dm = _Daemon(name, role, d, cfg, d / "memkv.sock", d / "daemon.log")
         self.daemons[name] = dm
         return dm
@@ -296,21 +281,8 @@ class _Cluster:
             )  # fmt: skip
 
     def wait_ready(self, dm: _Daemon, timeout: float = 60.0) -> None:
-        from memkv_mesh.client import Client
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert dm.proc is not None
-            if dm.proc.poll() is not None:
-                raise RuntimeError(f"daemon {dm.name} exited with code {dm.proc.returncode}: {_tail(dm.log)}")
-            if dm.sock.exists():
-                try:
-                    Client(dm.sock, timeout=5).close()
-                    return
-                except ConnectionError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon {dm.name} did not answer within {timeout:.0f} s: {_tail(dm.log)}")
+        assert dm.proc is not None
+        wait_serving(dm.proc, dm.sock, timeout=timeout, what=f"daemon {dm.name}", log=dm.log)
 
     def client(self, name: str, timeout: float = 60.0) -> Client:
         from memkv_mesh.client import Client
@@ -335,13 +307,6 @@ class _Cluster:
                     dm.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     pass
-
-
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
 
 
 def _member_states(c: Client) -> dict[str, str]:

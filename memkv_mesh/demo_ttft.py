@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from memkv_mesh.client import Client
+from memkv_mesh.spawn import wait_serving
 
 # name -> LlamaConfig fields. "demo" is the headline model; "tiny" keeps tests to seconds.
 MODELS: dict[str, dict[str, Any]] = {
@@ -101,19 +102,7 @@ class _Daemon:
             )  # fmt: skip
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + DAEMON_START_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"daemon exited with code {self.proc.returncode}: {' | '.join(tail)}")
-            if self.sock.exists():
-                try:
-                    Client(self.sock, timeout=5).close()
-                    return
-                except ConnectionError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start within {DAEMON_START_S:.0f} s (log: {self.log})")
+        wait_serving(self.proc, self.sock, timeout=DAEMON_START_S, log=self.log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

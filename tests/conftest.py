@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from memkv_mesh.config import Config, load_config
+from memkv_mesh.spawn import toml_text
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "simulations" / "traces" / "conversation_trace.jsonl"
@@ -39,22 +41,24 @@ def write_config(path: Path, data_dir: Path, sock: Path, **sections: dict[str, A
     metrics.update(sections.pop("metrics", {}))
     log.update(sections.pop("log", {}))
     tables = {"node": node, "store": store, "metrics": metrics, "log": log, **sections}
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return str(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {val(v)}" for k, v in table.items())
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(toml_text(tables))
     return path
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> None:
+    """Poll ``pred`` (state other processes change) until it holds; AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def members_in_state(dp: Any, state: str) -> set[str]:
+    """The members a daemon process lists in ``state`` ("alive", "dead", ...)."""
+    with dp.client() as c:
+        return {m["node_id"] for m in c.members() if m["state"] == state}
 
 
 @pytest.fixture

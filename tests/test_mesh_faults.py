@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import members_in_state, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +34,8 @@ def _sections(name: str, role: str, seeds: list[str], transport: str) -> dict[st
     }
 
 
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _alive(dp: Any) -> set[str]:
-    return _in_state(dp, "alive")
-
-
-def _in_state(dp: Any, state: str) -> set[str]:
-    with dp.client() as c:
-        return {m["node_id"] for m in c.members() if m["state"] == state}
+    return members_in_state(dp, "alive")
 
 
 def _corrupt_on_disk(data_dir: Path, payload: bytes) -> bool:
@@ -83,7 +70,7 @@ def test_kill9_restart_corrupt(daemon_process: Any, transport: str) -> None:
         seed = [c.stats()["gossip_addr"]]
     flash = {n: daemon_process(n, **_sections(n, "flash", seed, transport)) for n in ("f1", "f2", "f3", "f4")}
     everyone = {"g", *flash}
-    _wait(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 30, "five alive members")
+    wait_until(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 30, "five alive members")
 
     rng = os.urandom
     keys = [rng(32) for _ in range(N_BLOCKS)]
@@ -100,13 +87,13 @@ def test_kill9_restart_corrupt(daemon_process: Any, transport: str) -> None:
                     counts[i] += have
         return counts
 
-    _wait(lambda: min(replicas(flash)) >= 2, 60, "two flash replicas of every block")
+    wait_until(lambda: min(replicas(flash)) >= 2, 60, "two flash replicas of every block")
 
     # kill -9 one flash node.
     victim = flash.pop("f1")
     t_kill = time.monotonic()
     victim.kill()
-    _wait(lambda: all("f1" not in _alive(d) for d in [gpu, *flash.values()]), 60, "f1 no longer alive")
+    wait_until(lambda: all("f1" not in _alive(d) for d in [gpu, *flash.values()]), 60, "f1 no longer alive")
     # Every acknowledged block is readable with the right bytes from a node that never held it
     # in DRAM... the GPU node drops its DRAM copies first so every read goes through the mesh.
     with gpu.client() as c:
@@ -117,16 +104,16 @@ def test_kill9_restart_corrupt(daemon_process: Any, transport: str) -> None:
             assert got == [SIZE] * 100, f"blocks {i}..{i + 99}: {got.count(None)} missing"
             assert [bytes(b) for b in bufs] == vals[i : i + 100]
     # R replicas come back on the three surviving flash nodes.
-    _wait(lambda: min(replicas(flash)) >= 2, 90, "R replicas restored after kill -9")
+    wait_until(lambda: min(replicas(flash)) >= 2, 90, "R replicas restored after kill -9")
     restored_s = time.monotonic() - t_kill
-    _wait(lambda: all("f1" in _in_state(d, "dead") for d in [gpu, *flash.values()]), 60, "f1 marked dead")
+    wait_until(lambda: all("f1" in members_in_state(d, "dead") for d in [gpu, *flash.values()]), 60, "f1 marked dead")
     dead_s = time.monotonic() - t_kill
     print(f"\nkill -9 of 1 flash node in 5, {N_BLOCKS} blocks of {SIZE} B: R replicas back after "
           f"{restored_s:.2f} s, marked dead everywhere after {dead_s:.2f} s")
     # Restart it: it rejoins (with a higher incarnation).
     victim.start()
     flash["f1"] = victim
-    _wait(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 60, "f1 rejoined")
+    wait_until(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 60, "f1 rejoined")
 
     # Corrupt one replica on disk: detected, served from the other, repaired.
     target = 0

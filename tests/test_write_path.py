@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
-from conftest import write_config
+from conftest import members_in_state, wait_until, write_config
 from test_dataplane_helpers import put
 
 from memkv_mesh.client import AsyncClient, MemkvError
@@ -189,18 +189,8 @@ def _sections(name: str, role: str, seeds: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _alive(dp: Any) -> set[str]:
-    with dp.client() as c:
-        return {m["node_id"] for m in c.members() if m["state"] == "alive"}
+    return members_in_state(dp, "alive")
 
 
 @pytest.mark.slow
@@ -210,13 +200,13 @@ def test_flash_replicas_survive_kill9_and_deletes_reach_a_node_that_was_away(dae
         seed = [c.stats()["gossip_addr"]]
     flash = {n: daemon_process(n, **_sections(n, "flash", seed)) for n in ("f1", "f2", "f3")}
     everyone = {"g", *flash}
-    _wait(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 30, "four alive members")
+    wait_until(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 30, "four alive members")
     size, n = 16 * KiB, 600
     keys = [os.urandom(32) for _ in range(n)]
     with gpu.client() as c:
         for i in range(0, n, 50):
             c.put_many(keys[i : i + 50], [_block(k, size) for k in keys[i : i + 50]])
-        _wait(lambda: c.stats()["mesh"]["dirty_blocks"] == 0, 60, "replication to settle")
+        wait_until(lambda: c.stats()["mesh"]["dirty_blocks"] == 0, 60, "replication to settle")
     victim = flash["f1"]
     with victim.client() as c:
         had = [k for k, h in zip(keys, c.contains(keys), strict=True) if h]
@@ -228,7 +218,7 @@ def test_flash_replicas_survive_kill9_and_deletes_reach_a_node_that_was_away(dae
     with victim.client() as c:
         assert c.contains(had) == [True] * len(had)  # back from NVMe, at once
         assert c.stats()["store"]["nvme_blocks"] >= len(had)
-    _wait(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 60, "f1 back in the mesh")
+    wait_until(lambda: all(_alive(d) == everyone for d in [gpu, *flash.values()]), 60, "f1 back in the mesh")
     # A delete while f1 is stopped (SIGSTOP: it cannot take the delete) ...
     gone = [k for k in had[:20]]
     assert victim.proc is not None
@@ -243,7 +233,7 @@ def test_flash_replicas_survive_kill9_and_deletes_reach_a_node_that_was_away(dae
         with victim.client() as c:
             return not any(c.contains(gone))
 
-    _wait(f1_dropped, 60, "f1 to drop the deleted blocks")
+    wait_until(f1_dropped, 60, "f1 to drop the deleted blocks")
     time.sleep(3)  # a repair pass or two: nothing brings them back
     for d in [gpu, *flash.values()]:
         with d.client() as c:
