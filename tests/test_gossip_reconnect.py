@@ -13,6 +13,7 @@ import random
 
 import msgspec
 import pytest
+from test_gossip_swim import W, addr, core  # the same core factory as the SWIM tests
 
 from gossip.messages import (
     STATE_ALIVE,
@@ -22,29 +23,15 @@ from gossip.messages import (
     Dead,
     Entry,
     Gossip,
-    NodeMeta,
     Ping,
     PushPullFinal,
     PushPullReply,
     PushPullReq,
     Suspect,
-    wire_meta,
 )
-from gossip.profile import SwimConfig, default_profile
+from gossip.profile import default_profile
 from gossip.reconnect import Reconnect
 from gossip.swim import Swim
-
-META = NodeMeta(role="both")
-W = wire_meta(META)
-
-
-def addr(i: int) -> str:
-    return f"127.0.0.{i}:7946"
-
-
-def core(i: int, cfg: SwimConfig | None = None, inc: int = 1, now: float = 0.0) -> Swim:
-    return Swim(f"n{i}", addr(i), META, cfg or default_profile(), random.Random(i), now,
-                incarnation=inc)
 
 
 def with_members(c: Swim, states: dict[int, int], inc: int = 1) -> Swim:

@@ -3,10 +3,9 @@ prediction (``simulations.mesh.replay``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 import pytest
+from conftest import TRACE
 
 from simulations.mesh import (
     ClusterSpec,
@@ -22,8 +21,6 @@ from simulations.mesh.replay import predict_replay, replay_spec
 from simulations.mesh.spec import FailureSpec, SpecError
 from simulations.mesh_cli import main
 
-REPO = Path(__file__).resolve().parent.parent
-TRACE = REPO / "simulations" / "traces" / "conversation_trace.jsonl"
 # A prefill so fast that computing takes no simulated time (the replay's client computes nothing).
 INSTANT = ModelSpec("instant", 1024, 1e15, 1e15)
 
