@@ -13,7 +13,13 @@ import random
 
 import msgspec
 import pytest
-from test_gossip_swim import W, addr, core  # the same core factory as the SWIM tests
+from test_gossip_swim import (  # shared with the SWIM tests
+    W,
+    addr,
+    core,
+    declare_dead,
+    run_timers_until,
+)
 
 from gossip.messages import (
     STATE_ALIVE,
@@ -37,18 +43,6 @@ from gossip.swim import Swim
 def with_members(c: Swim, states: dict[int, int], inc: int = 1) -> Swim:
     c.seed_members([Entry(f"n{i}", inc, st, addr(i), W) for i, st in states.items()], 0.0)
     return c
-
-
-def run_timers_until(c: Swim, t: float) -> None:
-    while c.next_deadline() <= t:
-        c.handle_timer(c.next_deadline())
-
-
-def declare_dead(c: Swim, node: str, now: float) -> None:
-    """As when ``c``'s own suspicion timer runs out (another node's verdict only accuses)."""
-    inc = c.incarnation_of(node)
-    assert inc is not None
-    c._apply_dead(Dead(node, inc, c.id), now, own=True)
 
 
 def join_streams(c: Swim) -> list[str]:

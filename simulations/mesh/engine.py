@@ -460,11 +460,7 @@ class Engine:
                 continue
             d[b] = t
             dirty[b] = _INF  # pinned until every owner holds it
-            hs = gpu_holders.get(b)
-            if hs is None:
-                gpu_holders[b] = [g]
-            elif g not in hs:
-                hs.append(g)
+            _add_holder(gpu_holders, b, g)
             if cap is not None and len(d) > cap:
                 self._dram_evict(g, d)
         if not blocks:
@@ -823,11 +819,7 @@ class Engine:
                     put.append(b)
                 else:  # fetched from the mesh: in DRAM once loaded
                     d[b] = load_done
-                    hs2 = gpu_holders.get(b)
-                    if hs2 is None:
-                        gpu_holders[b] = [g]
-                    elif g not in hs2:
-                        hs2.append(g)
+                    _add_holder(gpu_holders, b, g)
                     if cap is not None and len(d) > cap:
                         self._dram_evict(g, d)
         elif async_write:
@@ -971,6 +963,14 @@ class Engine:
             dirty_peak_blocks=list(self.dirty_peak) if self.async_write else [],
             dram_pinned_overflow=self.dram_overflow,
         )
+
+
+def _add_holder(holders: dict[int, list[int]], block: int, node: int) -> None:
+    hs = holders.get(block)
+    if hs is None:
+        holders[block] = [node]
+    elif node not in hs:
+        hs.append(node)
 
 
 def fixed_delay_failures(spec: SimSpec) -> list[FailureEvent]:
