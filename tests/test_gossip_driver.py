@@ -289,7 +289,9 @@ async def test_first_node_restarted_on_a_new_port_rejoins_through_its_members_sn
         print(f"restarted first node back in every view after {trio.current_time() - t0:.2f} s")
         for x in (b, c):
             info = {m.node_id: m for m in x.members()}["a"]
-            assert info.addr == a2.local_addr and info.incarnation == 2
+            # Above the incarnation it died with (1): its restart's (2), or one more if it had to
+            # refute a death rumour it met on its way back in (seen once in CI: 3).
+            assert info.addr == a2.local_addr and info.incarnation >= 2
         assert a2.statistics().reconnects == 0  # the snapshot's first push-pull was enough
         assert saved() == peers  # what got it back in
         nursery.cancel_scope.cancel()
