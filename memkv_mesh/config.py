@@ -28,22 +28,43 @@ from transport.dataplane_config import DataPlaneConfig
 from transport.gossip_config import GossipConfig
 
 __all__ = [
+    "PAGE_BYTES",
     "ByteSize",
     "Config",
     "ConfigError",
+    "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
     "NodeConfig",
     "StoreConfig",
+    "TenantConfig",
     "load_config",
     "parse_byte_size",
 ]
 
 KEY_BYTES = 32
+# Every region the daemon carves out of memory or disk (the arena, a tenant's segment, the NVMe
+# tier) is a whole number of pages: mmap offsets and O_DIRECT I/O need it.
+PAGE_BYTES = 4096
+# Names of the daemon's own DRAM segments (never a tenant's: tenant names start with a letter or
+# digit).
+DEFAULT_SEGMENT = "default"
+MESH_SEGMENT = "_mesh"
+_TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_ID = 2**32 - 2  # uid_t/gid_t; 2**32 - 1 is (uid_t)-1, "no id"
 
 
 class ConfigError(ValueError):
     """A configuration file or flag is wrong; the message names the file and the field."""
+
+
+class _FieldError(ConfigError):
+    """A validation failure of one field (``field`` as written in the message, e.g.
+    ``tenants[1].uids``); ``load_config`` prefixes the file name."""
+
+    def __init__(self, field: str, text: str) -> None:
+        super().__init__(f"field {field}: {text}")
+        self.field = field
 
 
 class ByteSize(int):
@@ -204,6 +225,52 @@ class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     tombstone_s: float = 3600.0
 
 
+class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One ``[[tenants]]`` entry. A local client's tenant comes from the socket (SO_PEERCRED):
+    its uid, else its primary gid, picks the tenant; the client's own word is never asked."""
+
+    # Names the tenant in logs, metrics, the arena file and the mesh. 1-64 of letters, digits,
+    # '.', '_', '-', starting with a letter or digit (names starting with '_' are the daemon's).
+    name: str
+    # Local users allowed to connect as this tenant. A uid may belong to one tenant only, so the
+    # socket's peer credentials always name exactly one tenant.
+    uids: list[int] = []
+    # ... or users whose primary group is one of these (a uid match wins over a gid match).
+    gids: list[int] = []
+    # The tenant's own DRAM arena, its DRAM quota. 0 = an equal share of what the tenants with a
+    # set size and the mesh segment leave: a zero-thought default that still isolates tenants.
+    dram_bytes: ByteSize = ByteSize(0)
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[limits]``: everything an untrusted local client can make the daemon hold is bounded."""
+
+    # Connected local clients. An inference node runs a handful of engine processes (one per GPU
+    # or TP rank) plus tools; 1024 is generous for them and stays far below the default 'ulimit -n'
+    # of a service (each client costs a socket and a task).
+    max_clients: int = 1024
+    # Leases (blocks pinned in the arena by a get until released) per client. 4096 leases of
+    # 256-token blocks cover a 1M-token context: more than any engine holds at once, and a leaking
+    # client pins at most that many blocks instead of the whole arena.
+    max_leases_per_client: int = 4096
+    # Reserved-but-uncommitted put slots per client. 65536 lets an engine stage a large batch of
+    # small blocks; a client that reserves and never commits is stopped there.
+    max_pending_per_client: int = 65536
+    # Leases summed over a tenant's clients: 16 clients' worth, so many engine processes of one
+    # tenant fit, while one tenant cannot pin blocks without bound.
+    max_leases_per_tenant: int = 65536
+    # Pending put slots summed over a tenant's clients (4 clients at the per-client bound).
+    max_pending_per_tenant: int = 262144
+    # A client that sends part of a frame and then nothing for this long is disconnected. 30 s is
+    # far beyond any local memcpy or scheduling stall, and short enough that a stuck or hostile
+    # client cannot hold a half-read frame's buffer for long.
+    frame_timeout_s: float = 30.0
+    # The mesh segment (blocks received from the mesh before a local tenant reads them; no client
+    # maps it) when tenants are declared. 0 = max(4 x store.max_block_bytes, store.dram_bytes / 8):
+    # room for a few fetches of the largest block in flight, and an eighth of DRAM for replicas.
+    mesh_segment_bytes: ByteSize = ByteSize(0)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     node: NodeConfig = NodeConfig()
     store: StoreConfig = StoreConfig()
@@ -217,6 +284,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     dataplane: DataPlaneConfig = DataPlaneConfig()
     # Placement of replicas in the mesh.
     mesh: MeshConfig = MeshConfig()
+    # Tenants ([[tenants]]). Empty: one implicit tenant, "default", that every local user who can
+    # open the socket belongs to (the zero-config single-tenant node).
+    tenants: list[TenantConfig] = []
+    # Bounds on what local clients can make the daemon hold.
+    limits: LimitsConfig = LimitsConfig()
     # Where the file was read from (empty for defaults); relative paths resolve against its dir.
     source: str = ""
 
@@ -256,6 +328,119 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @property
     def nvme_dir(self) -> Path:
         return self._resolve(self.store.nvme_dir) if self.store.nvme_dir else self.data_dir / "nvme"
+
+    def tenant_segments(self) -> list[tuple[str, int]]:
+        """The DRAM arena split into (segment name, bytes), every size a multiple of PAGE_BYTES.
+
+        No tenants: ``[("default", dram)]``. With tenants: ``[("_mesh", m), (tenant, bytes), ...]``
+        in declaration order; tenants with ``dram_bytes = 0`` share what is left equally.
+        ``load_config`` has checked that the split fits, so on a loaded Config this never raises;
+        on a hand-built one a bad split raises ConfigError (``field tenants: ...``).
+        """
+        return _segments(self)
+
+
+def _round_down(n: int) -> int:
+    return n // PAGE_BYTES * PAGE_BYTES
+
+
+def _round_up(n: int) -> int:
+    return -(-n // PAGE_BYTES) * PAGE_BYTES
+
+
+def _segments(cfg: Config) -> list[tuple[str, int]]:
+    dram = _round_down(int(cfg.store.dram_bytes))
+    if not cfg.tenants:
+        return [(DEFAULT_SEGMENT, dram)]
+    block = int(cfg.store.max_block_bytes)
+    mesh = int(cfg.limits.mesh_segment_bytes) or _round_up(max(4 * block, dram // 8))
+    fixed = sum(int(t.dram_bytes) for t in cfg.tenants)
+    shared = [t.name for t in cfg.tenants if not t.dram_bytes]
+    left = dram - mesh - fixed
+    share = _round_down(left // len(shared)) if shared and left > 0 else 0
+    segs = [(MESH_SEGMENT, mesh)] + [(t.name, int(t.dram_bytes) or share) for t in cfg.tenants]
+    total = sum(n for _, n in segs)
+    split = ", ".join(f"{name} {n}" for name, n in segs)
+    if total > dram:
+        raise _FieldError(
+            "tenants",
+            f"the DRAM split needs {total} bytes ({split}) but store.dram_bytes is {dram}: raise "
+            "store.dram_bytes, or lower tenants' dram_bytes or limits.mesh_segment_bytes",
+        )
+    small = [name for name, n in segs if n < block]
+    if small:
+        left_note = f"; tenants with dram_bytes = 0 share the {max(left, 0)} bytes left" if shared else ""
+        raise _FieldError(
+            "tenants",
+            f"DRAM segment(s) {', '.join(small)} would be smaller than store.max_block_bytes "
+            f"({block}) and could not hold the largest block (split: {split}{left_note}; "
+            f"store.dram_bytes is {dram}): raise store.dram_bytes or lower store.max_block_bytes",
+        )
+    return segs
+
+
+def _validate_tenants(cfg: Config) -> None:
+    seen: dict[str, int] = {}
+    owner: dict[str, dict[int, str]] = {"uids": {}, "gids": {}}
+    block = int(cfg.store.max_block_bytes)
+    for i, t in enumerate(cfg.tenants):
+        where = f"tenants[{i}]"
+        if not _TENANT_NAME_RE.fullmatch(t.name):
+            raise _FieldError(
+                f"{where}.name",
+                f"{t.name!r} must be 1-64 characters of letters, digits, '.', '_', '-', starting "
+                "with a letter or digit",
+            )
+        if t.name in seen:
+            raise _FieldError(f"{where}.name", f"{t.name!r} is already the name of tenants[{seen[t.name]}]")
+        seen[t.name] = i
+        if not t.uids and not t.gids:
+            raise _FieldError(where, f"tenant {t.name!r} needs at least one of uids or gids (who may connect as it)")
+        for kind in ("uids", "gids"):
+            for j, v in enumerate(getattr(t, kind)):
+                if not 0 <= v <= _MAX_ID:
+                    raise _FieldError(f"{where}.{kind}[{j}]", f"must be in 0..{_MAX_ID}, got {v}")
+                other = owner[kind].get(v)
+                if other is not None and other != t.name:
+                    raise _FieldError(
+                        f"{where}.{kind}[{j}]",
+                        f"{kind[:-1]} {v} already belongs to tenant {other!r}: a {kind[:-1]} may "
+                        "belong to one tenant only",
+                    )
+                owner[kind][v] = t.name
+        if t.dram_bytes and t.dram_bytes < block:
+            raise _FieldError(
+                f"{where}.dram_bytes",
+                f"must be 0 (an equal share) or at least store.max_block_bytes ({block}), "
+                f"got {int(t.dram_bytes)}",
+            )
+
+
+def _page_aligned(cfg: Config) -> Config:
+    """Round every region size (store.dram_bytes, store.nvme_bytes, tenants' dram_bytes,
+    limits.mesh_segment_bytes) down to a multiple of PAGE_BYTES, so that "2GB" or "100 GB" work
+    and the daemon only ever sees whole pages. A nonzero size below one page is an error, never
+    a silent 0 (which would mean "no NVMe tier" or "an equal share")."""
+
+    def down(field: str, v: int, zero: str) -> ByteSize:
+        if 0 < v < PAGE_BYTES:
+            raise _FieldError(field, f"must be 0 ({zero}) or at least {PAGE_BYTES} bytes, got {v}")
+        return ByteSize(_round_down(v))
+
+    store = msgspec.structs.replace(
+        cfg.store,
+        dram_bytes=ByteSize(_round_down(int(cfg.store.dram_bytes))),  # >= 1 MiB is checked later
+        nvme_bytes=down("store.nvme_bytes", int(cfg.store.nvme_bytes), "no NVMe tier"),
+    )
+    limits = msgspec.structs.replace(
+        cfg.limits,
+        mesh_segment_bytes=down("limits.mesh_segment_bytes", int(cfg.limits.mesh_segment_bytes), "automatic"),
+    )
+    tenants = [
+        msgspec.structs.replace(t, dram_bytes=down(f"tenants[{i}].dram_bytes", int(t.dram_bytes), "an equal share"))
+        for i, t in enumerate(cfg.tenants)
+    ]
+    return msgspec.structs.replace(cfg, store=store, limits=limits, tenants=tenants)
 
 
 def _validate(cfg: Config) -> None:
@@ -302,6 +487,15 @@ def _validate(cfg: Config) -> None:
         raise ValueError(
             f"node.id {cfg.node_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
         )
+    lim = cfg.limits
+    for name in ("max_clients", "max_leases_per_client", "max_pending_per_client",
+                 "max_leases_per_tenant", "max_pending_per_tenant"):  # fmt: skip
+        if getattr(lim, name) < 1:
+            raise _FieldError(f"limits.{name}", f"must be at least 1, got {getattr(lim, name)}")
+    if not 0 < lim.frame_timeout_s < float("inf"):
+        raise _FieldError("limits.frame_timeout_s", f"must be a positive number of seconds, got {lim.frame_timeout_s}")
+    _validate_tenants(cfg)
+    _segments(cfg)
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> None:
@@ -338,7 +532,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
     _merge(raw, overrides or {}, where)
     raw["source"] = str(Path(path).resolve()) if path is not None else ""
     try:
-        cfg = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+        cfg = _page_aligned(msgspec.convert(raw, Config, dec_hook=_dec_hook))
         _validate(cfg)
     except (msgspec.ValidationError, ValueError) as e:
         field, text = _describe(e)
@@ -351,6 +545,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
 def _describe(e: Exception) -> tuple[str, str]:
     """(dotted field, message): msgspec's "... - at `$.store.dram_bytes`" becomes
     "field store.dram_bytes: ...", and its unknown-field wording names the section."""
+    if isinstance(e, _FieldError):
+        return e.field, str(e)
     msg = str(e)
     m = re.match(r"^(.*) - at `\$\.?(.*)`$", msg)
     if m:
@@ -358,6 +554,10 @@ def _describe(e: Exception) -> tuple[str, str]:
         unknown = re.match(r"^Object contains unknown field `(.*)`$", m.group(1))
         if unknown and field:
             return f"{field}.{unknown.group(1)}", f"unknown field {unknown.group(1)!r} in [{field}]"
+        missing = re.match(r"^Object missing required field `(.*)`$", m.group(1))
+        if missing and field:
+            name = f"{field}.{missing.group(1)}"
+            return name, f"field {name}: is required and missing"
         return field, f"field {field or '(top level)'}: {m.group(1)}"
     m = re.match(r"^Object contains unknown field `(.*)`$", msg)
     if m:
