@@ -26,16 +26,31 @@ Rules:
   fields are only ever appended at the end, with defaults (ONLY APPEND).
 - Node ids travel as strings; choose short ones (the byte budget counts them on every ping).
 - ``Dead`` with ``src == node`` is a graceful leave ("left"), as in memberlist.
+- Hostile input: every decoded field is range checked by the decoder itself (msgspec ``Meta``
+  constraints on the field types below), so a message that decodes is one the core can handle
+  and re-encode: incarnations and directory versions in ``0..MAX_INCARNATION`` (2**62; a peer
+  claiming more is malformed, and the core never raises its own past it), states ``0..3``,
+  sequence numbers ``0..2**32-1``, fingerprints ``0..2**64-1``, node ids 1-255 characters,
+  member addresses ``host:port`` with a port in 1..65535 (<= 300 characters), per-packet update
+  lists <= ``MAX_UPDATES``, fingerprint lists <= ``MAX_FPS``, member lists <= ``MAX_MEMBERS``,
+  capacity weights finite and >= 0. A message outside these bounds raises ``MessageError``: the
+  driver drops and counts it (``dropped_malformed``), the core never sees it. The constraints
+  only apply when decoding; building a message in code is unchanged.
+- ``STREAM_HELLO`` (a ``Ping`` to the empty node id, which every node answers with nothing) is
+  sent first on a stream whose first real frame is larger than a listener buffers before a
+  stream has authenticated (64 KiB, ``transport/gossip_driver.py``).
 
 Public API: ``NodeMeta`` (named fields, public), ``WireMeta`` (its positional wire form),
 ``wire_meta``, ``node_meta``, ``Alive``, ``Suspect``, ``Dead``, ``Update``, ``Ping``, ``Ack``,
 ``PingReq``, ``Nack``, ``Gossip``, ``Packet``, ``Entry``, ``PushPullReq``, ``PushPullReply``,
 ``PushPullFinal``, ``DirDelta``, ``DirSummaryReq``, ``DirSummary``, ``StreamMsg``, ``encode``,
 ``decode_packet``, ``decode_stream``,
-``encoded_size``, ``STATE_*`` state codes.
+``encoded_size``, ``STATE_*`` state codes, ``MAX_INCARNATION``, ``STREAM_HELLO``.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import msgspec
 
@@ -46,6 +61,38 @@ STATE_SUSPECT = 1
 STATE_DEAD = 2
 STATE_LEFT = 3
 STATE_NAMES = ("alive", "suspect", "dead", "left")
+
+# ---- decode-time bounds (see "Hostile input" above) ----------------------------------------------
+# Incarnations are raised by one per refutation or metadata change: a node that refuted once a
+# millisecond would need 146 million years to reach 2**62. Keeping a factor of 4 below msgpack's
+# 2**64 means ``inc + 1`` of anything accepted always encodes, and a peer claiming an absurd
+# incarnation (the 2**64-1 of an attack) is malformed.
+MAX_INCARNATION = 1 << 62
+# msgpack on a <= 1400-byte datagram holds at most ~230 updates (6 bytes each at the least).
+MAX_UPDATES = 512
+# A directory delta holds <= 146 fingerprints (UDP limit); a stream frame never carries a list.
+MAX_FPS = 8192
+# Push-pull digests and entry lists: a mesh of 1M members is far past what SWIM is used for.
+MAX_MEMBERS = 1 << 20
+MAX_NODE_ID = 255  # the daemon's node ids are 1-64 characters
+MAX_ADDR = 300  # a 253-character DNS name, brackets, ':' and a port
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+
+Inc = Annotated[int, msgspec.Meta(ge=0, le=MAX_INCARNATION)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_INCARNATION)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
+State = Annotated[int, msgspec.Meta(ge=STATE_ALIVE, le=STATE_LEFT)]
+Fp = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints end at 2**64-1 already
+Small = Annotated[int, msgspec.Meta(ge=0, le=0x7FFFFFFF)]
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NODE_ID)]
+Target = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID)]  # "" is STREAM_HELLO's
+Addr = Annotated[
+    str,
+    msgspec.Meta(max_length=MAX_ADDR, pattern=r"^(\[[^\s\[\]]+\]|[^\s\[\]:]+):" + _PORT + "$"),
+]
+DataAddr = Annotated[str, msgspec.Meta(max_length=MAX_ADDR)]
+Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1e300)]  # NaN and inf fail too
+Role = Annotated[str, msgspec.Meta(max_length=16)]
 
 
 class NodeMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -74,11 +121,11 @@ class NodeMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 class WireMeta(msgspec.Struct, frozen=True, array_like=True):
     """``NodeMeta`` as it travels: positional, ~25 bytes instead of ~70."""
 
-    role: str
-    capacity_weight: float
-    data_addr: str
-    protocol_version: int
-    placement: int = 1  # appended: an older node's 4-field meta decodes as placement 1
+    role: Role
+    capacity_weight: Weight
+    data_addr: DataAddr
+    protocol_version: Small
+    placement: Small = 1  # appended: an older node's 4-field meta decodes as placement 1
 
 
 def wire_meta(m: NodeMeta) -> WireMeta:
@@ -102,55 +149,56 @@ def node_meta(w: WireMeta) -> NodeMeta:
 
 
 class Alive(msgspec.Struct, tag=16, frozen=True, array_like=True):
-    node: str
-    inc: int
-    addr: str
+    node: NodeId
+    inc: Inc
+    addr: Addr
     meta: WireMeta
 
 
 class Suspect(msgspec.Struct, tag=17, frozen=True, array_like=True):
-    node: str
-    inc: int
-    src: str  # who suspects
+    node: NodeId
+    inc: Inc
+    src: NodeId  # who suspects
 
 
 class Dead(msgspec.Struct, tag=18, frozen=True, array_like=True):
-    node: str
-    inc: int
-    src: str  # who declared it; == node for a graceful leave
+    node: NodeId
+    inc: Inc
+    src: NodeId  # who declared it; == node for a graceful leave
 
 
 Update = Alive | Suspect | Dead
+Updates = Annotated[tuple[Update, ...], msgspec.Meta(max_length=MAX_UPDATES)]
 
 
 # ---- UDP packets -------------------------------------------------------------------------------
 
 
 class Ping(msgspec.Struct, tag=0, frozen=True, array_like=True):
-    seq: int
-    target: str  # the receiver checks it is the node meant (addresses get reused)
-    updates: tuple[Update, ...] = ()
+    seq: Seq
+    target: Target  # the receiver checks it is the node meant (addresses get reused)
+    updates: Updates = ()
 
 
 class Ack(msgspec.Struct, tag=1, frozen=True, array_like=True):
-    seq: int
-    updates: tuple[Update, ...] = ()
+    seq: Seq
+    updates: Updates = ()
 
 
 class PingReq(msgspec.Struct, tag=2, frozen=True, array_like=True):
-    seq: int  # the requester's probe seq, echoed in the relayed Ack / Nack
-    target: str
+    seq: Seq  # the requester's probe seq, echoed in the relayed Ack / Nack
+    target: Target
     nack: bool = True
-    updates: tuple[Update, ...] = ()
+    updates: Updates = ()
 
 
 class Nack(msgspec.Struct, tag=3, frozen=True, array_like=True):
-    seq: int
-    updates: tuple[Update, ...] = ()
+    seq: Seq
+    updates: Updates = ()
 
 
 class Gossip(msgspec.Struct, tag=4, frozen=True, array_like=True):
-    updates: tuple[Update, ...] = ()
+    updates: Updates = ()
 
 
 # ---- block directory (gossip/directory.py) ------------------------------------------------------
@@ -158,34 +206,38 @@ class Gossip(msgspec.Struct, tag=4, frozen=True, array_like=True):
 # tags 35 and 36. Fingerprints are 64-bit xxh3 of the 32-byte block keys (9 bytes of msgpack each).
 
 
+Fps = Annotated[tuple[Fp, ...], msgspec.Meta(max_length=MAX_FPS)]
+Words = Annotated[bytes, msgspec.Meta(max_length=6 * MAX_MEMBERS * 4)]  # 4M blocks per holder
+
+
 class DirDelta(msgspec.Struct, tag=5, frozen=True, array_like=True):
     """A holder's changes from version ``prev`` to ``ver`` (``prev == ver``: a version marker)."""
 
-    node: str
-    epoch: int  # the holder's process epoch (its incarnation at start): a restart starts over
-    gen: int  # the holder's filter generation: a higher one asks receivers to refetch a summary
-    prev: int
-    ver: int
-    added: tuple[int, ...] = ()
-    removed: tuple[int, ...] = ()
+    node: NodeId
+    epoch: Version  # the holder's process epoch (its incarnation at start): a restart starts over
+    gen: Version  # the holder's filter generation: a higher one asks receivers to refetch a summary
+    prev: Version
+    ver: Version
+    added: Fps = ()
+    removed: Fps = ()
 
 
 class DirSummaryReq(msgspec.Struct, tag=35, frozen=True, array_like=True):
     """Ask a holder (over a stream) for its current directory summary."""
 
-    node: str
+    node: NodeId
 
 
 class DirSummary(msgspec.Struct, tag=36, frozen=True, array_like=True):
     """A holder's filter, built from its true holdings at version ``ver``."""
 
-    node: str
-    epoch: int
-    gen: int
-    ver: int
-    k: int  # the summary format: 48 = top 48 bits of each fingerprint (1 was a Bloom filter, retired)
-    words: bytes  # format 48: 6 bytes per held block, the top 48 bits of its fingerprint
-    count: int = 0  # keys the holder held when it built the summary
+    node: NodeId
+    epoch: Version
+    gen: Version
+    ver: Version
+    k: Small  # the summary format: 48 = top 48 bits of each fingerprint (1 was a Bloom filter, retired)
+    words: Words  # format 48: 6 bytes per held block, the top 48 bits of its fingerprint
+    count: Small = 0  # keys the holder held when it built the summary
 
 
 Packet = Ping | Ack | PingReq | Nack | Gossip | DirDelta
@@ -196,26 +248,31 @@ Packet = Ping | Ack | PingReq | Nack | Gossip | DirDelta
 class Entry(msgspec.Struct, frozen=True, array_like=True):
     """One member's full state in a push-pull exchange."""
 
-    node: str
-    inc: int
-    state: int
-    addr: str
+    node: NodeId
+    inc: Inc
+    state: State
+    addr: Addr
     meta: WireMeta
+
+
+Entries = Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_MEMBERS)]
+Digest = Annotated[tuple[tuple[NodeId, Inc, State], ...], msgspec.Meta(max_length=MAX_MEMBERS)]
+Want = Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_MEMBERS)]
 
 
 class PushPullReq(msgspec.Struct, tag=32, frozen=True, array_like=True):
     join: bool
-    digest: tuple[tuple[str, int, int], ...]  # (node, incarnation, state)
-    entries: tuple[Entry, ...] = ()  # full entries pushed unasked (the sender's own, on join)
+    digest: Digest  # (node, incarnation, state)
+    entries: Entries = ()  # full entries pushed unasked (the sender's own, on join)
 
 
 class PushPullReply(msgspec.Struct, tag=33, frozen=True, array_like=True):
-    entries: tuple[Entry, ...]
-    want: tuple[str, ...]
+    entries: Entries
+    want: Want
 
 
 class PushPullFinal(msgspec.Struct, tag=34, frozen=True, array_like=True):
-    entries: tuple[Entry, ...]
+    entries: Entries
 
 
 # A stream may also carry a Ping answered by an Ack: the TCP fallback probe, sent alongside the
@@ -223,6 +280,10 @@ class PushPullFinal(msgspec.Struct, tag=34, frozen=True, array_like=True):
 StreamMsg = (
     PushPullReq | PushPullReply | PushPullFinal | Ping | Ack | DirSummaryReq | DirSummary
 )
+
+# Sent first on a stream whose first real frame is too big for a listener to buffer before the
+# stream authenticated: every node (this version and older ones) answers it with nothing.
+STREAM_HELLO = Ping(0, "")
 
 _ENCODER = msgspec.msgpack.Encoder()
 _PACKET_DECODER = msgspec.msgpack.Decoder(Packet)

@@ -58,7 +58,11 @@ Rules this module keeps (the gossip precedence):
   answer, and an initiator that had to refute on the reply sends its new ``Alive`` in the final
   frame, so one exchange carries both sides' refutations across; the stale verdicts on the
   other members become weak suspicions that those members refute;
-- a graceful leave is ``Dead(self, inc, src=self)``.
+- a graceful leave is ``Dead(self, inc, src=self)``;
+- our incarnation never passes ``MAX_INCARNATION`` (2**62, what every decoder accepts): a rumour
+  about us at the ceiling itself cannot be refuted (counted in ``refutations_impossible``). Only
+  a mesh-key holder can send one, and an incarnation that high means a forged rumour, not a
+  real one: a node refuting once a millisecond would take 146 million years to get there.
 
 Public API (what drivers and simulators call):
 
@@ -74,7 +78,8 @@ Public API (what drivers and simulators call):
   ``rejoin(addrs, now)`` (a restart's saved addresses), ``snapshot_addrs(limit, prefer)`` (what
   to save), ``failed_members()``, ``seed_members(...)``, ``leave(now)``, ``leave_pending()``,
   ``farewell(limit)``,
-  ``update_meta(meta, now)``, ``members()``, ``counters()``, ``incarnation``, ``state_of(node)``
+  ``update_meta(meta, now)``, ``members()``, ``counters()``, ``incarnation``, ``state_of(node)``,
+  ``node_at(addr)``
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ from gossip.directory import Directory
 from gossip.events import MemberInfo, MembershipEvent
 from gossip.members import Member, ProbeOrder
 from gossip.messages import (
+    MAX_INCARNATION,
     STATE_ALIVE,
     STATE_DEAD,
     STATE_LEFT,
@@ -144,6 +150,7 @@ class SwimCounters(msgspec.Struct, frozen=True, kw_only=True):
     health_score: int
     incarnation: int
     reconnects: int = 0  # push-pulls to failed members, unknown seeds or rejoin targets
+    refutations_impossible: int = 0  # rumours about us at MAX_INCARNATION (forged)
 
 
 class _Probe:
@@ -184,8 +191,8 @@ class Swim:
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
-        if incarnation < 0:
-            raise ValueError(f"incarnation must be >= 0, got {incarnation}")
+        if not 0 <= incarnation <= MAX_INCARNATION:
+            raise ValueError(f"incarnation must be in 0..{MAX_INCARNATION}, got {incarnation}")
         self.id = node_id
         self.config = config
         self.directory = directory
@@ -231,6 +238,7 @@ class Swim:
         self._c_misdirected = 0
         self._c_pushpull = 0
         self._c_reconnect = 0
+        self._c_ceiling = 0
 
     # ---------------------------------------------------------------- inspection
 
@@ -252,6 +260,10 @@ class Swim:
     def state_of(self, node: str) -> str | None:
         m = self._members.get(node)
         return STATE_NAMES[m.state] if m is not None else None
+
+    def node_at(self, addr: str) -> str | None:
+        """The id of the member at ``addr`` (None if none is known there)."""
+        return self._by_addr.get(addr)
 
     def incarnation_of(self, node: str) -> int | None:
         m = self._members.get(node)
@@ -289,6 +301,7 @@ class Swim:
             health_score=self.awareness.score,
             incarnation=self._me.inc,
             reconnects=self._c_reconnect,
+            refutations_impossible=self._c_ceiling,
         )
 
     # ---------------------------------------------------------------- driver interface
@@ -570,7 +583,7 @@ class Swim:
     def update_meta(self, meta: NodeMeta, now: float, addr: str | None = None) -> None:
         """Publish new metadata (and/or address) under a new incarnation."""
         me = self._me
-        me.inc += 1
+        me.inc = min(me.inc + 1, MAX_INCARNATION)
         me.meta = wire_meta(meta)
         if addr is not None and addr != me.addr:
             self._by_addr.pop(me.addr, None)
@@ -1026,6 +1039,9 @@ class Swim:
 
     def _refute(self, inc: int, suspecter: str | None, now: float) -> None:
         me = self._me
+        if inc >= MAX_INCARNATION:
+            self._c_ceiling += 1  # nothing we could say would be newer (see the header)
+            return
         if inc >= me.inc:
             me.inc = inc + 1
             self._c_refute += 1

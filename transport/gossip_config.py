@@ -94,8 +94,18 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # working day heals by itself (longer ones heal through the seeds). A dead member costs ~10
     # bytes in each push-pull digest meanwhile.
     reconnect_timeout_s: float = 86400.0
-    # A push-pull or TCP fallback ping that takes longer than this is abandoned.
+    # A push-pull or TCP fallback ping that takes longer than this is abandoned; an incoming
+    # stream is closed this long after it was accepted, whatever it sent, so a slowloris peer
+    # (a partial frame, an idle connection) holds a slot at most this long. A push-pull of a
+    # 1000-member mesh takes ~5 ms on a LAN; 5 s leaves room for a 100k-member one (~10 MB).
     stream_timeout_s: float = 5.0
+    # Incoming gossip streams open at once. In a healthy mesh a node serves about one push-pull
+    # per pushpull_interval (30 s) plus a few TCP fallback pings per probe period: a handful.
+    # 64 leaves room for a whole mesh joining through one seed at once, while a flood of
+    # connections costs at most 64 x 64 KiB of buffers. A new connection past the cap evicts
+    # the oldest one that has not authenticated yet (streams_evicted), else it is closed at once
+    # (streams_refused) and the peer retries at its next push-pull.
+    max_stream_conns: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, str) or not self.bind:
@@ -131,6 +141,10 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
         for name in ("replay_window_s", "join_retry_s", "stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"gossip.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 1 <= self.max_stream_conns <= 65536:
+            raise ValueError(
+                f"gossip.max_stream_conns: must be in 1..65536, got {self.max_stream_conns!r}"
+            )
         for name in ("reconnect_interval_s", "reconnect_timeout_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"gossip.{name}: must be >= 0, got {getattr(self, name)!r}")

@@ -22,6 +22,24 @@ Theory of operation
   *members snapshot*; in a worker thread, at most once a second, only when they changed and never
   while we know no other member, so an isolated node keeps the addresses it had).
 
+Hostile input and bounded resources (see docs/gossip.md, "Hostile input and bounded resources"):
+
+- every decoded message is range checked by its decoder (``gossip/messages.py``); one outside
+  the bounds is dropped and counted (``dropped_malformed``), the core never sees it;
+- an exception while handling one message (a datagram, a stream frame, a directory message, a
+  push-pull merge, the ``on_event`` callback, a timer step) drops that message, is counted
+  (``dropped_errors``) and logged with the peer (at most once per ``_LOG_EVERY_S`` per kind and
+  peer host), and never reaches the daemon's nursery;
+- the TCP listener buffers at most ``PREAUTH_LIMIT`` (64 KiB) of a connection until one of its
+  frames has opened with the mesh key (a sender whose first frame is larger sends
+  ``STREAM_HELLO`` before it); at most ``max_stream_conns`` incoming streams at once (a new one
+  evicts the oldest that has not authenticated, ``streams_evicted``, else it is closed at once,
+  ``streams_refused``); every incoming stream lives at most ``stream_timeout_s`` (a slowloris or
+  an idle stream is closed); frames above ``PREAUTH_LIMIT`` (authenticated streams only) are
+  decrypted and decoded in a worker thread;
+- a message sealed outside the replay window is logged with the peer and the clock skew, and
+  the latest skew of up to ``SKEW_PEERS`` peers is in ``statistics().clock_skew``.
+
 Join: the seeds of the config (and peers found by mDNS when enabled) and the addresses of the
 members snapshot are handed to the core (``Swim.add_seeds``, ``Swim.rejoin``), which contacts them
 by push-pull and keeps at it (``gossip/reconnect.py``): all of them every ``join_retry_s`` while
@@ -44,6 +62,7 @@ Public API: ``GossipService`` (``run``, ``leave``, ``members``, ``statistics``, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -58,6 +77,8 @@ import trio
 from gossip.directory import Directory, DirectoryConfig, DirectoryStats
 from gossip.events import MemberInfo, MembershipEvent
 from gossip.messages import (
+    MAX_INCARNATION,
+    STREAM_HELLO,
     MessageError,
     NodeMeta,
     Packet,
@@ -78,12 +99,23 @@ from transport.gossip_crypto import (
     Sealer,
 )
 
-__all__ = ["GossipService", "GossipStats", "MemberInfo", "MembershipEvent", "NodeMeta"]
+__all__ = [
+    "PREAUTH_LIMIT", "ClockSkew", "GossipService", "GossipStats", "MemberInfo", "MembershipEvent",
+    "NodeMeta", "frame",
+]  # fmt: skip
 
 log = logging.getLogger("gossip")
 
 _FRAME = struct.Struct(">I")
 MAX_FRAME = 16 << 20  # a push-pull of 100k members is ~10 MB; anything bigger is an attack
+# Bytes a listener buffers of a connection before one of its frames opened with the mesh key
+# (the 4-byte length included). A push-pull digest of ~6000 members fits; a sender whose first
+# frame is bigger sends STREAM_HELLO first. Frames bigger than this (authenticated streams only)
+# are decrypted and decoded in a worker thread: ~0.1 ms of AES-GCM at 64 KiB, ~25 ms at 16 MiB.
+PREAUTH_LIMIT = 64 << 10
+SKEW_PEERS = 32  # peers whose latest rejected clock skew statistics() keeps
+_LOG_EVERY_S = 10.0  # at most one warning per kind and peer host this often
+_LOG_KEYS = 1024  # rate-limit entries kept (then forgotten all at once)
 INCARNATION_FILE = "gossip.incarnation"
 MEMBERS_FILE = "gossip.members"
 # Addresses kept in the members snapshot: any one of them still alive gets a restart back in; 64
@@ -92,6 +124,15 @@ SNAPSHOT_MAX = 64
 _SNAPSHOT_READ_LIMIT = 64 << 10  # a snapshot is read up to this many bytes (bounded input)
 _SNAPSHOT_GAP_S = 1.0  # at most one snapshot write a second, however fast the members change
 _SEND_QUEUE = 4096
+
+
+class ClockSkew(msgspec.Struct, frozen=True, kw_only=True):
+    """The latest message of a peer rejected for being sealed outside the replay window."""
+
+    peer: str  # its address ("host:port" for UDP; the host for a stream)
+    node: str  # its node id when the address is a member's, else ""
+    skew_ms: int  # its clock minus ours (positive: the peer's clock is ahead)
+    at_ms: int  # our wall-clock time when it was rejected
 
 
 class GossipStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,6 +164,52 @@ class GossipStats(msgspec.Struct, frozen=True, kw_only=True):
     deaths_declared: int
     refutations: int
     reconnects: int = 0  # push-pulls to failed members, unknown seeds and snapshot addresses
+    refutations_impossible: int = 0  # rumours about us at MAX_INCARNATION (forged by a key holder)
+    dropped_errors: int = 0  # messages whose handling raised (dropped, logged with the peer)
+    streams_refused: int = 0  # incoming streams closed at once: max_stream_conns authenticated
+    streams_evicted: int = 0  # unauthenticated streams closed to make room for a new one
+    clock_skew: tuple[ClockSkew, ...] = ()  # latest rejected skew per peer, newest last
+
+
+def frame(sealed: bytes) -> bytes:
+    """One stream frame: ``u32 length | sealed message`` (``Sealer.seal(..., CHANNEL_TCP, ms)``)."""
+    return _FRAME.pack(len(sealed)) + sealed
+
+
+class _Conn:
+    """An incoming stream, for the connection cap."""
+
+    __slots__ = ("authed", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.authed = False
+
+
+class _RateLog:
+    """At most one log line per (kind, peer host) every ``_LOG_EVERY_S`` seconds."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def allow(self, kind: str, peer: str, now: float) -> int | None:
+        """None: stay quiet; else the number of lines suppressed since the last one."""
+        key = (kind, _host(peer))
+        last = self._last.get(key)
+        if last is not None and now - last < _LOG_EVERY_S:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        if len(self._last) >= _LOG_KEYS:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+def _host(addr: str) -> str:
+    host, sep, port = addr.rpartition(":")
+    return host.strip("[]") if sep and port.isdigit() else addr
 
 
 def _fmt_addr(host: str, port: int) -> str:
@@ -184,11 +271,15 @@ class GossipService:
         self._leave_done = trio.Event()
         self._running = False
         self._extra_seeds: list[str] = []
+        self._conns: dict[_Conn, None] = {}  # incoming streams, oldest first
+        self._skew: dict[str, ClockSkew] = {}  # latest rejected skew per peer, oldest first
+        self._ratelog = _RateLog()
         self._c = dict.fromkeys(
             (
                 "packets_in", "packets_out", "bytes_in", "bytes_out", "streams_in",
                 "streams_out", "stream_errors", "send_errors", "dropped_bad_key",
-                "dropped_replay", "dropped_malformed", "dropped_send_queue",
+                "dropped_replay", "dropped_malformed", "dropped_send_queue", "dropped_errors",
+                "streams_refused", "streams_evicted",
             ),
             0,
         )  # fmt: skip
@@ -236,6 +327,11 @@ class GossipService:
             deaths_declared=counters.deaths_declared if counters else 0,
             refutations=counters.refutations if counters else 0,
             reconnects=counters.reconnects if counters else 0,
+            refutations_impossible=counters.refutations_impossible if counters else 0,
+            dropped_errors=c["dropped_errors"],
+            streams_refused=c["streams_refused"],
+            streams_evicted=c["streams_evicted"],
+            clock_skew=tuple(self._skew.values()),
         )
 
     # ------------------------------------------------------------------ block directory
@@ -426,7 +522,14 @@ class GossipService:
             except ValueError:
                 raise ValueError(f"{path}: not an incarnation number: {text[:40]!r}") from None
 
-        return await trio.to_thread.run_sync(read) + 1
+        inc = await trio.to_thread.run_sync(read) + 1
+        if inc > MAX_INCARNATION:
+            # never reached by refutations (146 million years at one a millisecond): the file
+            # was written by hand or by another program. Peers would drop anything above.
+            log.warning("gossip incarnation %d in %s is past the ceiling %d; using the ceiling",
+                        inc, path, MAX_INCARNATION)
+            inc = MAX_INCARNATION
+        return max(inc, 1)
 
     async def _persist(self, inc: int) -> None:
         if self.state_dir is None or inc <= self._persisted_inc:
@@ -527,6 +630,19 @@ class GossipService:
     def _now_ms(self) -> int:
         return int(self._wall() * 1000)
 
+    def _drop(self, counter: str, src: str, what: str, exc: BaseException | None = None) -> None:
+        """Count a dropped message and log it with the peer (rate-limited)."""
+        self._c[counter] += 1
+        suppressed = self._ratelog.allow(counter, src, trio.current_time())
+        if suppressed is None:
+            return
+        log.warning(
+            "gossip dropped %s from %s (%s): %s%s", what, src, counter,
+            f"{type(exc).__name__}: {exc}" if exc is not None else "",
+            f" ({suppressed} more like it not logged)" if suppressed else "",
+            exc_info=exc if counter == "dropped_errors" else None,
+        )  # fmt: skip
+
     def _flush(self) -> None:
         core = self._core
         if core is None:
@@ -536,10 +652,10 @@ class GossipService:
             for addr, pkt in core.take_outbox():
                 try:
                     dest = parse_hostport(addr, "member address")
-                except ValueError:
+                    data = self._sealer.seal(encode(pkt), CHANNEL_UDP, now_ms)
+                except (ValueError, OverflowError, TypeError):
                     self._c["send_errors"] += 1
                     continue
-                data = self._sealer.seal(encode(pkt), CHANNEL_UDP, now_ms)
                 try:
                     self._send_tx.send_nowait((dest, data))
                 except trio.WouldBlock:
@@ -555,14 +671,28 @@ class GossipService:
                 if cb is not None:
                     try:
                         cb(ev)
-                    except Exception:  # the daemon's bug must not stop membership
-                        log.exception("gossip on_event callback failed")
+                    except Exception as exc:  # the daemon's bug must not stop membership
+                        self._drop("dropped_errors", ev.addr, f"the {ev.kind} event", exc)
         if core.incarnation > self._persisted_inc and self.state_dir is not None:
             self._persist_wanted.set()
         if core.leaving and not core.leave_pending():
             self._leave_done.set()
         if core.next_deadline() < self._timer_target:
             self._wake.set()
+
+    def _step(self, src: str, what: str, fn: Callable[[], object]) -> bool:
+        """Run one core step and flush; an exception drops the message (counted, logged)."""
+        try:
+            fn()
+            self._flush()
+        except Exception as exc:
+            self._drop("dropped_errors", src, what, exc)
+            try:
+                self._flush()  # what the core queued before it failed still goes out
+            except Exception as exc2:
+                self._drop("dropped_errors", src, "the flush after an error", exc2)
+            return False
+        return True
 
     async def _timer_loop(self) -> None:
         core = self._core
@@ -575,8 +705,8 @@ class GossipService:
                 await self._wake.wait()
             now = trio.current_time()
             if now >= core.next_deadline():
-                core.handle_timer(now)
-                self._flush()
+                if not self._step("timer", "a timer step", functools.partial(core.handle_timer, now)):
+                    await trio.sleep(0.1)  # a failing step must not spin the loop
 
     async def _recv_loop(self, udp: trio.socket.SocketType) -> None:
         while True:
@@ -586,37 +716,76 @@ class GossipService:
                 continue
             self._on_datagram(data, _fmt_addr(src[0], src[1]))
 
-    def _open(self, data: bytes, channel: bytes) -> bytes | None:
+    def _open(self, data: bytes, channel: bytes, src: str) -> bytes | None:
         try:
             plain, sealed_ms, nonce = self._sealer.open(data, channel)
-            if nonce is not None and sealed_ms is not None:
-                self._guard.check(nonce, sealed_ms, self._now_ms())
         except CryptoError as exc:
-            if exc.reason in ("replay", "stale"):
-                self._c["dropped_replay"] += 1
-            elif exc.reason == "malformed":
-                self._c["dropped_malformed"] += 1
-            else:
-                self._c["dropped_bad_key"] += 1
+            self._crypto_drop(exc, src)
+            return None
+        return self._fresh((plain, sealed_ms, nonce), src, channel)
+
+    def _fresh(self, opened: tuple[bytes, int | None, bytes | None], src: str, channel: bytes) -> (
+        bytes | None
+    ):
+        """The plaintext if it was sealed inside the replay window and not seen before."""
+        plain, sealed_ms, nonce = opened
+        if nonce is None or sealed_ms is None:
+            return plain
+        now_ms = self._now_ms()
+        try:
+            self._guard.check(nonce, sealed_ms, now_ms)
+        except CryptoError as exc:
+            if exc.reason == "stale":
+                # a stream's source port is a fresh one each time: key it by the host
+                peer = src if channel == CHANNEL_UDP else _host(src)
+                self._note_skew(peer, src, sealed_ms - now_ms, now_ms)
+            self._crypto_drop(exc, src)
             return None
         return plain
+
+    def _crypto_drop(self, exc: CryptoError, src: str) -> None:
+        if exc.reason in ("replay", "stale"):
+            self._c["dropped_replay"] += 1
+        elif exc.reason == "malformed":
+            self._c["dropped_malformed"] += 1
+        else:
+            self._c["dropped_bad_key"] += 1
+
+    def _note_skew(self, peer: str, src: str, skew_ms: int, now_ms: int) -> None:
+        core = self._core
+        node = core.node_at(src) if core is not None else None
+        self._skew.pop(peer, None)
+        self._skew[peer] = ClockSkew(peer=peer, node=node or "", skew_ms=skew_ms, at_ms=now_ms)
+        while len(self._skew) > SKEW_PEERS:
+            del self._skew[next(iter(self._skew))]
+        suppressed = self._ratelog.allow("clock_skew", src, trio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "gossip dropped a message from %s%s sealed %+d ms from our clock (replay window "
+                "%d ms): the clocks disagree; check NTP on both nodes%s",
+                src, f" ({node})" if node else "", skew_ms, self._guard.window_ms,
+                f" ({suppressed} more like it not logged)" if suppressed else "",
+                extra={"fields": {"peer": src, "node": node or "", "skew_ms": skew_ms}},
+            )  # fmt: skip
 
     def _on_datagram(self, data: bytes, src: str) -> None:
         self._c["packets_in"] += 1
         self._c["bytes_in"] += len(data)
-        plain = self._open(data, CHANNEL_UDP)
+        plain = self._open(data, CHANNEL_UDP, src)
         if plain is None:
             return
         try:
             pkt: Packet = decode_packet(plain)
-        except MessageError:
-            self._c["dropped_malformed"] += 1
+        except MessageError as exc:
+            self._drop("dropped_malformed", src, "a datagram", exc)
             return
         core = self._core
         if core is None:
             return
-        core.handle_message(pkt, src, trio.current_time())
-        self._flush()
+        self._step(
+            src, f"a {type(pkt).__name__} datagram",
+            lambda: core.handle_message(pkt, src, trio.current_time()),
+        )  # fmt: skip
 
     async def _send_loop(self, udp: trio.socket.SocketType) -> None:
         async for dest, data in self._send_rx:
@@ -629,43 +798,53 @@ class GossipService:
 
     # ------------------------------------------------------------------ streams
 
-    async def _read_frame(self, stream: trio.abc.ReceiveStream, buf: bytearray) -> bytes | None:
-        async def need(n: int) -> bool:
-            while len(buf) < n:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return False
-                buf.extend(chunk)
-            return True
-
-        if not await need(4):
-            if buf:
-                raise MessageError("stream closed inside a frame header")
+    async def _read_frame(self, stream: trio.abc.ReceiveStream, limit: int) -> bytes | None:
+        """The next frame's sealed bytes (None at a clean end); never buffers past the frame
+        being read, and refuses a frame longer than ``limit`` before reading its body."""
+        head = await _receive_exactly(stream, 4)
+        if head is None:
             return None
-        (n,) = _FRAME.unpack_from(buf)
-        if n > MAX_FRAME:
-            raise MessageError(f"frame of {n} bytes exceeds the {MAX_FRAME} byte limit")
-        if not await need(4 + n):
+        (n,) = _FRAME.unpack(head)
+        if n > limit:
+            raise MessageError(f"frame of {n} bytes exceeds the {limit} byte limit")
+        body = await _receive_exactly(stream, n)
+        if body is None:
             raise MessageError("stream closed inside a frame")
-        frame = bytes(buf[4 : 4 + n])
-        del buf[: 4 + n]
-        return frame
+        return body
 
-    async def _write_frame(self, stream: trio.abc.SendStream, msg: StreamMsg) -> None:
-        data = self._sealer.seal(encode(msg), CHANNEL_TCP, self._now_ms())
-        await stream.send_all(_FRAME.pack(len(data)) + data)
-        self._c["bytes_out"] += len(data) + 4
+    async def _write_frame(self, stream: trio.abc.SendStream, msg: StreamMsg, first: bool) -> None:
+        data = frame(self._sealer.seal(encode(msg), CHANNEL_TCP, self._now_ms()))
+        if first and len(data) > PREAUTH_LIMIT:
+            # the listener buffers PREAUTH_LIMIT bytes until a frame authenticates: one small one
+            hello = frame(self._sealer.seal(encode(STREAM_HELLO), CHANNEL_TCP, self._now_ms()))
+            data = hello + data
+        await stream.send_all(data)
+        self._c["bytes_out"] += len(data)
 
-    def _open_frame(self, frame: bytes) -> StreamMsg:
-        self._c["bytes_in"] += len(frame) + 4
-        plain = self._open(frame, CHANNEL_TCP)
-        if plain is None:
-            raise CryptoError("bad_key", "stream frame rejected")
+    async def _open_frame(self, sealed: bytes, src: str) -> StreamMsg | None:
+        """The decoded message (None: STREAM_HELLO); raises CryptoError / MessageError."""
+        self._c["bytes_in"] += len(sealed) + 4
+        big = len(sealed) > PREAUTH_LIMIT
         try:
-            return decode_stream(plain)
-        except MessageError:
-            self._c["dropped_malformed"] += 1
+            if big:  # only ever after the stream authenticated (see _serve_stream)
+                opened = await trio.to_thread.run_sync(self._sealer.open, sealed, CHANNEL_TCP)
+            else:
+                opened = self._sealer.open(sealed, CHANNEL_TCP)
+        except CryptoError as exc:
+            self._crypto_drop(exc, src)
             raise
+        plain = self._fresh(opened, src, CHANNEL_TCP)
+        if plain is None:
+            raise CryptoError("replay", "stream frame stale or replayed")
+        try:
+            if big:
+                msg = await trio.to_thread.run_sync(decode_stream, plain)
+            else:
+                msg = decode_stream(plain)
+        except MessageError as exc:
+            self._drop("dropped_malformed", src, "a stream frame", exc)
+            raise
+        return None if msg == STREAM_HELLO else msg
 
     async def _stream_client(self, addr: str, msg: StreamMsg) -> None:
         core = self._core
@@ -675,55 +854,108 @@ class GossipService:
             with trio.fail_after(self.config.stream_timeout_s):
                 stream = await trio.open_tcp_stream(host, port)
                 async with stream:
-                    await self._write_frame(stream, msg)
-                    buf = bytearray()
+                    await self._write_frame(stream, msg, True)
                     answered = False
                     while True:
-                        frame = await self._read_frame(stream, buf)
-                        if frame is None:
+                        # a peer we chose to contact: frames up to MAX_FRAME, bounded in time
+                        sealed = await self._read_frame(stream, MAX_FRAME)
+                        if sealed is None:
                             if not answered:  # the peer hung up: it could not open our frame
                                 raise MessageError(f"{addr} closed the stream without answering")
                             break
+                        got = await self._open_frame(sealed, addr)
+                        if got is None:
+                            continue  # STREAM_HELLO before a big answer
                         answered = True
-                        reply = core.handle_stream(
-                            self._open_frame(frame), addr, trio.current_time()
-                        )
-                        self._flush()
+                        reply = self._handle_stream(got, addr)
                         if reply is None:
                             break
-                        await self._write_frame(stream, reply)
+                        await self._write_frame(stream, reply, False)
                         if isinstance(reply, PushPullFinal):
                             break  # the last frame of a push-pull: nothing comes back
             self._c["streams_out"] += 1
         except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self._c["stream_errors"] += 1
             log.debug("gossip stream to %s failed: %s", addr, exc)
+        except Exception as exc:
+            self._c["stream_errors"] += 1
+            self._drop("dropped_errors", addr, "a stream", exc)
+
+    def _handle_stream(self, msg: StreamMsg, src: str) -> StreamMsg | None:
+        """One frame through the core; an exception in it drops the stream (counted, logged)."""
+        core = self._core
+        assert core is not None
+        reply: list[StreamMsg | None] = [None]
+
+        def run() -> None:
+            reply[0] = core.handle_stream(msg, src, trio.current_time())
+
+        if not self._step(src, f"a {type(msg).__name__} stream frame", run):
+            raise _Handled()
+        return reply[0]
 
     async def _serve_stream(self, stream: trio.SocketStream) -> None:
         core = self._core
-        if core is None:
-            await stream.aclose()
-            return
         try:
             peer = stream.socket.getpeername()
             src = _fmt_addr(peer[0], peer[1])
         except OSError:
             src = "?"
+        if core is None:
+            await trio.aclose_forcefully(stream)
+            return
+        if len(self._conns) >= self.config.max_stream_conns:
+            victim = next((c for c in self._conns if not c.authed), None)
+            if victim is None:  # all authenticated: the newcomer waits for a later try
+                await trio.aclose_forcefully(stream)
+                self._drop("streams_refused", src, "a connection (max_stream_conns reached)")
+                return
+            del self._conns[victim]
+            victim.scope.cancel()
+            self._c["streams_evicted"] += 1
+        conn = _Conn()
+        self._conns[conn] = None
         self._c["streams_in"] += 1
         try:
-            async with stream:
-                with trio.fail_after(self.config.stream_timeout_s):
-                    buf = bytearray()
-                    while True:
-                        frame = await self._read_frame(stream, buf)
-                        if frame is None:
-                            return
-                        reply = core.handle_stream(
-                            self._open_frame(frame), src, trio.current_time()
-                        )
-                        self._flush()
-                        if reply is not None:
-                            await self._write_frame(stream, reply)
+            with conn.scope:
+                async with stream:
+                    with trio.fail_after(self.config.stream_timeout_s):
+                        while True:
+                            limit = MAX_FRAME if conn.authed else PREAUTH_LIMIT - 4
+                            sealed = await self._read_frame(stream, limit)
+                            if sealed is None:
+                                return
+                            msg = await self._open_frame(sealed, src)
+                            conn.authed = True
+                            if msg is None:
+                                continue  # STREAM_HELLO: a big frame follows
+                            reply = self._handle_stream(msg, src)
+                            if reply is not None:
+                                await self._write_frame(stream, reply, False)
+        except _Handled:
+            self._c["stream_errors"] += 1
         except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self._c["stream_errors"] += 1
             log.debug("gossip stream from %s dropped: %s", src, exc)
+        except Exception as exc:
+            self._c["stream_errors"] += 1
+            self._drop("dropped_errors", src, "a stream", exc)
+        finally:
+            self._conns.pop(conn, None)
+
+
+class _Handled(Exception):
+    """A stream frame whose handling failed (already counted and logged): end the stream."""
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes | None:
+    """``n`` bytes, or None if the stream ended before the first; raises inside them."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(min(n - len(buf), 1 << 16))
+        if not chunk:
+            if not buf:
+                return None
+            raise MessageError(f"stream closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
