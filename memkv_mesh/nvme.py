@@ -58,6 +58,27 @@ loss, but is never needed for "never served wrong"):
    version is refused with ValueError instead, so a wrong directory is never overwritten.
 7. a record pointing outside the current layout (capacity shrunk since): dropped_outside.
 
+Faults (ENOSPC, EIO): the data files are reserved at open, so a full file system shows up as a
+failed journal append (or, on a file system without fallocate, a failed payload write); a dying
+device as EIO anywhere. No such error escapes as a bare OSError from ``put``/``put_many``/
+``read_into``/``delete``, and none leaves a half-recorded block:
+
+* a failed payload write or PUT append frees the block's extent and indexes nothing (a short or
+  failed append is cut back with ftruncate; if even that fails, no record is appended again until
+  a later ftruncate succeeds, so valid records never follow garbage);
+* a DEL that cannot be appended still takes the block out of the index, and its header is zeroed
+  in place (the data files need no new space), so a restart drops the stale PUT as torn; if that
+  write fails too, a restart may bring back the block's old, intact bytes (checked as always);
+* a read error is a miss: the block is dropped as corrupt and never served;
+* the first error makes the tier *degraded* (``degraded``, ``statistics()``; logged once per
+  transition with the error). A degraded tier refuses writes with ``NvmeDegradedError`` without
+  touching the disk, except one write every ``probe_interval`` seconds, which is let through as a
+  probe; the first write that succeeds ends the degraded state (logged). ``put`` raises
+  ``NvmeIOError`` when its own write failed; both subclass ``NvmeFullError`` ("the tier did not
+  store this block"), so a caller that drops a clean block on NvmeFullError keeps working;
+* open on a full disk keeps the old journal (its torn tail cut with ftruncate) when it cannot
+  write the compacted one, and starts degraded.
+
 Threads: every method may be called from several worker threads at once (the store calls them
 via ``trio.to_thread.run_sync``). One ``threading.Lock`` guards the index, allocators, policy,
 journal and counters; payload I/O runs outside it. ``close`` waits for reads and writes in
@@ -67,9 +88,12 @@ write first.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import threading
+import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -103,7 +127,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_FILE_SIZE",
+    "DEFAULT_PROBE_INTERVAL",
+    "NvmeDegradedError",
     "NvmeFullError",
+    "NvmeIOError",
     "NvmeStats",
     "NvmeTier",
     "RecoveryReport",
@@ -112,6 +139,12 @@ __all__ = [
 # 64 GiB: big enough that a multi-TB flash node has tens of files, not thousands (placement
 # scans the files), small enough that one file never approaches a file system's size limit.
 DEFAULT_FILE_SIZE = 64 << 30
+
+# A degraded tier lets one write through per this many seconds: often enough that it resumes within
+# seconds of space returning, rare enough that a dead disk costs one failed write per interval.
+DEFAULT_PROBE_INTERVAL = 5.0
+
+_log = logging.getLogger(__name__)
 
 _JOURNAL = "journal"
 _JOURNAL_TMP = "journal.tmp"
@@ -153,21 +186,44 @@ class NvmeStats(msgspec.Struct, frozen=True):
     payload_bytes: int = 0  # sum of the live blocks' lengths
     largest_free: int = 0  # largest contiguous free extent over all files
     pinned: int = 0  # reads in flight
-    io_errors: int = 0  # OSErrors on reads (the block is dropped as corrupt)
+    io_errors: int = 0  # OSErrors on reads and writes (read_errors + write_errors)
     journal_bytes: int = 0
     compactions: int = 0
     compaction_failures: int = 0
     syncs: int = 0  # sync() calls (the "batch" fsync policy)
+    degraded: bool = False  # an I/O error (ENOSPC, EIO) happened and no write has succeeded since
+    degraded_reason: str = ""  # the error that started it: "journal append: [Errno 28] ..."
+    degraded_since: float = 0.0  # Unix time it started (0.0: not degraded)
+    write_errors: int = 0  # payload writes, journal appends and syncs that failed
+    read_errors: int = 0  # payload reads that failed (each block dropped, a miss)
+    refused_writes: int = 0  # puts refused while degraded without touching the disk
+    probes: int = 0  # writes let through while degraded to see whether the disk is back
+    degraded_episodes: int = 0  # times the tier became degraded
+    unjournaled_dels: int = 0  # removals whose DEL could not be appended (header zeroed instead)
 
 
 class NvmeFullError(RuntimeError):
-    """No room could be made: every resident block that could free space is pinned.
+    """The tier did not store the block. Raised as such when no room could be made (every
+    resident block that could free space is pinned); the base of every refusal of a write.
 
     ``dropped`` lists the keys evicted before giving up (they are gone from the tier)."""
 
     def __init__(self, message: str, dropped: list[bytes]) -> None:
         super().__init__(message)
         self.dropped = dropped
+
+
+class NvmeDegradedError(NvmeFullError):
+    """Refused without touching the disk: the tier is degraded and no probe is due."""
+
+
+class NvmeIOError(NvmeFullError):
+    """The block's payload write, sync or journal append failed (``errno``: ENOSPC, EIO, ...).
+    Nothing of the block was kept; the tier is now degraded."""
+
+    def __init__(self, message: str, dropped: list[bytes], errno_: int | None) -> None:
+        super().__init__(message, dropped)
+        self.errno = errno_
 
 
 class _Block:
@@ -244,6 +300,8 @@ class NvmeTier:
         compact_ratio: int = 4,
         compact_min_records: int = 4096,
         io_factory: Callable[[list[Path], list[int]], BlockIO] = PosixBlockIO,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``capacity`` bytes of data files in ``directory`` (created if missing).
 
@@ -253,6 +311,8 @@ class NvmeTier:
         fdatasync the payload before its PUT record and every record after it is appended.
         ``verify_writes``: check the caller's checksum on put (one extra pass over the bytes).
         ``io_factory``: builds the payload I/O backend from the data files' paths and sizes.
+        ``probe_interval``: seconds between the writes a degraded tier lets through as probes;
+        ``clock``: the monotonic clock that times them (tests pass a fake).
         """
         if (
             isinstance(align, bool)
@@ -266,6 +326,8 @@ class NvmeTier:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             if value % align:
                 raise ValueError(f"{name} ({value}) must be a multiple of align ({align})")
+        if isinstance(probe_interval, bool) or not isinstance(probe_interval, (int, float)) or not probe_interval >= 0:
+            raise ValueError(f"probe_interval must be a number of seconds >= 0, got {probe_interval!r}")
         if compact_ratio < 2:
             raise ValueError(f"compact_ratio must be at least 2, got {compact_ratio}")
         self._dir = Path(directory)
@@ -282,6 +344,8 @@ class NvmeTier:
         self._compact_ratio = compact_ratio
         self._compact_min = compact_min_records
         self._io_factory = io_factory
+        self._probe_interval = float(probe_interval)
+        self._clock = clock
         if isinstance(policy, str):
             from memkv_mesh.eviction import make_policy
 
@@ -303,11 +367,16 @@ class NvmeTier:
         self._active = 0  # pinned reads + writes in flight
         self._pinned = 0
         self._payload_bytes = 0
+        self._journal_ok = True  # False: the journal's tail is unknown; ftruncate before appending
+        self._degraded = ""  # the reason; "" while healthy
+        self._degraded_since = 0.0
+        self._next_probe = 0.0
         self._c = dict.fromkeys(
             (
                 "reads", "writes", "bytes_read", "bytes_written", "dropped_corrupt",
-                "dropped_torn", "evictions", "misses", "io_errors", "compactions",
-                "compaction_failures", "syncs",
+                "dropped_torn", "evictions", "misses", "compactions", "compaction_failures",
+                "syncs", "write_errors", "read_errors", "refused_writes", "probes",
+                "degraded_episodes", "unjournaled_dels",
             ),
             0,
         )  # fmt: skip
@@ -368,6 +437,7 @@ class NvmeTier:
         torn = 0
         reset = False
         max_seq = 0
+        valid_end = 0  # bytes of the journal up to its last valid record
         if raw:
             try:
                 jh = decode_journal_header(raw)
@@ -398,6 +468,7 @@ class NvmeTier:
                     nrec += 1
                     pos += RECORD_SIZE
                 torn = len(raw) - pos
+                valid_end = pos
         self._next_seq = max_seq + 1
 
         # place the survivors: newest first, so of two overlapping records the newer one wins
@@ -460,7 +531,16 @@ class NvmeTier:
         self._c["dropped_torn"] += dropped_torn
         self._c["dropped_corrupt"] += dropped_corrupt
         with self._lock:
-            self._compact_locked()
+            try:
+                self._compact_locked()
+            except OSError as e:
+                if not valid_end:  # no journal worth keeping (fresh, empty or reset): refuse
+                    raise
+                # A full disk at restart: keep appending to the old journal, its torn tail cut
+                # (ftruncate needs no space). Its records for blocks dropped above still fail
+                # their header check on the next open.
+                self._keep_journal_locked(jpath, valid_end, nrec)
+                self._fail_locked("journal compaction at open", e)
         return RecoveryReport(
             recovered=len(good),
             dropped_torn=dropped_torn,
@@ -517,19 +597,55 @@ class NvmeTier:
     # ---- journal (lock held) ---------------------------------------------------------------
 
     def _append_locked(self, record: bytes, records: int = 1) -> None:
-        """Append ``records`` journal records (``record`` holds them back to back) in one write."""
+        """Append ``records`` journal records (``record`` holds them back to back) in one write.
+
+        All or nothing: on any error (ENOSPC, EIO, a failed fdatasync with ``sync``) the journal
+        is cut back to its previous size before the OSError propagates. If even that fails, the
+        tail is unknown and no record is appended until a later ftruncate succeeds, so a valid
+        record never follows garbage that replay would stop at (or a half batch it would trust).
+        """
+        if not self._journal_ok:
+            self._repair_journal_locked()
         try:
-            n = os.write(self._jfd, record)
+            view = memoryview(record)
+            while view:  # a short write is retried once more: the retry reports the real errno
+                n = os.write(self._jfd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"append to {self._dir / _JOURNAL} wrote nothing")
+                view = view[n:]
+            if self._sync:
+                os.fdatasync(self._jfd)
         except BaseException:
-            os.ftruncate(self._jfd, self._journal_size)
+            try:
+                os.ftruncate(self._jfd, self._journal_size)
+            except OSError:
+                self._journal_ok = False
             raise
-        if n != len(record):
-            os.ftruncate(self._jfd, self._journal_size)
-            raise OSError(f"short append to {self._dir / _JOURNAL} ({n} of {len(record)} bytes)")
-        self._journal_size += n
+        self._journal_size += len(record)
         self._journal_records += records
-        if self._sync:
-            os.fdatasync(self._jfd)
+
+    def _repair_journal_locked(self) -> None:
+        """Make the journal file end at ``_journal_size`` again (reopening it if compaction lost
+        its descriptor); raises OSError if it still cannot."""
+        if self._jfd < 0:
+            self._jfd = os.open(self._dir / _JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.ftruncate(self._jfd, self._journal_size)
+        self._journal_ok = True
+
+    def _keep_journal_locked(self, jpath: Path, valid_end: int, nrec: int) -> None:
+        """Open's fallback when it cannot write a compacted journal: append to the old one."""
+        fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, valid_end)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._jfd >= 0:
+            os.close(self._jfd)
+        self._jfd = fd
+        self._journal_size = valid_end
+        self._journal_records = nrec
+        self._journal_ok = True
 
     def _maybe_compact_locked(self) -> None:
         recs = self._journal_records
@@ -547,27 +663,38 @@ class NvmeTier:
         for b in sorted(self._index.values(), key=lambda b: b.seq):
             buf += b.record(REC_PUT)
         tmp = self._dir / _JOURNAL_TMP
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(buf)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._dir / _JOURNAL)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._dir / _JOURNAL)
+        except BaseException:
+            # e.g. ENOSPC: the old journal is untouched; give the partial copy's space back
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
+        # From here on ``journal`` is the new file: point the state at it before anything else
+        # can fail (a failed reopen leaves _jfd -1 and the next append reopens it).
+        old, self._jfd = self._jfd, -1
+        self._journal_size = len(buf)
+        self._journal_records = len(self._index)
+        self._journal_ok = False
+        self._c["compactions"] += 1
+        if old >= 0:
+            os.close(old)
+        self._repair_journal_locked()
         dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        newfd = os.open(self._dir / _JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        if self._jfd >= 0:
-            os.close(self._jfd)
-        self._jfd = newfd
-        self._journal_size = len(buf)
-        self._journal_records = len(self._index)
-        self._c["compactions"] += 1
 
     # ---- index helpers (lock held) ---------------------------------------------------------
 
@@ -588,7 +715,72 @@ class NvmeTier:
         del self._index[b.key]
         self._policy.remove(b.key)
         self._retire_locked(b)
-        self._append_locked(b.record(REC_DEL))
+        self._append_del_locked(b)
+
+    def _append_del_locked(self, b: _Block) -> None:
+        """Journal the removal of ``b`` (already out of the index). Never raises OSError: if the
+        DEL cannot be appended, the block's header is zeroed in place instead (under the lock, so
+        before its extent can be reused), which makes a restart drop its PUT as torn."""
+        try:
+            self._append_locked(b.record(REC_DEL))
+            return
+        except OSError as e:
+            self._fail_locked("journal append (DEL)", e)
+        self._c["unjournaled_dels"] += 1
+        if self._io is None:
+            return
+        try:
+            self._io.write(b.file, b.offset, bytes(self._region), memoryview(b""))
+        except OSError as e:  # a restart may bring back the old (intact, checked) bytes
+            self._fail_locked("zeroing a removed block's header", e)
+
+    # ---- degraded state (lock held) ------------------------------------------------------------
+
+    def _fail_locked(self, what: str, err: OSError) -> None:
+        """Count an I/O error; the first one since the tier was healthy makes it degraded."""
+        self._c["read_errors" if what == "read" else "write_errors"] += 1
+        self._next_probe = self._clock() + self._probe_interval
+        if self._degraded:
+            return
+        self._degraded = f"{what}: {err}"
+        self._degraded_since = time.time()
+        self._c["degraded_episodes"] += 1
+        _log.warning(
+            "NVMe tier %s degraded: %s; writes are refused except one probe every %g s until "
+            "one succeeds; reads go on (a failed read is a miss)",
+            self._dir, self._degraded, self._probe_interval,
+        )  # fmt: skip
+
+    def _healthy_locked(self) -> None:
+        """A write reached the disk: end a degraded state."""
+        if not self._degraded:
+            return
+        _log.warning(
+            "NVMe tier %s resumed after %.1f s degraded (%s)",
+            self._dir, time.time() - self._degraded_since, self._degraded,
+        )  # fmt: skip
+        self._degraded = ""
+        self._degraded_since = 0.0
+
+    def _admit_write_locked(self) -> bool:
+        """True if a write may go to the disk now: always while healthy; while degraded, one
+        write (the probe) per ``probe_interval``."""
+        if not self._degraded:
+            return True
+        now = self._clock()
+        if now >= self._next_probe:
+            self._next_probe = now + self._probe_interval
+            self._c["probes"] += 1
+            return True
+        self._c["refused_writes"] += 1
+        return False
+
+    def _refusal(self, what: str) -> NvmeDegradedError:
+        return NvmeDegradedError(
+            f"{what} refused: the NVMe tier at {self._dir} is degraded ({self._degraded}); "
+            f"next probe in {max(0.0, self._next_probe - self._clock()):.1f} s",
+            [],
+        )
 
     def _can_evict(self, key: Hashable) -> bool:
         b = self._index.get(key)  # type: ignore[call-overload]
@@ -613,7 +805,10 @@ class NvmeTier:
     def put(self, key: bytes, data: object, checksum: int) -> list[bytes]:
         """Store a block (replacing any block with that key) and return the keys evicted to make
         room. ValueError for a bad key, buffer or checksum or a block larger than a data file;
-        NvmeFullError if every block that could make room is pinned."""
+        NvmeFullError if every block that could make room is pinned; its subclasses
+        NvmeDegradedError if the tier is degraded and this put is not its probe, NvmeIOError if
+        the payload write, sync or PUT append failed (nothing of the block is kept). Never a
+        bare OSError."""
         _check_key(key)
         view = _byte_view(data, "data", writable=False)
         if isinstance(checksum, bool) or not isinstance(checksum, int) or not 0 <= checksum < _U64:
@@ -631,6 +826,8 @@ class NvmeTier:
         dropped: list[bytes] = []
         with self._lock:
             io = self._check_open_locked()
+            if not self._admit_write_locked():
+                raise self._refusal(f"put of block {key.hex()}")
             old = self._index.get(key)
             if old is not None:
                 self._remove_locked(old)
@@ -648,30 +845,51 @@ class NvmeTier:
             self._next_seq += 1
             self._active += 1
         ok = False
+        err: OSError | None = None
+        what = "data file write"
         try:
             header = encode_block_header(BlockHeader(seq, length, checksum, key)) + self._pad
             io.write(file, offset, header, view)
             if self._sync:
+                what = "data file sync"
                 io.sync(file)
             ok = True
+        except OSError as e:
+            err = e
         finally:
             with self._lock:
                 try:
                     if ok:
-                        self._publish_locked(key, file, offset, length, checksum, seq)
+                        try:
+                            self._publish_locked(key, file, offset, length, checksum, seq)
+                        except OSError as e:  # the extent is free again, nothing indexed
+                            err, what = e, "journal append (PUT)"
+                        else:
+                            self._healthy_locked()
                     else:
                         self._allocs[file].free(offset)
+                    if err is not None:
+                        self._fail_locked(what, err)
                 finally:
                     self._active -= 1
                     if not self._active:
                         self._idle.notify_all()
+        if err is not None:
+            raise NvmeIOError(
+                f"block {key.hex()} was not stored on the NVMe tier at {self._dir}: {what} "
+                f"failed: {err}",
+                dropped,
+                err.errno,
+            ) from err
         return dropped
 
     def put_many(self, items: list[tuple[bytes, memoryview, int]]) -> tuple[list[bool], list[bytes]]:
         """``put`` of several blocks with one journal append for all their PUT records (a flash
         node's write-through of a pushed batch). Per item True if stored; False where it could
-        not be (too big, everything pinned, an I/O error on its payload); and the keys evicted
-        to make room. Bad keys or checksums raise ValueError before anything is written."""
+        not be (too big, everything pinned, an I/O error on its payload, its sync or the batch's
+        journal append, or the tier degraded and this batch not its probe); and the keys evicted
+        to make room. Bad keys or checksums raise ValueError before anything is written; I/O
+        errors never raise. A False item left nothing behind: no index entry, no extent."""
         for key, _, checksum in items:
             _check_key(key)
             if isinstance(checksum, bool) or not isinstance(checksum, int) or not 0 <= checksum < _U64:
@@ -681,6 +899,8 @@ class NvmeTier:
         staged: list[_Staged] = []
         with self._lock:
             io = self._check_open_locked()
+            if items and not self._admit_write_locked():
+                return ok, dropped
             for i, (key, view, checksum) in enumerate(items):
                 need = self._region + view.nbytes
                 if need > max(self._sizes):
@@ -694,18 +914,23 @@ class NvmeTier:
                     self._next_seq += 1
             self._active += len(staged)
         written: list[_Staged] = []
+        errors: list[tuple[str, OSError]] = []
         try:
             for st in staged:
                 header = encode_block_header(BlockHeader(st.seq, st.view.nbytes, st.checksum, st.key))
                 try:
                     io.write(st.file, st.offset, header + self._pad, st.view)
-                except OSError:
-                    self._c_io_error()
+                except OSError as e:
+                    errors.append(("data file write", e))
                     continue
                 written.append(st)
             if self._sync:
                 for file in sorted({st.file for st in written}):
-                    io.sync(file)
+                    try:
+                        io.sync(file)
+                    except OSError as e:  # nothing written to that file is known durable
+                        errors.append(("data file sync", e))
+                        written = [st for st in written if st.file != file]
         finally:
             with self._lock:
                 try:
@@ -714,18 +939,22 @@ class NvmeTier:
                         if st.item not in done:
                             self._allocs[st.file].free(st.offset)
                     if written:
-                        self._publish_many_locked(written)
-                        for st in written:
-                            ok[st.item] = True
+                        try:
+                            self._publish_many_locked(written)
+                        except OSError as e:  # every extent of the batch is free again
+                            errors.append(("journal append (PUT)", e))
+                        else:
+                            for st in written:
+                                ok[st.item] = True
+                    for what, failure in errors:
+                        self._fail_locked(what, failure)
+                    if any(ok) and not errors:
+                        self._healthy_locked()
                 finally:
                     self._active -= len(staged)
                     if not self._active:
                         self._idle.notify_all()
         return ok, dropped
-
-    def _c_io_error(self) -> None:
-        with self._lock:
-            self._c["io_errors"] += 1
 
     def _make_room_locked(self, need: int, dropped: list[bytes]) -> tuple[int, int] | None:
         """An extent of ``need`` bytes, evicting unpinned blocks (their keys go to ``dropped``);
@@ -742,7 +971,7 @@ class NvmeTier:
                 continue
             del self._index[vb.key]
             self._retire_locked(vb)
-            self._append_locked(vb.record(REC_DEL))
+            self._append_del_locked(vb)
             dropped.append(vb.key)
             self._c["evictions"] += 1
 
@@ -832,12 +1061,12 @@ class NvmeTier:
             self._pinned += 1
             self._active += 1
         ok = False
-        io_error = False
+        io_error: OSError | None = None
         try:
             try:
                 ok = read(io, b)
-            except OSError:
-                io_error = True
+            except OSError as e:
+                io_error = e
         finally:
             with self._lock:
                 try:
@@ -848,7 +1077,8 @@ class NvmeTier:
                             self._policy.touch(key)
                     else:
                         self._c["dropped_corrupt"] += 1
-                        self._c["io_errors"] += io_error
+                        if io_error is not None:
+                            self._fail_locked("read", io_error)
                         if self._index.get(key) is b:
                             self._remove_locked(b)
                 finally:
@@ -881,11 +1111,18 @@ class NvmeTier:
         with self._lock:
             io = self._check_open_locked()
             nfiles = len(self._sizes)
-        for i in range(nfiles):
-            io.sync(i)
-        with self._lock:
-            self._check_open_locked()
-            os.fdatasync(self._jfd)
+        try:
+            for i in range(nfiles):
+                io.sync(i)
+            with self._lock:
+                self._check_open_locked()
+                if self._jfd < 0:  # compaction could not reopen it: nothing of it to sync yet
+                    self._repair_journal_locked()
+                os.fdatasync(self._jfd)
+        except OSError as e:
+            with self._lock:
+                self._fail_locked("sync", e)
+            raise
         with self._lock:
             self._c["syncs"] += 1
 
@@ -911,6 +1148,19 @@ class NvmeTier:
         with self._lock:
             return list(self._index)
 
+    @property
+    def degraded(self) -> bool:
+        """True from an I/O error (ENOSPC, EIO) until a write succeeds again."""
+        with self._lock:
+            return bool(self._degraded)
+
+    @property
+    def accepts_writes(self) -> bool:
+        """False while degraded with no probe due: a put now would raise NvmeDegradedError
+        without touching the disk (a caller may skip the worker-thread hop)."""
+        with self._lock:
+            return not self._degraded or self._clock() >= self._next_probe
+
     def statistics(self) -> NvmeStats:
         with self._lock:
             c = self._c
@@ -929,9 +1179,18 @@ class NvmeTier:
                 payload_bytes=self._payload_bytes,
                 largest_free=max(a.largest_free for a in self._allocs),
                 pinned=self._pinned,
-                io_errors=c["io_errors"],
+                io_errors=c["read_errors"] + c["write_errors"],
                 journal_bytes=self._journal_size,
                 compactions=c["compactions"],
                 compaction_failures=c["compaction_failures"],
                 syncs=c["syncs"],
+                degraded=bool(self._degraded),
+                degraded_reason=self._degraded,
+                degraded_since=self._degraded_since,
+                write_errors=c["write_errors"],
+                read_errors=c["read_errors"],
+                refused_writes=c["refused_writes"],
+                probes=c["probes"],
+                degraded_episodes=c["degraded_episodes"],
+                unjournaled_dels=c["unjournaled_dels"],
             )

@@ -22,7 +22,9 @@ class BlockIO(Protocol):
 
     def write(self, file: int, offset: int, header: bytes, payload: memoryview) -> None:
         """Write ``header`` at ``offset`` and ``payload`` right after it (``len(header)`` is the
-        tier's header region, so the payload offset stays aligned)."""
+        tier's header region, so the payload offset stays aligned). ``payload`` may be empty: the
+        tier zeroes a removed block's header that way when it cannot journal the removal. Raise
+        OSError on failure (ENOSPC, EIO); the tier frees the extent and counts it."""
 
     def read(self, file: int, offset: int, header: bytearray, payload: memoryview) -> None:
         """Fill ``header`` from ``offset`` and ``payload`` from ``offset + len(header)``."""

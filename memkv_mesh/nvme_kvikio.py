@@ -129,6 +129,8 @@ class KvikioBlockIO:
     def write(self, file: int, offset: int, header: bytes, payload: memoryview) -> None:
         self._posix.write(file, offset, header, payload[:0])  # the header region alone
         size = payload.nbytes
+        if not size:  # a header alone (the tier zeroes a removed block's header this way)
+            return
         n = self._files[file].pwrite(_host_array(payload), size, offset + len(header), task_size=self.config.task_size).get()
         if n != size:
             raise OSError(f"short write to data file {file} at {offset + len(header)}: {n} of {size} bytes")

@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from memkv_mesh.nvme import NvmeFullError, NvmeTier, RecoveryReport
+from memkv_mesh.nvme import NvmeFullError, NvmeIOError, NvmeTier, RecoveryReport
 from memkv_mesh.nvme_format import (
     HEADER_SIZE,
     JOURNAL_HEADER_SIZE,
@@ -519,14 +519,14 @@ class GatedIO(PosixBlockIO):
         super().write(file, offset, header, payload)
 
 
-def gated(tmp_path: Path, capacity: int) -> tuple[NvmeTier, Callable[[], GatedIO]]:
+def gated(tmp_path: Path, capacity: int, **kw: object) -> tuple[NvmeTier, Callable[[], GatedIO]]:
     made: list[GatedIO] = []
 
     def factory(paths: list[Path], sizes: list[int]) -> GatedIO:
         made.append(GatedIO(paths, sizes))
         return made[-1]
 
-    t = make(tmp_path, capacity, io_factory=factory)
+    t = make(tmp_path, capacity, io_factory=factory, **kw)
     return t, lambda: made[0]
 
 
@@ -593,16 +593,21 @@ def test_close_waits_for_reads_in_flight(tmp_path: Path) -> None:
 
 
 def test_write_and_read_errors(tmp_path: Path) -> None:
-    t, io = gated(tmp_path, 16 * A)
+    """A failed write is an NvmeIOError (an NvmeFullError: "not stored") that keeps nothing; a
+    failed read is a miss. tests/security/test_sec_nvme_faults.py covers the degraded state."""
+    t, io = gated(tmp_path, 16 * A, probe_interval=0)
     io().fail_writes = 1
-    with pytest.raises(OSError, match="injected write error"):
+    with pytest.raises(NvmeIOError, match="injected write error") as ei:
         put(t, 1, A)
-    assert t.statistics().used_bytes == 0 and key(1) not in t
-    put(t, 1, A)
+    assert isinstance(ei.value, NvmeFullError) and ei.value.errno == 28
+    assert t.statistics().used_bytes == 0 and key(1) not in t and t.degraded
+    put(t, 1, A)  # probe_interval 0: the next write is a probe, and it succeeds
+    assert not t.degraded
     io().fail_reads = 1
     assert t.read_into(key(1), bytearray(A)) is None
     s = t.statistics()
-    assert s.io_errors == 1 and s.dropped_corrupt == 1 and key(1) not in t
+    assert s.io_errors == 2 and s.read_errors == 1 and s.write_errors == 1
+    assert s.dropped_corrupt == 1 and key(1) not in t
     assert s.used_bytes == 0
     t.close()
 
