@@ -28,6 +28,7 @@ from transport.dataplane import (
     FetchRequest,
     PushReady,
     PushRequest,
+    Session,
     encode_frame,
     server_handshake,
 )
@@ -326,7 +327,7 @@ class _MemChannel:
     def __init__(self, send: trio.MemorySendChannel[object], recv: trio.MemoryReceiveChannel[object]) -> None:
         self.peer = "mem"
         self._send, self._recv = send, recv
-        self.session: tuple[bytes, bytes] | None = None
+        self.session: Session | None = None
 
     async def send_msg(self, msg: object) -> None:
         await self._send.send(msg)
@@ -335,8 +336,8 @@ class _MemChannel:
         with trio.fail_after(limit_s or 5):
             return await self._recv.receive()
 
-    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
-        self.session = (local_nonce, remote_nonce)
+    def start_session(self, session: Session) -> None:
+        self.session = session
 
 
 def _pair() -> tuple[_MemChannel, _MemChannel]:
@@ -362,7 +363,10 @@ async def test_handshake_binds_fresh_nonces_and_rejects_replay_and_forgery() -> 
         n.start_soon(server_handshake, s, keys, "server", 5)  # type: ignore[arg-type]
         assert await client_handshake(c, keys, "client", 5) == "server"  # type: ignore[arg-type]
     assert c.session is not None and s.session is not None
-    assert c.session == (s.session[1], s.session[0])  # each side's tag nonce is the other's remote
+    # each side's tag nonce is the other's remote, and what one seals the other opens
+    assert (c.session.local_nonce, c.session.remote_nonce) == (s.session.remote_nonce, s.session.local_nonce)
+    assert s.session.open(c.session.seal(b"request")) == b"request"
+    assert c.session.open(s.session.seal(b"reply")) == b"reply"
 
     # Record a whole genuine client session, then replay its Hello and Proof to a fresh server.
     c, s = _pair()
@@ -399,7 +403,7 @@ async def test_handshake_binds_fresh_nonces_and_rejects_replay_and_forgery() -> 
     async with trio.open_nursery() as n:
 
         async def forge() -> None:
-            await c.send_msg(Hello(1, "mallory", key_id(keys[0]), b"\x01" * 32))
+            await c.send_msg(Hello(2, "mallory", key_id(keys[0]), b"\x01" * 32))
             await c.recv_msg(5)
             await c.send_msg(Proof(b"\x00" * 32))
             assert not isinstance(await c.recv_msg(5), Welcome)
@@ -414,7 +418,7 @@ async def test_handshake_binds_fresh_nonces_and_rejects_replay_and_forgery() -> 
 
         async def fake_server() -> None:
             await s.recv_msg(5)
-            await s.send_msg(Challenge(1, "fake", b"\x02" * 32, b"\x00" * 32))
+            await s.send_msg(Challenge(2, "fake", b"\x02" * 32, b"\x00" * 32))
 
         n.start_soon(fake_server)
         with pytest.raises(AuthError, match="could not prove"):

@@ -11,7 +11,22 @@ Theory of operation
   challenge-response over fresh 32-byte nonces from both sides (``client_handshake`` /
   ``server_handshake``), with distinct labels per direction, so a recorded proof cannot be
   replayed or reflected. A peer without a key from our keyring can neither fetch nor store.
-  Bulk bytes are not encrypted; their integrity is the xxh3-64 checksum verified on arrival.
+* After the handshake every control frame is sealed with AES-GCM under a per-connection session
+  (``Session``): HKDF-SHA256 over the mesh key, both nonces and both node ids gives one key per
+  direction, and the nonce is a per-direction frame counter, so an injected, altered, replayed,
+  reordered or dropped frame fails to open and closes the connection (``frame_auth_failures``).
+  Bulk bytes are integrity-checked by the xxh3-64 checksum that their (sealed) control frame
+  carries; with ``encrypt_bulk`` they are sealed too, under their own per-direction keys.
+* Identity: the node id a peer claims in ``Hello`` is bound into both proofs and into the session
+  keys, so it cannot change for the life of the connection; a request that names a node
+  (``node_id`` of a request) must name that one, and no peer may claim this node's own id.
+* Bounded before authentication: frames of at most ``PREAUTH_FRAME_BYTES`` and at most 64 KiB
+  buffered per connection, the handshake within ``connect_timeout_s``, at most
+  ``max_handshakes`` handshakes at once (the oldest is dropped to make room) and
+  ``max_connections`` connections per listener. After it: a frame once started must complete
+  within ``io_timeout_s``, an idle connection is closed after ``idle_timeout_s``, every decoded
+  message is range checked, and an exception while serving a request drops that connection
+  (counted in ``handler_errors``, logged with the peer), never the listener.
 * Bytes land straight in the arena: the receiver allocates a slot (``store.alloc``), receives into
   ``store.arena.slice``, verifies the sender's checksum (which is the checksum the store recorded
   at put time), and only then commits. A corrupt block is aborted (slot freed) and reported
@@ -49,11 +64,15 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import trio
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from memkv_mesh.keys import KEY_BYTES
 from memkv_mesh.protocol import LEN, encode_frame  # the same length-prefixed msgpack framing
@@ -73,15 +92,26 @@ __all__ = [
     "DataPlane",
     "DataPlaneError",
     "DataPlaneStats",
+    "FrameAuthError",
+    "Session",
     "choose_transport",
     "encode_frame",
     "client_handshake",
     "server_handshake",
 ]
 
-DATAPLANE_VERSION = 1
+# 2: control frames sealed after the handshake (a version-1 peer is refused with a clear error).
+DATAPLANE_VERSION = 2
 MAX_BATCH = 65536
 NONCE_BYTES = 32
+# Before authentication a connection may make us hold at most this much: the handshake's
+# messages are a few hundred bytes, so 64 KiB is ample and an unauthenticated peer costs little.
+PREAUTH_BUFFER_BYTES = 64 * 1024
+PREAUTH_FRAME_BYTES = PREAUTH_BUFFER_BYTES - 4
+# Node ids are names (host names, "gpu-17"): longer ones, or control characters, are refused.
+MAX_NODE_ID = 255
+# AES-GCM's tag, added to every sealed frame and (with encrypt_bulk) to every block on the wire.
+TAG_BYTES = 16
 # No block on the wire is larger (the store's own limit is 128 MiB by default); a bigger announced
 # size is a broken peer, not something to drain.
 _MAX_WIRE_BLOCK = 1 << 30
@@ -105,27 +135,58 @@ class AuthError(DataPlaneError):
     """The handshake failed: wrong key, unknown key, or a bad proof."""
 
 
+class IdentityError(AuthError):
+    """A peer claimed a node id that is not its own (this node's, or another than it proved)."""
+
+
+class FrameAuthError(DataPlaneError):
+    """A frame after the handshake failed to open: injected, altered, replayed, reordered or lost."""
+
+
+class IdleTimeout(DataPlaneError):
+    """No frame started within the wait for one (an idle connection, not a broken one)."""
+
+
 # ---- wire messages. ONLY APPEND: never renumber a tag or reorder fields. ---------------------------
 class Msg(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
+# Range checks done by the decoder itself (a frame that breaks them is malformed and closes the
+# connection); what needs a clear reply (key lengths, duplicates, list lengths) is checked by the
+# handlers.
+_Keys = Annotated[list[bytes], msgspec.Meta(max_length=MAX_BATCH)]
+_Sizes = Annotated[list[Annotated[int, msgspec.Meta(ge=-1, le=1 << 30)]], msgspec.Meta(max_length=MAX_BATCH)]
+_Checksums = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BATCH)]
+_Flags = Annotated[list[bool], msgspec.Meta(max_length=MAX_BATCH)]
+_Status = Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=255)]], msgspec.Meta(max_length=MAX_BATCH)]
+_NodeId = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID)]
+_Nonce = Annotated[bytes, msgspec.Meta(max_length=64)]
+_Short = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
 class Hello(Msg, tag=0):
-    version: int
-    node_id: str
-    key_id: bytes
-    nonce: bytes
+    """``bulk``: the client wants block bytes sealed too (``encrypt_bulk``)."""
+
+    version: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+    node_id: _NodeId
+    key_id: _Nonce
+    nonce: _Nonce
+    bulk: bool = False
 
 
 class Challenge(Msg, tag=1):
-    version: int
-    node_id: str
-    nonce: bytes
-    proof: bytes
+    """``bulk``: block bytes are sealed on this connection (either side asked); bound into both proofs."""
+
+    version: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+    node_id: _NodeId
+    nonce: _Nonce
+    proof: _Nonce
+    bulk: bool = False
 
 
 class Proof(Msg, tag=2):
-    proof: bytes
+    proof: _Nonce
 
 
 class Welcome(Msg, tag=3):
@@ -133,49 +194,56 @@ class Welcome(Msg, tag=3):
 
 
 class FetchRequest(Msg, tag=4):
-    keys: list[bytes]
+    """``node_id``: the requesting node, when it says; must be the one it authenticated as."""
+
+    keys: _Keys
+    node_id: _NodeId = ""
 
 
 class FetchReply(Msg, tag=5):
     """Per key: size (-1: not held) and xxh3-64 checksum (0 when not held)."""
 
-    sizes: list[int]
-    checksums: list[int]
+    sizes: _Sizes
+    checksums: _Checksums
 
 
 class PushRequest(Msg, tag=6):
     """``fresh``: blocks a client just put on the pushing node (its replication, not a repair or
-    a hand-off); they are accepted over a tombstone, since the put is newer than the delete."""
+    a hand-off); they are accepted over a tombstone, since the put is newer than the delete.
+    ``node_id``: the pushing node, when it says; must be the one it authenticated as."""
 
-    keys: list[bytes]
-    sizes: list[int]
-    checksums: list[int]
+    keys: _Keys
+    sizes: _Sizes
+    checksums: _Checksums
     fresh: bool = False
+    node_id: _NodeId = ""
 
 
 class PushReady(Msg, tag=7):
-    status: list[int]
+    status: _Status
 
 
 class PushDone(Msg, tag=8):
-    stored: list[bool]
+    stored: _Flags
 
 
 class DeleteRequest(Msg, tag=9):
-    """Delete these blocks here and remember them as deleted (a mesh-wide delete)."""
+    """Delete these blocks here and remember them as deleted (a mesh-wide delete). ``node_id``:
+    the deleting node, when it says; must be the one it authenticated as."""
 
-    keys: list[bytes]
+    keys: _Keys
+    node_id: _NodeId = ""
 
 
 class DeleteDone(Msg, tag=10):
     """Per key: whether this node held a copy that it deleted."""
 
-    deleted: list[bool]
+    deleted: _Flags
 
 
 class Error(Msg, tag=63):
-    code: str
-    message: str
+    code: _Short
+    message: _Short
 
 
 AnyMsg = (
@@ -183,11 +251,111 @@ AnyMsg = (
     | DeleteRequest | DeleteDone | Error
 )
 _decoder: msgspec.msgpack.Decoder[AnyMsg] = msgspec.msgpack.Decoder(AnyMsg)
+_encoder = msgspec.msgpack.Encoder()
+
+
 def decode_body(body: bytes | bytearray | memoryview) -> Msg:
+    """One frame body -> a message; ``DataPlaneError`` for anything that is not a valid one
+    (msgspec raises only its own errors for any input; the rest is belt and braces)."""
     try:
         return _decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise DataPlaneError(f"malformed data-plane frame: {e}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # pragma: no cover
+        raise DataPlaneError(f"malformed data-plane frame: {type(e).__name__}: {e}") from None
+
+
+# ---- the session: sealed frames after the handshake ---------------------------------------------
+_SESSION_INFO = b"memkv-dataplane session v2\0"
+
+
+def _lp(text: str) -> bytes:
+    raw = text.encode()
+    return LEN.pack(len(raw)) + raw
+
+
+class Session:
+    """The per-connection keys the handshake leaves behind, and the frame counters.
+
+    HKDF-SHA256 (salt: both nonces; info: a label and both node ids) over the mesh key gives four
+    keys: control frames client->server and server->client, block bytes client->server and
+    server->client. Each direction's AES-GCM nonce is its own counter (frame n of a direction is
+    sealed with nonce n), so the receiver opens frame n only with nonce n: a frame injected,
+    altered, replayed, reordered or dropped fails its tag, and the connection is closed.
+    Pure (no I/O): a channel calls ``seal``/``open`` in the order frames go out and come in.
+    """
+
+    __slots__ = (
+        "local_nonce", "remote_nonce", "encrypt_bulk", "_tx", "_rx", "_btx", "_brx", "_ntx", "_nrx",
+        "_nbtx", "_nbrx",
+    )  # fmt: skip
+
+    def __init__(
+        self, key: bytes, nonce_c: bytes, nonce_s: bytes, client_id: str, server_id: str, *,
+        is_client: bool, encrypt_bulk: bool = False,
+    ) -> None:  # fmt: skip
+        okm = HKDF(
+            algorithm=SHA256(), length=128, salt=nonce_c + nonce_s,
+            info=_SESSION_INFO + _lp(client_id) + _lp(server_id),
+        ).derive(key)  # fmt: skip
+        c2s, s2c, bc2s, bs2c = (okm[i : i + 32] for i in range(0, 128, 32))
+        self.local_nonce, self.remote_nonce = (nonce_c, nonce_s) if is_client else (nonce_s, nonce_c)
+        self.encrypt_bulk = encrypt_bulk
+        self._tx = AESGCM(c2s if is_client else s2c)
+        self._rx = AESGCM(s2c if is_client else c2s)
+        self._btx = AESGCM(bc2s if is_client else bs2c)
+        self._brx = AESGCM(bs2c if is_client else bc2s)
+        self._ntx = self._nrx = self._nbtx = self._nbrx = 0
+
+    def seal(self, body: bytes | bytearray | memoryview) -> bytes:
+        n, self._ntx = self._ntx, self._ntx + 1
+        return self._tx.encrypt(n.to_bytes(12, "little"), bytes(body), None)
+
+    def open(self, data: bytes | bytearray | memoryview) -> bytes:
+        n, self._nrx = self._nrx, self._nrx + 1
+        try:
+            return self._rx.decrypt(n.to_bytes(12, "little"), bytes(data), None)
+        except InvalidTag:
+            raise FrameAuthError(
+                f"frame {n} failed authentication (injected, altered, replayed, reordered or lost)"
+            ) from None
+
+    def seal_block(self, view: memoryview) -> bytearray:
+        """Block bytes -> ciphertext + tag (``len(view) + TAG_BYTES``), with the next bulk nonce."""
+        n, self._nbtx = self._nbtx, self._nbtx + 1
+        out = bytearray(len(view) + TAG_BYTES)
+        self._btx.encrypt_into(n.to_bytes(12, "little"), view, None, out)
+        return out
+
+    def open_block_into(self, sealed: memoryview | None, into: memoryview | None) -> None:
+        """Open the next sealed block into ``into``; ``None`` skips one (a block read and
+        discarded still uses its nonce). ``FrameAuthError`` when it fails its tag."""
+        n, self._nbrx = self._nbrx, self._nbrx + 1
+        if sealed is None or into is None:
+            return
+        try:
+            self._brx.decrypt_into(n.to_bytes(12, "little"), sealed, None, into)
+        except InvalidTag:
+            raise FrameAuthError(f"block {n} failed authentication (altered, reordered or lost)") from None
+
+
+def seal_frame(session: Session | None, msg: Msg) -> bytes:
+    """A whole frame (length + body) for ``msg``: plain before the handshake, sealed after."""
+    return frame_body(session, _encoder.encode(msg))
+
+
+def frame_body(session: Session | None, body: bytes | bytearray | memoryview) -> bytes:
+    """Frame a raw body as is (sealed when there is a session). The fuzz benchmark's hook."""
+    if session is not None:
+        body = session.seal(body)
+    return LEN.pack(len(body)) + bytes(body)
+
+
+def open_frame(session: Session | None, body: bytes | bytearray | memoryview) -> Msg:
+    """A received frame body -> a message (opened first when there is a session)."""
+    if session is not None:
+        body = session.open(body)
+    return decode_body(body)
 
 
 # ---- channels -----------------------------------------------------------------------------------
@@ -195,11 +363,17 @@ class Channel(Protocol):
     """One authenticated-or-not connection to a peer, as the protocol sees it."""
 
     peer: str
+    # Set by ``start_session`` once authenticated; None before.
+    session: Session | None
 
     async def send_msg(self, msg: Msg) -> None: ...
 
     async def recv_msg(self, limit_s: float | None) -> Msg:
-        """Next control message; ``PeerClosed`` on EOF, ``DataPlaneError`` on timeout or garbage."""
+        """Next control message: its first byte within ``limit_s`` (None: no limit; else
+        ``IdleTimeout``), the rest within the channel's io timeout (a partial frame is a stalled
+        peer). ``PeerClosed`` on EOF, ``DataPlaneError`` on timeout or garbage, ``FrameAuthError``
+        for a sealed frame that does not open. Before the session, frames are limited to
+        ``PREAUTH_FRAME_BYTES``."""
         ...
 
     async def send_blocks(self, views: list[memoryview]) -> None:
@@ -218,8 +392,9 @@ class Channel(Protocol):
         a block while the rest of the batch is still on the wire. It must not block."""
         ...
 
-    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
-        """Called once authenticated; a transport may derive per-connection state (UCX tags)."""
+    def start_session(self, session: Session) -> None:
+        """Called once authenticated: frames are sealed from now on, and a transport may derive
+        per-connection state (UCX tags from ``session.local_nonce``/``remote_nonce``)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -251,45 +426,67 @@ def key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"memkv-dataplane key-id\0" + key).digest()[:8]
 
 
-def _proof(key: bytes, label: bytes, nonce_c: bytes, nonce_s: bytes, client: str, server: str) -> bytes:
+def _proof(
+    key: bytes, label: bytes, nonce_c: bytes, nonce_s: bytes, client: str, server: str, bulk: bool = False
+) -> bytes:
     msg = b"".join(
-        (label, b"\0", nonce_c, nonce_s, LEN.pack(len(client)), client.encode(), LEN.pack(len(server)),
-         server.encode())
+        (label, b"\0", nonce_c, nonce_s, _lp(client), _lp(server), b"\1" if bulk else b"\0")
     )  # fmt: skip
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
-_CLIENT = b"memkv-dataplane client proof v1"
-_SERVER = b"memkv-dataplane server proof v1"
+_CLIENT = b"memkv-dataplane client proof v2"
+_SERVER = b"memkv-dataplane server proof v2"
 
 
-async def client_handshake(chan: Channel, keys: list[bytes], node_id: str, limit_s: float) -> str:
-    """Prove our key and check the server's proof; returns the server's node id."""
+def node_id_problem(node_id: str) -> str:
+    """Why ``node_id`` is not acceptable as a peer's name ("" when it is)."""
+    if not node_id:
+        return "an empty node id"
+    if len(node_id.encode()) > MAX_NODE_ID:
+        return f"a node id over {MAX_NODE_ID} bytes"
+    if not node_id.isprintable():
+        return "a node id with control characters"
+    return ""
+
+
+async def client_handshake(
+    chan: Channel, keys: list[bytes], node_id: str, limit_s: float, *, encrypt_bulk: bool = False
+) -> str:
+    """Prove our key and check the server's proof; returns the server's node id. On return the
+    channel has its ``Session`` (every later frame is sealed)."""
     if not keys:
         raise AuthError("no mesh key configured ([dataplane] keys is empty): cannot talk to peers")
     key = keys[0]
     nonce_c = os.urandom(NONCE_BYTES)
-    await chan.send_msg(Hello(DATAPLANE_VERSION, node_id, key_id(key), nonce_c))
+    await chan.send_msg(Hello(DATAPLANE_VERSION, node_id, key_id(key), nonce_c, encrypt_bulk))
     msg = await chan.recv_msg(limit_s)
     if isinstance(msg, Error):
         raise AuthError(f"peer {chan.peer} refused the connection: {msg.code}: {msg.message}")
     if not isinstance(msg, Challenge) or len(msg.nonce) != NONCE_BYTES:
         raise AuthError(f"peer {chan.peer} answered Hello with {type(msg).__name__}, not a Challenge")
-    want = _proof(key, _SERVER, nonce_c, msg.nonce, node_id, msg.node_id)
+    want = _proof(key, _SERVER, nonce_c, msg.nonce, node_id, msg.node_id, msg.bulk)
     if not hmac.compare_digest(want, msg.proof):
         raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) could not prove it holds the mesh key")
-    await chan.send_msg(Proof(_proof(key, _CLIENT, nonce_c, msg.nonce, node_id, msg.node_id)))
+    if encrypt_bulk and not msg.bulk:  # cannot happen with a genuine server: the proof covers it
+        raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) would not seal block bytes")
+    await chan.send_msg(Proof(_proof(key, _CLIENT, nonce_c, msg.nonce, node_id, msg.node_id, msg.bulk)))
     msg2 = await chan.recv_msg(limit_s)
     if isinstance(msg2, Error):
         raise AuthError(f"peer {chan.peer} refused our proof: {msg2.code}: {msg2.message}")
     if not isinstance(msg2, Welcome):
         raise AuthError(f"peer {chan.peer} answered our proof with {type(msg2).__name__}")
-    chan.start_session(nonce_c, msg.nonce)
+    chan.start_session(
+        Session(key, nonce_c, msg.nonce, node_id, msg.node_id, is_client=True, encrypt_bulk=msg.bulk)
+    )
     return msg.node_id
 
 
-async def server_handshake(chan: Channel, keys: list[bytes], node_id: str, limit_s: float) -> str:
-    """Check the client's key and proof (proving ours); returns the client's node id."""
+async def server_handshake(
+    chan: Channel, keys: list[bytes], node_id: str, limit_s: float, *, encrypt_bulk: bool = False
+) -> str:
+    """Check the client's key and proof (proving ours); returns the client's node id. On return
+    the channel has its ``Session``. A client that claims this node's own id is refused."""
     msg = await chan.recv_msg(limit_s)
     if not isinstance(msg, Hello):
         await _refuse(chan, "bad_request", f"expected Hello, got {type(msg).__name__}")
@@ -300,20 +497,28 @@ async def server_handshake(chan: Channel, keys: list[bytes], node_id: str, limit
     if len(msg.nonce) != NONCE_BYTES:
         await _refuse(chan, "bad_request", f"nonce must be {NONCE_BYTES} bytes")
         raise AuthError(f"peer {chan.peer} sent a {len(msg.nonce)}-byte nonce")
+    bad = node_id_problem(msg.node_id)
+    if bad:
+        await _refuse(chan, "bad_request", f"Hello carries {bad}")
+        raise AuthError(f"peer {chan.peer} sent {bad}")
+    if msg.node_id == node_id:
+        await _refuse(chan, "identity", f"node id {node_id!r} is this node's own")
+        raise IdentityError(f"peer {chan.peer} claims to be this node ({node_id!r})")
     key = next((k for k in keys if hmac.compare_digest(key_id(k), msg.key_id)), None)
     if key is None:
         await _refuse(chan, "auth", "unknown mesh key")
         raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) uses a key not in our keyring")
+    bulk = msg.bulk or encrypt_bulk
     nonce_s = os.urandom(NONCE_BYTES)
-    proof_s = _proof(key, _SERVER, msg.nonce, nonce_s, msg.node_id, node_id)
-    await chan.send_msg(Challenge(DATAPLANE_VERSION, node_id, nonce_s, proof_s))
+    proof_s = _proof(key, _SERVER, msg.nonce, nonce_s, msg.node_id, node_id, bulk)
+    await chan.send_msg(Challenge(DATAPLANE_VERSION, node_id, nonce_s, proof_s, bulk))
     reply = await chan.recv_msg(limit_s)
-    want = _proof(key, _CLIENT, msg.nonce, nonce_s, msg.node_id, node_id)
+    want = _proof(key, _CLIENT, msg.nonce, nonce_s, msg.node_id, node_id, bulk)
     if not isinstance(reply, Proof) or not hmac.compare_digest(want, reply.proof):
         await _refuse(chan, "auth", "bad proof")
         raise AuthError(f"peer {chan.peer} ({msg.node_id!r}) failed to prove the mesh key")
     await chan.send_msg(Welcome())
-    chan.start_session(nonce_s, msg.nonce)
+    chan.start_session(Session(key, msg.nonce, nonce_s, msg.node_id, node_id, is_client=False, encrypt_bulk=bulk))
     return msg.node_id
 
 
@@ -383,6 +588,22 @@ class DataPlaneStats(msgspec.Struct, frozen=True):
     # UCX: transport/device of the lanes this node's authenticated endpoints use (ucp_ep_query),
     # e.g. ["tcp/lo", "cma/memory"]; ucx_transports is what the context may use. Empty for TCP.
     ucx_lanes_in_use: list[str] = []
+    # Issue 11 (appended): sealed frames or blocks that failed to open (connection closed).
+    frame_auth_failures: int = 0
+    # Peers that claimed a node id not their own (this node's, or in a request another than the
+    # one they authenticated as): refused with Error("identity").
+    identity_refusals: int = 0
+    # Connections refused at the listener's cap (max_connections).
+    connections_refused: int = 0
+    # Handshakes dropped to make room for a new one (max_handshakes), or that timed out.
+    handshakes_evicted: int = 0
+    handshake_timeouts: int = 0
+    # Authenticated connections closed after idle_timeout_s without a request.
+    idle_closed: int = 0
+    # Requests whose handling raised an unexpected exception (the connection was dropped).
+    handler_errors: int = 0
+    connections_handshaking: int = 0
+    encrypt_bulk: bool = False
 
 
 class _Owner:
@@ -401,7 +622,8 @@ class _Owner:
 _COUNTERS = (
     "connections_accepted", "connections_opened", "fetches", "pushes", "blocks_in", "bytes_in",
     "blocks_out", "bytes_out", "corrupt_blocks", "auth_failures", "protocol_errors", "peer_errors",
-    "requests_served",
+    "requests_served", "frame_auth_failures", "identity_refusals", "connections_refused",
+    "handshakes_evicted", "handshake_timeouts", "idle_closed", "handler_errors",
 )  # fmt: skip
 
 
@@ -429,6 +651,13 @@ class DataPlane:
         self._ucx_transports: list[str] = []
         self._address = ""
         self._idle: dict[str, list[Channel]] = {}
+        # The authenticated node id of each of our client connections (pooled or in use).
+        self._names: dict[Channel, str] = {}
+        # Server side: connections being served, and the cancel scopes of those still in their
+        # handshake, oldest first (the oldest is dropped when max_handshakes is reached).
+        self._serving = 0
+        self._handshaking: dict[int, trio.CancelScope] = {}
+        self._conn_ids = itertools.count(1)
         self._open = 0
         self._active = 0
         self._limiter = trio.CapacityLimiter(config.max_concurrent_transfers)
@@ -482,48 +711,55 @@ class DataPlane:
             connections_open=self._open,
             active_transfers=self._active,
             ucx_lanes_in_use=list(getattr(self._backend, "lanes_in_use", [])),
+            connections_handshaking=len(self._handshaking),
+            encrypt_bulk=self.config.encrypt_bulk,
             **c,
         )
 
     # ---- client side ------------------------------------------------------------------------------
-    async def fetch(self, peer: str, keys: list[bytes], on_stored: OnStored | None = None) -> list[bool]:
+    async def fetch(
+        self, peer: str, keys: list[bytes], on_stored: OnStored | None = None, *, expect_node: str | None = None
+    ) -> list[bool]:
         """Pull ``keys`` from ``peer`` into our store. True per block now held here.
 
         ``on_stored(keys)``, when given, is awaited with each group of blocks as soon as they are
         verified and committed, while the rest of the batch is still arriving (a local get can
-        hand them to its client early). It must not raise."""
+        hand them to its client early). It must not raise. ``expect_node`` (fetch, push,
+        delete): the node id the peer must authenticate as (``IdentityError`` otherwise)."""
         _check_batch(keys)
         result = self.store.contains(keys)
         todo = [i for i, have in enumerate(result) if not have]
         if not todo:
             return result
         want = [keys[i] for i in todo]
-        got = await self._transfer(peer, lambda ch, fresh: self._fetch_on(ch, want, on_stored))
+        got = await self._transfer(peer, lambda ch, fresh: self._fetch_on(ch, want, on_stored), expect_node)
         for i, ok in zip(todo, got, strict=True):
             result[i] = ok
         self._c["fetches"] += 1
         return result
 
-    async def push(self, peer: str, keys: list[bytes], *, fresh: bool = False) -> list[bool]:
+    async def push(
+        self, peer: str, keys: list[bytes], *, fresh: bool = False, expect_node: str | None = None
+    ) -> list[bool]:
         """Replicate ``keys`` from our store to ``peer``. True per block the peer now holds.
         ``fresh``: just put by a local client (accepted over the peer's tombstones)."""
         _check_batch(keys)
         if not keys:
             return []
-        out = await self._transfer(peer, lambda ch, _: self._push_on(ch, keys, fresh))
+        out = await self._transfer(peer, lambda ch, _: self._push_on(ch, keys, fresh), expect_node)
         self._c["pushes"] += 1
         return out
 
-    async def delete(self, peer: str, keys: list[bytes]) -> list[bool]:
+    async def delete(self, peer: str, keys: list[bytes], *, expect_node: str | None = None) -> list[bool]:
         """Delete ``keys`` on ``peer`` (which tombstones them). True per key it held."""
         _check_batch(keys)
         if not keys:
             return []
-        return await self._transfer(peer, lambda ch, fresh: self._delete_on(ch, keys))
+        return await self._transfer(peer, lambda ch, fresh: self._delete_on(ch, keys), expect_node)
 
     async def _delete_on(self, chan: Channel, keys: list[bytes]) -> list[bool]:
         try:
-            await chan.send_msg(DeleteRequest(keys))
+            await chan.send_msg(DeleteRequest(keys, self.node_id))
             reply = await chan.recv_msg(self.config.io_timeout_s)
         except PeerClosed:
             raise _StaleConnection() from None
@@ -546,7 +782,7 @@ class DataPlane:
         return held
 
     async def _transfer(
-        self, peer: str, op: Callable[[Channel, bool], Awaitable[list[bool]]]
+        self, peer: str, op: Callable[[Channel, bool], Awaitable[list[bool]]], expect_node: str | None = None
     ) -> list[bool]:
         split_peer(peer)
         async with self._limiter:
@@ -554,6 +790,13 @@ class DataPlane:
             try:
                 for attempt in (0, 1):
                     chan, fresh = await self._checkout(peer)
+                    name = self._names.get(chan, "")
+                    if expect_node is not None and name != expect_node:
+                        await self._close(chan)
+                        self._c["identity_refusals"] += 1
+                        raise IdentityError(
+                            f"peer {peer} authenticated as {name!r}, not as the expected {expect_node!r}"
+                        )
                     try:
                         out = await op(chan, fresh)
                     except _StaleConnection:
@@ -564,6 +807,9 @@ class DataPlane:
                         continue
                     except BaseException as e:
                         await self._close(chan)
+                        if isinstance(e, FrameAuthError):
+                            self._c["frame_auth_failures"] += 1
+                            log.warning("data-plane frame refused: %s", e, extra={"fields": {"peer": peer}})
                         if isinstance(e, DataPlaneError):
                             self._c["peer_errors"] += 1
                             if isinstance(e, PeerClosed):
@@ -588,10 +834,13 @@ class DataPlane:
                 self._open += 1
                 self._c["connections_opened"] += 1
                 try:
-                    await client_handshake(chan, self._keys, self.node_id, cfg.connect_timeout_s)
+                    name = await client_handshake(
+                        chan, self._keys, self.node_id, cfg.connect_timeout_s, encrypt_bulk=cfg.encrypt_bulk
+                    )
                 except BaseException:
                     await self._close(chan)
                     raise
+                self._names[chan] = name
         except trio.TooSlowError:
             self._c["peer_errors"] += 1
             raise DataPlaneError(
@@ -614,6 +863,7 @@ class DataPlane:
 
     async def _close(self, chan: Channel) -> None:
         self._open -= 1
+        self._names.pop(chan, None)
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await chan.aclose()
@@ -623,7 +873,7 @@ class DataPlane:
     async def _fetch_on(self, chan: Channel, keys: list[bytes], on_stored: OnStored | None = None) -> list[bool]:
         store, to = self.store, self.config.io_timeout_s
         try:
-            await chan.send_msg(FetchRequest(keys))
+            await chan.send_msg(FetchRequest(keys, self.node_id))
             reply = await chan.recv_msg(to)
         except PeerClosed:
             raise _StaleConnection() from None
@@ -632,9 +882,11 @@ class DataPlane:
         if not isinstance(reply, FetchReply) or len(reply.sizes) != len(keys) or len(reply.checksums) != len(keys):
             self._c["protocol_errors"] += 1
             raise DataPlaneError(f"peer {chan.peer} answered a fetch of {len(keys)} keys with a bad reply")
-        if any(s > _MAX_WIRE_BLOCK for s in reply.sizes):
+        if any(s > self.store.max_block_bytes for s in reply.sizes):
             self._c["protocol_errors"] += 1
-            raise DataPlaneError(f"peer {chan.peer} announced a block over {_MAX_WIRE_BLOCK} bytes")
+            raise DataPlaneError(
+                f"peer {chan.peer} announced a block over store.max_block_bytes ({self.store.max_block_bytes})"
+            )
         owner = _Owner()
         try:
             return await self._receive(chan, owner, keys, reply.sizes, reply.checksums, on_stored=on_stored)
@@ -702,18 +954,18 @@ class DataPlane:
             elif on_stored is None:
                 # Nobody waits for single blocks (a push, a plain fetch): verify and commit the
                 # batch at once (one commit, one directory update), not a callback per block.
-                digests = await chan.recv_blocks(targets)
+                digests = await self._recv_blocks(chan, targets)
                 self._commit_batch(chan, owner, keys, sizes, cks, offsets, which, out, list(enumerate(digests)))
             elif sum(sizes[i] for i in which) < _STREAM_MIN_BYTES:
                 # Small batches arrive in one go: handing them on early would only add messages.
-                await chan.recv_blocks(targets, landed)
+                await self._recv_blocks(chan, targets, landed)
             else:
                 publish, stored = trio.open_memory_channel[bytes](float("inf"))
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_hand_on, stored, on_stored)
                         with publish:
-                            await chan.recv_blocks(targets, landed)
+                            await self._recv_blocks(chan, targets, landed)
                 except BaseExceptionGroup as eg:  # the receive's own error, not wrapped
                     if len(eg.exceptions) == 1:
                         raise eg.exceptions[0] from None
@@ -765,7 +1017,7 @@ class DataPlane:
             sizes = [locs[i][1] for i in held]  # type: ignore[index]
             cks = [_stored_checksum(store, keys[i], locs[i]) for i in held]  # type: ignore[arg-type]
             try:
-                await chan.send_msg(PushRequest([keys[i] for i in held], sizes, cks, fresh))
+                await chan.send_msg(PushRequest([keys[i] for i in held], sizes, cks, fresh, self.node_id))
                 ready = await chan.recv_msg(to)
             except PeerClosed:
                 raise _StaleConnection() from None
@@ -798,7 +1050,11 @@ class DataPlane:
         try:
             hook = self._send_hook
             wire = [hook(k, v) for (k, _), v in zip(blocks, views, strict=True)] if hook else views
-            await chan.send_blocks(wire)
+            session = chan.session
+            if session is not None and session.encrypt_bulk:
+                await _send_sealed(chan, session, wire)
+            else:
+                await chan.send_blocks(wire)
         finally:
             for v in views:
                 v.release()
@@ -807,48 +1063,32 @@ class DataPlane:
 
     # ---- server side ------------------------------------------------------------------------------
     async def _serve_channel(self, chan: Channel) -> None:
+        """Serve one accepted connection. Nothing raised here reaches the listener: every
+        exception ends this connection only (counted, logged with the peer)."""
         self._open += 1
         self._c["connections_accepted"] += 1
         cfg = self.config
         try:
+            if self._serving >= cfg.max_connections:
+                self._c["connections_refused"] += 1
+                log.warning(
+                    "data-plane connection refused: at max_connections",
+                    extra={"fields": {"peer": chan.peer, "max_connections": cfg.max_connections}},
+                )
+                return
+            self._serving += 1
             try:
-                with trio.fail_after(cfg.connect_timeout_s):
-                    await server_handshake(chan, self._keys, self.node_id, cfg.connect_timeout_s)
-            except AuthError as e:
-                self._c["auth_failures"] += 1
-                log.warning("data-plane peer refused: %s", e)
-                return
-            except (trio.TooSlowError, DataPlaneError):
-                self._c["peer_errors"] += 1
-                return
-            while True:
-                try:
-                    msg = await chan.recv_msg(None)
-                except PeerClosed:
-                    return
-                owner = _Owner()
-                try:
-                    if isinstance(msg, FetchRequest):
-                        await self._serve_fetch(chan, owner, msg)
-                    elif isinstance(msg, PushRequest):
-                        await self._serve_push(chan, owner, msg)
-                    elif isinstance(msg, DeleteRequest):
-                        bad = _batch_problem(msg.keys)
-                        if bad:
-                            self._c["protocol_errors"] += 1
-                            await chan.send_msg(Error("bad_request", bad))
-                        else:
-                            await chan.send_msg(DeleteDone(await self.forget(msg.keys)))
-                    else:
-                        self._c["protocol_errors"] += 1
-                        await chan.send_msg(Error("bad_request", f"unexpected {type(msg).__name__}"))
-                        return
-                    self._c["requests_served"] += 1
-                finally:
-                    self.store.drop_owner(owner)
-        except DataPlaneError as e:
-            self._c["peer_errors"] += 1
-            log.debug("data-plane peer connection ended: %s", e)
+                name = await self._handshake(chan)
+                if name is not None:
+                    await self._serve_requests(chan, name)
+            finally:
+                self._serving -= 1
+        except Exception as e:  # a bug or an unforeseen input: this connection only
+            self._c["handler_errors"] += 1
+            log.error(
+                "data-plane request failed; connection dropped",
+                exc_info=e, extra={"fields": {"peer": chan.peer, "error": f"{type(e).__name__}: {e}"}},
+            )  # fmt: skip
         finally:
             self._open -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -856,6 +1096,105 @@ class DataPlane:
                     await chan.aclose()
                 except (DataPlaneError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
+
+    async def _handshake(self, chan: Channel) -> str | None:
+        """The server handshake within ``connect_timeout_s``, among at most ``max_handshakes``
+        (the oldest is dropped to make room). The client's node id, or None (counted)."""
+        cfg = self.config
+        while len(self._handshaking) >= cfg.max_handshakes:
+            oldest = next(iter(self._handshaking))
+            self._handshaking.pop(oldest).cancel()
+            self._c["handshakes_evicted"] += 1
+        conn = next(self._conn_ids)
+        scope = self._handshaking[conn] = trio.CancelScope(deadline=trio.current_time() + cfg.connect_timeout_s)
+        name = None
+        try:
+            with scope:
+                name = await server_handshake(
+                    chan, self._keys, self.node_id, cfg.connect_timeout_s, encrypt_bulk=cfg.encrypt_bulk
+                )
+        except IdentityError as e:
+            self._c["identity_refusals"] += 1
+            log.warning("data-plane peer refused: %s", e, extra={"fields": {"peer": chan.peer}})
+        except AuthError as e:
+            self._c["auth_failures"] += 1
+            log.warning("data-plane peer refused: %s", e, extra={"fields": {"peer": chan.peer}})
+        except DataPlaneError as e:
+            self._c["peer_errors"] += 1
+            log.debug("data-plane handshake failed: %s", e, extra={"fields": {"peer": chan.peer}})
+        finally:
+            evicted = self._handshaking.pop(conn, None) is None
+        if scope.cancelled_caught:
+            if not evicted:
+                self._c["handshake_timeouts"] += 1
+            log.info(
+                "data-plane handshake %s", "dropped for a newer one" if evicted else "timed out",
+                extra={"fields": {"peer": chan.peer, "limit_s": cfg.connect_timeout_s}},
+            )  # fmt: skip
+            return None
+        return name
+
+    async def _serve_requests(self, chan: Channel, peer_node: str) -> None:
+        cfg = self.config
+        handlers: dict[type, Callable[[Channel, _Owner, Any], Awaitable[None]]] = {
+            FetchRequest: self._serve_fetch,
+            PushRequest: self._serve_push,
+            DeleteRequest: self._serve_delete,
+        }
+        try:
+            while True:
+                try:
+                    msg = await chan.recv_msg(cfg.idle_timeout_s)
+                except PeerClosed:
+                    return
+                except IdleTimeout:
+                    self._c["idle_closed"] += 1
+                    return
+                handler = handlers.get(type(msg))
+                if handler is None:
+                    self._c["protocol_errors"] += 1
+                    await chan.send_msg(Error("bad_request", f"unexpected {type(msg).__name__}"))
+                    return
+                claimed = msg.node_id  # type: ignore[attr-defined]
+                if claimed and claimed != peer_node:
+                    self._c["identity_refusals"] += 1
+                    log.warning(
+                        "data-plane request under another node's name refused",
+                        extra={"fields": {"peer": chan.peer, "node": peer_node, "claimed": claimed[:MAX_NODE_ID]}},
+                    )  # fmt: skip
+                    await chan.send_msg(
+                        Error("identity", f"this connection is node {peer_node!r}, not {claimed!r}")
+                    )
+                    return
+                owner = _Owner()
+                try:
+                    await handler(chan, owner, msg)
+                    self._c["requests_served"] += 1
+                finally:
+                    self.store.drop_owner(owner)
+        except FrameAuthError as e:
+            self._c["frame_auth_failures"] += 1
+            log.warning("data-plane frame refused: %s", e, extra={"fields": {"peer": chan.peer, "node": peer_node}})
+        except DataPlaneError as e:
+            self._c["peer_errors"] += 1
+            log.debug("data-plane peer connection ended: %s", e, extra={"fields": {"peer": chan.peer}})
+
+    async def _serve_delete(self, chan: Channel, owner: _Owner, req: DeleteRequest) -> None:
+        bad = _batch_problem(req.keys)
+        if bad:
+            self._c["protocol_errors"] += 1
+            await chan.send_msg(Error("bad_request", bad))
+        else:
+            await chan.send_msg(DeleteDone(await self.forget(req.keys)))
+
+    async def _recv_blocks(
+        self, chan: Channel, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None = None
+    ) -> list[int]:
+        """``chan.recv_blocks``, opening sealed blocks when the session seals them."""
+        session = chan.session
+        if session is None or not session.encrypt_bulk:
+            return await chan.recv_blocks(targets, on_block)
+        return await _recv_sealed(chan, session, targets, on_block)
 
     async def _serve_fetch(self, chan: Channel, owner: _Owner, req: FetchRequest) -> None:
         store = self.store
@@ -880,6 +1219,8 @@ class DataPlane:
             bad = f"{n} keys but {len(req.sizes)} sizes and {len(req.checksums)} checksums"
         if not bad and any(s <= 0 for s in req.sizes):
             bad = "block sizes must be > 0"
+        if not bad and any(s > store.max_block_bytes for s in req.sizes):
+            bad = f"a block size is over store.max_block_bytes ({store.max_block_bytes})"
         if bad:
             self._c["protocol_errors"] += 1
             await chan.send_msg(Error("bad_request", bad))
@@ -933,6 +1274,79 @@ async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored
                 await on_stored(group)
             except Exception:
                 log.exception("on_stored failed; the fetch goes on", extra={"fields": {"keys": len(group)}})
+
+
+# Sealed block bytes move in groups of at most this many bytes (one buffer of ciphertext per
+# group, sealed or opened in a worker thread when at least _SEAL_THREAD_BYTES), so a big batch
+# never needs a second copy of itself in memory.
+_SEAL_GROUP_BYTES = 8 << 20
+_SEAL_THREAD_BYTES = 256 << 10
+
+
+def _groups(lengths: list[int]) -> list[range]:
+    out: list[range] = []
+    start, acc = 0, 0
+    for i, n in enumerate(lengths):
+        if acc and acc + n > _SEAL_GROUP_BYTES:
+            out.append(range(start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(lengths):
+        out.append(range(start, len(lengths)))
+    return out
+
+
+async def _send_sealed(chan: Channel, session: Session, views: list[memoryview]) -> None:
+    """Seal each block (AES-GCM, its own nonce) and send the ciphertexts, group by group."""
+    for g in _groups([len(v) for v in views]):
+        part = [views[i] for i in g]
+
+        def seal(part: list[memoryview] = part) -> list[memoryview]:
+            return [memoryview(session.seal_block(v)) for v in part]
+
+        if sum(map(len, part)) >= _SEAL_THREAD_BYTES:
+            sealed = await trio.to_thread.run_sync(seal)
+        else:
+            sealed = seal()
+        await chan.send_blocks(sealed)
+
+
+async def _recv_sealed(
+    chan: Channel, session: Session, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None
+) -> list[int]:
+    """Receive sealed blocks group by group, open each into its target (the arena slice) and
+    hash it; same contract as ``Channel.recv_blocks``. ``FrameAuthError`` when one fails."""
+    lengths = [t if isinstance(t, int) else len(t) for t in targets]
+    digests: list[int] = []
+    for g in _groups(lengths):
+        wire: list[memoryview | int] = [
+            memoryview(bytearray(lengths[i] + TAG_BYTES)) if not isinstance(targets[i], int)
+            else lengths[i] + TAG_BYTES
+            for i in g
+        ]  # fmt: skip
+        await chan.recv_blocks(wire)
+
+        def open_all(g: range = g, wire: list[memoryview | int] = wire) -> list[int]:
+            out = []
+            for i, w in zip(g, wire, strict=True):
+                t = targets[i]
+                if isinstance(t, int) or isinstance(w, int):
+                    session.open_block_into(None, None)
+                    out.append(0)
+                else:
+                    session.open_block_into(w, t)
+                    out.append(xxhash.xxh3_64_intdigest(t))
+            return out
+
+        if sum(lengths[i] for i in g) >= _SEAL_THREAD_BYTES:
+            got = await trio.to_thread.run_sync(open_all)
+        else:
+            got = open_all()
+        for i, d in zip(g, got, strict=True):
+            digests.append(d)
+            if on_block is not None:
+                on_block(i, d)
+    return digests
 
 
 class _StaleConnection(Exception):

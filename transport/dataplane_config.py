@@ -51,10 +51,12 @@ class DataPlaneConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     # covers the usual parallelism towards one owner without holding many sockets per peer.
     max_connections_per_peer: int = 4
     # Seconds to open a connection and finish the authentication handshake. A LAN peer answers in
-    # milliseconds; 5 s rides out a busy peer's GC pause but fails a dead one quickly.
+    # milliseconds; 5 s rides out a busy peer's GC pause but fails a dead one quickly. It also
+    # bounds a handshake on our listener: a connection that has not authenticated by then is closed.
     connect_timeout_s: float = 5.0
     # Seconds a transfer may make no progress (no frame, no bytes) before the peer is declared
     # broken. 10 s: a 100 MiB block at 1 GB/s takes 0.1 s, so only a stalled peer hits this.
+    # Also: a control frame, once its first byte has arrived, must be complete within it (slowloris).
     io_timeout_s: float = 10.0
     # Largest control frame accepted (key lists, sizes). 4 MiB holds a 65,536-key batch with room
     # to spare; anything larger is a broken or hostile peer and closes the connection.
@@ -63,6 +65,27 @@ class DataPlaneConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     # loop. xxh3 measured 29 GB/s here, so 1 MiB is ~36 us, about what the thread hop costs (~43 us).
     # (TCP hashes big blocks in the thread that received them, so it needs no setting.)
     thread_checksum_bytes: int = 1024 * 1024
+    # Seal block bytes too (AES-GCM, per-connection keys), not only the control frames. Off by
+    # default: control frames are always authenticated and carry each block's checksum, so a
+    # block cannot be swapped unnoticed without the mesh key, and KV blocks normally stay inside a
+    # cluster fabric; sealing costs CPU at line rate (measured on this 2-core VM, 2 MiB blocks
+    # over loopback TCP: see docs/dataplane.md, "Encryption") and RDMA would lose its zero copy.
+    # Turn it on where the data-plane network is shared with parties that must not read prompts.
+    # Either side asking for it is enough for a connection.
+    encrypt_bulk: bool = False
+    # Connections one listener serves at once (authenticated or not); more are closed at once.
+    # Each peer keeps up to max_connections_per_peer (4) pooled connections to us plus its
+    # transfers in flight, so 1024 serves a mesh of ~200 nodes; a flood cannot take more.
+    max_connections: int = 1024
+    # Handshakes in progress at once; at the cap the oldest is dropped to make room. A genuine
+    # handshake takes a round trip (milliseconds), so 64 slots are plenty for a mesh reconnecting
+    # at once, while connections that never authenticate (slowloris) can hold little and are
+    # pushed out by new ones instead of locking the listener.
+    max_handshakes: int = 64
+    # Seconds an authenticated connection may sit without a request before the server closes
+    # it. Clients pool idle connections; one closed under them is replaced transparently, so
+    # 300 s only bounds what idle peers hold, it costs a reconnect every 5 minutes at most.
+    idle_timeout_s: float = 300.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range."""
@@ -70,13 +93,13 @@ class DataPlaneConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
             raise ValueError(f"dataplane.port must be 0-65535, got {self.port}")
         if not self.host or not re.fullmatch(r"[A-Za-z0-9_.:\-\[\]]+", self.host):
             raise ValueError(f"dataplane.host must be a host name or address, got {self.host!r}")
-        for name in ("max_concurrent_transfers", "max_connections_per_peer"):
+        for name in ("max_concurrent_transfers", "max_connections_per_peer", "max_connections", "max_handshakes"):
             v = getattr(self, name)
             if v < 1:
                 raise ValueError(f"dataplane.{name} must be at least 1, got {v}")
-        for name in ("connect_timeout_s", "io_timeout_s"):
+        for name in ("connect_timeout_s", "io_timeout_s", "idle_timeout_s"):
             v = getattr(self, name)
-            if not v > 0:
+            if not 0 < v < float("inf"):
                 raise ValueError(f"dataplane.{name} must be > 0 seconds, got {v}")
         if self.max_frame_bytes < 4096:
             raise ValueError(f"dataplane.max_frame_bytes must be at least 4096, got {self.max_frame_bytes}")

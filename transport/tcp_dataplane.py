@@ -16,6 +16,13 @@ Theory of operation
 * Socket buffers are left to the kernel's autotuning (an explicit SO_RCVBUF would switch it off).
 * Every receive has the caller's timeout; EOF is ``PeerClosed`` and any socket error is
   ``DataPlaneError`` naming the peer, so the protocol layer sees one kind of failure.
+* Before the session starts (handshake not done) a channel reads at most ``PREAUTH_BUFFER_BYTES``
+  (64 KiB) ahead and accepts frames of at most ``PREAUTH_FRAME_BYTES``; after it, frames are
+  sealed and opened with the ``Session`` (``seal_frame`` / ``open_frame``) and may be up to
+  ``max_frame_bytes``. A frame once begun must be complete within ``io_timeout_s``.
+* ``open_channel`` is the small public client API (the fuzz benchmark's): connect, optionally
+  run the client handshake, then ``send_msg`` / ``send_body`` (a raw body through the session's
+  framing) / ``send_raw`` (bytes as they are) / ``recv_msg``.
 """
 
 from __future__ import annotations
@@ -32,17 +39,23 @@ import xxhash
 
 from transport.dataplane import (
     LEN,
+    PREAUTH_BUFFER_BYTES,
+    PREAUTH_FRAME_BYTES,
     Channel,
     DataPlaneError,
+    IdleTimeout,
     Msg,
     PeerClosed,
-    decode_body,
-    encode_frame,
+    Session,
+    client_handshake,
+    frame_body,
+    open_frame,
+    seal_frame,
     split_peer,
 )
 from transport.dataplane_config import DataPlaneConfig
 
-__all__ = ["TcpBackend", "TcpChannel"]
+__all__ = ["TcpBackend", "TcpChannel", "open_channel"]
 
 _READ = 256 * 1024
 # Bulk runs at least this long are moved by a worker thread (one thread hop, ~40 us, instead of a
@@ -166,15 +179,29 @@ class TcpChannel:
         self._stream = stream
         self._sock = stream.socket
         self._buf = bytearray()
-        self._max = max_frame
+        self._max_frame = max_frame
+        self._max = PREAUTH_FRAME_BYTES  # until the session starts
+        self._read = PREAUTH_BUFFER_BYTES
         self._io_timeout = io_timeout
+        self.session: Session | None = None
+        self.peer_node = ""  # the server's node id, for a channel made by open_channel
         _tune(self._sock)
 
-    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
-        pass  # a TCP connection needs no per-session state
+    def start_session(self, session: Session) -> None:
+        self.session = session
+        self._max, self._read = self._max_frame, _READ
 
     async def send_msg(self, msg: Msg) -> None:
-        await self._send_all(memoryview(encode_frame(msg)))
+        await self._send_all(memoryview(seal_frame(self.session, msg)))
+
+    async def send_body(self, body: bytes | bytearray | memoryview) -> None:
+        """Send ``body`` as one frame: length-prefixed, sealed by the session when there is one.
+        It need not be a valid message (the fuzz benchmark's entry point)."""
+        await self._send_all(memoryview(frame_body(self.session, body)))
+
+    async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Send bytes exactly as given: no length prefix, no sealing."""
+        await self._send_all(memoryview(data))
 
     async def send_blocks(self, views: list[memoryview]) -> None:
         if sum(map(len, views)) >= THREAD_BULK_BYTES:
@@ -216,8 +243,11 @@ class TcpChannel:
             raise PeerClosed(f"peer {self.peer}: send failed: {e}") from None
 
     async def _fill(self) -> None:
+        # Before the session: never hold more than PREAUTH_BUFFER_BYTES (the frame limit keeps
+        # what is buffered under it, so there is always room to read).
+        room = max(1, self._read - len(self._buf))
         try:
-            data = await self._sock.recv(_READ)
+            data = await self._sock.recv(min(_READ, room))
         except _SOCK_ERRORS as e:
             raise PeerClosed(f"peer {self.peer}: receive failed: {e}") from None
         if not data:
@@ -226,21 +256,30 @@ class TcpChannel:
 
     async def recv_msg(self, limit_s: float | None) -> Msg:
         buf = self._buf
+        started = bool(buf)
         with trio.CancelScope(deadline=trio.current_time() + limit_s if limit_s else float("inf")) as cs:
+            if started:
+                cs.deadline = min(cs.deadline, trio.current_time() + self._io_timeout)
             while True:
                 if len(buf) >= 4:
                     (n,) = LEN.unpack_from(buf, 0)
                     if n > self._max:
+                        what = " before authenticating" if self.session is None else ""
                         raise DataPlaneError(
-                            f"peer {self.peer} sent a {n}-byte frame; the limit is {self._max}"
+                            f"peer {self.peer} sent a {n}-byte frame{what}; the limit is {self._max}"
                         )
                     if len(buf) >= 4 + n:
                         body = bytes(buf[4 : 4 + n])
                         del buf[: 4 + n]
-                        return decode_body(body)
+                        return open_frame(self.session, body)
                 await self._fill()
+                if not started:  # the frame has begun: the rest within io_timeout_s
+                    started = True
+                    cs.deadline = min(cs.deadline, trio.current_time() + self._io_timeout)
         assert cs.cancelled_caught
-        raise DataPlaneError(f"peer {self.peer}: no reply within {limit_s} s")
+        if not started:
+            raise IdleTimeout(f"peer {self.peer}: no frame within {limit_s} s")
+        raise DataPlaneError(f"peer {self.peer}: a frame stalled (incomplete after {self._io_timeout} s)")
 
     async def recv_blocks(
         self, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None = None
@@ -357,3 +396,33 @@ class TcpBackend:
         except OSError as e:
             raise DataPlaneError(f"cannot connect to {peer}: {e.strerror or e}") from None
         return self._channel(stream, peer)
+
+
+async def open_channel(
+    address: str, keys: list[bytes], node_id: str, *, authenticate: bool = True, timeout_s: float = 5.0,
+    max_frame: int = 4 << 20, encrypt_bulk: bool = False,
+) -> TcpChannel:  # fmt: skip
+    """A client connection to the data plane at ``address`` ("host:port").
+
+    ``keys``: the keyring as the data plane uses it (``dataplane_config.decode_keys`` of the
+    base64 keys; the first one is used). With ``authenticate`` (the default) the client
+    handshake runs as ``node_id`` and the channel comes back with its session: ``send_msg`` and
+    ``send_body`` then seal each frame with the next counter nonce, exactly as a peer would, and
+    ``peer_node`` is the server's node id. Without it, the channel is raw (nothing sealed).
+    ``DataPlaneError`` (``AuthError`` for a refused handshake) when it cannot; the caller closes
+    the channel with ``aclose``."""
+    host, port = split_peer(address)
+    with trio.fail_after(timeout_s):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as e:
+            raise DataPlaneError(f"cannot connect to {address}: {e.strerror or e}") from None
+        chan = TcpChannel(stream, address, max_frame=max_frame, io_timeout=timeout_s)
+        if authenticate:
+            try:
+                chan.peer_node = await client_handshake(chan, keys, node_id, timeout_s, encrypt_bulk=encrypt_bulk)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await chan.aclose()
+                raise
+    return chan

@@ -18,6 +18,10 @@ Theory of operation
   handshake nonce (``start_session``): unique per connection, and the sender learns it only by
   authenticating. Messages with one tag between one pair of endpoints match in order, which keeps
   the protocol's "bytes follow their frame, in list order" rule.
+* Control frames are sealed with the connection's ``Session`` once it starts, exactly as over TCP;
+  before it, a frame may be at most ``PREAUTH_FRAME_BYTES`` (what UCX itself buffers for a
+  stream endpoint is UCX's). The 4-byte length of a frame waits for the caller's limit
+  (``IdleTimeout``); its body, once announced, must arrive within ``io_timeout_s``.
 * A request must never outlive the buffer it reads into (an arena slice that may be freed and
   reused): if a wait is cancelled or times out, the endpoint is closed, which cancels its
   in-flight requests, and we wait (shielded, bounded) for the request to finish before returning.
@@ -40,12 +44,15 @@ import xxhash
 
 from transport.dataplane import (
     LEN,
+    PREAUTH_FRAME_BYTES,
     Channel,
     DataPlaneError,
+    IdleTimeout,
     Msg,
     PeerClosed,
-    decode_body,
-    encode_frame,
+    Session,
+    open_frame,
+    seal_frame,
     split_peer,
 )
 from transport.dataplane_config import DataPlaneConfig
@@ -251,12 +258,15 @@ class UcxChannel:
         self._recv_tag = 0
         self._closed = False
         self._len = bytearray(4)
-        self._max = backend.config.max_frame_bytes
+        self._max = PREAUTH_FRAME_BYTES  # until the session starts
         self._io_timeout = backend.config.io_timeout_s
+        self.session: Session | None = None
 
-    def start_session(self, local_nonce: bytes, remote_nonce: bytes) -> None:
-        self._recv_tag = int.from_bytes(local_nonce[:8], "little")
-        self._send_tag = int.from_bytes(remote_nonce[:8], "little")
+    def start_session(self, session: Session) -> None:
+        self.session = session
+        self._max = self._b.config.max_frame_bytes
+        self._recv_tag = int.from_bytes(session.local_nonce[:8], "little")
+        self._send_tag = int.from_bytes(session.remote_nonce[:8], "little")
         # Authenticated: the handshake went over this endpoint, so UCX has wired up its lanes.
         self._b.note_lanes(self.peer, endpoint_transports(self._ep))
 
@@ -307,7 +317,7 @@ class UcxChannel:
         self._check()
         from ucxx._lib.arr import Array
 
-        frame = bytes(encode_frame(msg))
+        frame = seal_frame(self.session, msg)
         arr = Array(frame)
         req = self._ep.stream_send(arr)
         await self._run(req, (frame, arr), self._io_timeout, "send")
@@ -318,7 +328,12 @@ class UcxChannel:
 
         lb = bytearray(4)
         arr = Array(lb)
-        await self._run(self._ep.stream_recv(arr), (lb, arr), limit_s, "receive")
+        try:
+            await self._run(self._ep.stream_recv(arr), (lb, arr), limit_s, "receive")
+        except DataPlaneError as e:
+            if "stalled" in str(e):  # no frame began within limit_s (the endpoint is closed now)
+                raise IdleTimeout(f"peer {self.peer}: no frame within {limit_s} s") from None
+            raise
         (n,) = LEN.unpack_from(lb, 0)
         if n > self._max or n == 0:
             raise DataPlaneError(f"peer {self.peer} sent a {n}-byte frame; the limit is {self._max}")
@@ -326,7 +341,7 @@ class UcxChannel:
         barr = Array(body)
         self._check()
         await self._run(self._ep.stream_recv(barr), (body, barr), self._io_timeout, "receive")
-        return decode_body(body)
+        return open_frame(self.session, body)
 
     async def send_blocks(self, views: list[memoryview]) -> None:
         self._check()
