@@ -8,6 +8,13 @@ Theory of operation
   shared-memory arena, binds the Unix socket (mode 0660), starts the metrics endpoint and reports
   itself started. Cancelling its scope stops it; ``finally`` blocks close the tiers and remove the
   socket and arena.
+* Who a client is comes from the socket (``SO_PEERCRED``): ``memkv_mesh/tenants.py`` maps the
+  peer to a tenant (or the operator, or a refusal). Every key of a request is scoped to the
+  tenant before anything looks at it, the client gets its tenant's arena segment as a file
+  descriptor with the ``Welcome``, and every offset it is told is relative to that segment. Puts
+  are committed with the checksum of the bytes actually in the slot (hashed by the daemon).
+* Bounded per client: ``[limits]`` caps connections, leases and pending slots (per client and per
+  tenant), and a client that leaves a frame half sent for ``frame_timeout_s`` is disconnected.
 * One task per client connection reads length-prefixed frames and answers each request in order
   (``protocol.py``). What a connection holds (leases, slots allocated but not committed) is
   released when it ends, however it ends: EOF, reset, a protocol error, or daemon shutdown.
@@ -19,6 +26,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import functools
@@ -26,6 +34,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +43,13 @@ import msgspec
 import trio
 
 from memkv_mesh import __version__, protocol
-from memkv_mesh.arena import Arena, arena_path
+from memkv_mesh.arena import Arena, ArenaError, arena_dir_path
 from memkv_mesh.config import Config
 from memkv_mesh.keys import KEY_BYTES
 from memkv_mesh.metrics import DaemonCounts, Metrics
 from memkv_mesh.placement import PLACEMENT_VERSION
 from memkv_mesh.store import BlockStore, StoreError
+from memkv_mesh.tenants import OPERATOR, Tenant, Tenants
 
 log = logging.getLogger("memkv_mesh.daemon")
 
@@ -53,7 +63,7 @@ class DaemonError(Exception):
 class _Conn:
     """Identity of one client connection (owner of leases and pending slots)."""
 
-    __slots__ = ("client", "hello", "id", "pid", "stream")
+    __slots__ = ("client", "gid", "hello", "id", "pid", "stream", "tenant", "uid")
     _ids = 0
 
     def __init__(self, stream: trio.SocketStream | None = None) -> None:
@@ -62,10 +72,16 @@ class _Conn:
         self.hello = False
         self.client = ""
         self.pid = 0
+        self.uid = -1
+        self.gid = -1
+        self.tenant: Tenant | None = None  # None: the operator (names no blocks)
         self.stream = stream  # for the parts of a streamed get (None: the client is gone)
 
 
 _KEY_LENGTHS = frozenset((KEY_BYTES,))
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# How often the arena files are checked against the ones the daemon created.
+_ARENA_CHECK_S = 2.0
 # Tombstones (mesh-wide deletes) kept at most: about 200 bytes each in CPython, so ~13 MB.
 _TOMBSTONES_MAX = 65536
 # A streamed get's part that a client does not take within this long closes its connection.
@@ -106,6 +122,12 @@ class Daemon:
         self._lock_fds: list[int] = []
         self._connections = 0
         self._bad_requests = 0
+        self.tenants = Tenants(config)
+        self._refused = 0  # connections refused: no tenant, or over limits.max_clients
+        self._frame_timeouts = 0
+        self._limited = 0  # requests refused by a [limits] cap
+        self._bad_checksums = 0
+        self.arena_problems: list[str] = []
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,10 +164,14 @@ class Daemon:
                         f"cannot open the NVMe tier at {cfg.nvme_dir} ({cfg.store.nvme_backend}): {e}"
                     ) from None
             arena = self._arena = Arena(
-                arena_path(cfg.arena_dir, self.node_id, data_dir), int(cfg.store.dram_bytes),
+                arena_dir_path(cfg.arena_dir, self.node_id, data_dir), cfg.tenant_segments(),
                 preallocate=cfg.store.preallocate,
             )  # fmt: skip
-            await trio.to_thread.run_sync(arena.open)
+            try:
+                await trio.to_thread.run_sync(arena.open)
+            except ArenaError as e:
+                self._arena = None
+                raise DaemonError(str(e)) from None
             self.store = BlockStore(
                 arena, max_block_bytes=int(cfg.store.max_block_bytes), eviction=cfg.store.eviction, nvme=nvme,
                 fsync=cfg.store.fsync,
@@ -164,6 +190,7 @@ class Daemon:
                         ) from None
                 await self._start_gossip(nursery)
                 nursery.start_soon(trio.serve_listeners, self._serve_client, [listener])
+                nursery.start_soon(self._watch_arena)
                 self.started_at = time.time()
                 log.info(
                     "daemon started",
@@ -331,7 +358,11 @@ class Daemon:
         except FileNotFoundError:
             pass
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)  # the socket file is born 0660, never briefly world-writable
+        # With tenants declared the daemon checks every peer itself (SO_PEERCRED), so any local
+        # user may connect (and is refused unless it is a tenant's); otherwise the file's mode is
+        # the access control: the daemon's user and group.
+        mode = 0o666 if self.tenants.declared else 0o660
+        old = os.umask(0o111 if self.tenants.declared else 0o117)  # never briefly wider than mode
         try:
             raw.bind(str(path))
             raw.listen(128)
@@ -340,7 +371,7 @@ class Daemon:
             raise
         finally:
             os.umask(old)
-        os.chmod(path, 0o660)
+        os.chmod(path, mode)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
     def _metrics_url(self) -> str | None:
@@ -363,23 +394,81 @@ class Daemon:
         return {"node": self.node_id, "role": self.config.node.role, "version": __version__}
 
     # ---- clients ------------------------------------------------------------------------------------
+    async def _refuse(self, stream: trio.SocketStream, code: str, why: str) -> None:
+        self._refused += 1
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(protocol.encode_frame(protocol.Error(code, why)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+    def _identify(self, conn: _Conn, stream: trio.SocketStream) -> str | None:
+        """Who is at the other end (SO_PEERCRED); None if welcome, else why it is refused."""
+        try:
+            cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        except OSError as e:
+            return f"cannot identify the peer: {e}"
+        conn.pid, conn.uid, conn.gid = _PEERCRED.unpack(cred)
+        who = self.tenants.resolve(conn.uid, conn.gid)
+        if who is None:
+            return (
+                f"uid {conn.uid} gid {conn.gid} is in no tenant of this daemon "
+                "(ask the operator to add it to a [[tenants]] entry of mesh.toml)"
+            )
+        conn.tenant = None if who == OPERATOR else who  # type: ignore[assignment]
+        return None
+
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         conn = _Conn(stream)
+        limits = self.config.limits
+        if self._connections >= limits.max_clients:
+            log.warning("refusing a client: limits.max_clients reached", extra={"fields": {"max": limits.max_clients}})
+            await self._refuse(stream, protocol.BUSY, f"this daemon serves at most limits.max_clients = {limits.max_clients} clients; retry later")
+            return
+        why = self._identify(conn, stream)
+        if why is not None:
+            log.warning("refusing a client: %s", why, extra={"fields": {"pid": conn.pid, "uid": conn.uid, "gid": conn.gid}})
+            await self._refuse(stream, protocol.FORBIDDEN, why)
+            return
         self._connections += 1
+        if conn.tenant is not None:
+            conn.tenant.conns.add(conn)
         frames = protocol.FrameBuffer()
         out = bytearray()
         store = self.store
         assert store is not None
+        timeout = limits.frame_timeout_s
         try:
             while True:
-                data = await stream.receive_some(65536)
+                if len(frames):
+                    # Part of a frame is here: the rest must follow promptly, or the client is
+                    # stuck or hostile and is cut off (what it held is freed below).
+                    data = None
+                    with trio.move_on_after(timeout):
+                        data = await stream.receive_some(65536)
+                    if data is None:
+                        self._frame_timeouts += 1
+                        log.warning(
+                            "closing client: %d bytes of a frame and nothing more for limits.frame_timeout_s = %s s",
+                            len(frames), timeout, extra={"fields": {"conn": conn.id, "pid": conn.pid, "uid": conn.uid}},
+                        )  # fmt: skip
+                        break
+                else:
+                    data = await stream.receive_some(65536)
                 if not data:
                     break
                 frames.feed(data)
                 while (body := frames.next_frame()) is not None:
                     reply = await self._dispatch(conn, body)
-                    if reply is not None:
-                        await stream.send_all(self._encode_reply(conn, reply, out))
+                    if reply is None:
+                        continue
+                    frame = self._encode_reply(conn, reply, out)
+                    if isinstance(reply, protocol.Welcome) and reply.arena_fd and conn.tenant is not None:
+                        await self._send_with_fd(stream, frame, self._segment_fd(conn.tenant))
+                    else:
+                        await stream.send_all(frame)
         except protocol.ProtocolError as e:
             self._bad_requests += 1
             log.warning("closing client: %s", e, extra={"fields": {"conn": conn.id, "pid": conn.pid}})
@@ -396,6 +485,8 @@ class Daemon:
             log.exception("client handler failed; closing the connection", extra={"fields": {"conn": conn.id}})
         finally:
             self._connections -= 1
+            if conn.tenant is not None:
+                conn.tenant.conns.discard(conn)
             leases, slots = store.drop_owner(conn)
             if leases or slots:
                 log.info(
@@ -405,8 +496,45 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
+    def _segment_fd(self, tenant: Tenant) -> int:
+        assert self._arena is not None
+        return self._arena.segments[tenant.segment].fd
+
+    @staticmethod
+    async def _send_with_fd(stream: trio.SocketStream, frame: bytearray, fd: int) -> None:
+        """``frame`` with ``fd`` attached (SCM_RIGHTS) to its first byte."""
+        fds = array.array("i", [fd])
+        n = await stream.socket.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        if n < len(frame):
+            await stream.send_all(memoryview(frame)[n:])
+
+    async def _watch_arena(self) -> None:
+        """Check now and then that the arena files are still the ones this daemon created."""
+        assert self._arena is not None
+        while True:
+            await trio.sleep(_ARENA_CHECK_S)
+            problems = await trio.to_thread.run_sync(self._arena.check)
+            for p in problems:
+                if p not in self.arena_problems:
+                    log.error("arena tampered with: %s", p, extra={"fields": {"node": self.node_id}})
+            self.arena_problems = problems
+
+    def _located(
+        self, lease: int, keys: list[bytes], blocks: list[tuple[int, int] | None], segment: int, sums: bool
+    ) -> protocol.Located:
+        """The reply for a get: offsets relative to the client's segment, checksums if asked."""
+        store = self.store
+        assert store is not None
+        base = store.segment_base(segment)
+        if base:
+            blocks = [None if b is None else (b[0] - base, b[1]) for b in blocks]
+        if not sums:
+            return protocol.Located(lease, blocks)
+        cks = [None if b is None else store.dram_checksum(k, b[0] + base) for k, b in zip(keys, blocks, strict=True)]
+        return protocol.Located(lease, blocks, cks)
+
     async def _get_streamed(
-        self, conn: _Conn, keys: list[bytes], lease: int, blocks: list[tuple[int, int] | None]
+        self, conn: _Conn, keys: list[bytes], lease: int, blocks: list[tuple[int, int] | None], segment: int, sums: bool
     ) -> protocol.Located:
         """A get that misses locally, streamed: the local hits go to the client at once, each
         block fetched from the mesh as soon as it has landed and been verified, so the client
@@ -418,41 +546,51 @@ class Daemon:
         for i, (k, b) in enumerate(zip(keys, blocks, strict=True)):
             if b is None:
                 wanted.setdefault(k, []).append(i)
+        base = store.segment_base(segment)
         hits = [i for i, b in enumerate(blocks) if b is not None]
         if hits:
-            await self._send_part(conn, lease, hits, [b for b in blocks if b is not None], sent)
+            await self._send_part(conn, lease, hits, [(keys[i], b) for i, b in enumerate(blocks) if b is not None], sent, base, sums)
 
         async def on_stored(ks: list[bytes]) -> None:
-            part, found = await store.get(conn, ks, count=False)
+            part, found = await store.get(conn, ks, count=False, segment=segment)
             index: list[int] = []
-            locs: list[tuple[int, int]] = []
+            locs: list[tuple[bytes, tuple[int, int]]] = []
             for k, loc in zip(ks, found, strict=True):
                 if loc is not None:
                     index.extend(wanted[k])
-                    locs.extend([loc] * len(wanted[k]))
+                    locs.extend([(k, loc)] * len(wanted[k]))
             if index:
-                await self._send_part(conn, part, index, locs, sent)
+                await self._send_part(conn, part, index, locs, sent, base, sums)
             elif part:
                 store.release(conn, part)
 
         await mesh.fetch_missing(list(wanted), on_stored)
         rest = [i for i in range(len(keys)) if not sent[i]]
-        final, found = await store.get(conn, [keys[i] for i in rest], count=False) if rest else (0, [])
+        rest_keys = [keys[i] for i in rest]
+        final, found = await store.get(conn, rest_keys, count=False, segment=segment) if rest else (0, [])
+        located = self._located(final, rest_keys, found, segment, sums)
         out: list[tuple[int, int] | None] = [None] * len(keys)
-        for i, loc in zip(rest, found, strict=True):
-            out[i] = loc
-        return protocol.Located(final, out)
+        cks: list[int | None] = [None] * len(keys)
+        for j, i in enumerate(rest):
+            out[i] = located.blocks[j]
+            if sums:
+                cks[i] = located.checksums[j]
+        return protocol.Located(final, out, cks if sums else [])
 
-    @staticmethod
     async def _send_part(
-        conn: _Conn, lease: int, index: list[int], locs: list[tuple[int, int]], sent: list[bool]
+        self, conn: _Conn, lease: int, index: list[int], found: list[tuple[bytes, tuple[int, int]]], sent: list[bool],
+        base: int, sums: bool,
     ) -> None:
         """One ``LocatedPart`` to the client; if it is gone, the lease waits for its cleanup and
         the get goes on (what arrives is stored all the same)."""
         stream = conn.stream
         if stream is None:
             return
-        frame = protocol.encode_frame(protocol.LocatedPart(lease, index, locs))
+        store = self.store
+        assert store is not None
+        locs = [(off - base, n) for _, (off, n) in found]
+        cks = [store.dram_checksum(k, off) or 0 for k, (off, _) in found] if sums else []
+        frame = protocol.encode_frame(protocol.LocatedPart(lease, index, locs, cks))
         # A frame cut in half would put the client's reply stream out of step for good: the send
         # is shielded from the fetch being cancelled (a peer failing mid-batch), and one that
         # cannot finish in time closes the connection instead (the daemon frees what it held).
@@ -516,12 +654,25 @@ class Daemon:
                     f"protocol version {req.version} is not supported; this daemon speaks "
                     f"{protocol.PROTOCOL_VERSION} (upgrade the client or the daemon)",
                 )
-            conn.hello, conn.client, conn.pid = True, req.client, req.pid
-            log.debug("client connected", extra={"fields": {"conn": conn.id, "client": req.client, "pid": req.pid}})
+            # The pid, uid and gid are the socket's (SO_PEERCRED), whatever Hello says.
+            conn.hello, conn.client = True, req.client
+            tenant = conn.tenant
+            log.debug(
+                "client connected",
+                extra={"fields": {
+                    "conn": conn.id, "client": req.client, "pid": conn.pid, "uid": conn.uid,
+                    "tenant": tenant.name if tenant is not None else OPERATOR,
+                }},
+            )  # fmt: skip
             assert self._arena is not None
+            if tenant is None:
+                return protocol.Welcome(
+                    protocol.PROTOCOL_VERSION, self.node_id, "", 0, store.max_block_bytes, KEY_BYTES, False, OPERATOR
+                )
+            mine = self._arena.segments[tenant.segment]
             return protocol.Welcome(
-                protocol.PROTOCOL_VERSION, self.node_id, str(self._arena.path), self._arena.size,
-                store.max_block_bytes, KEY_BYTES,
+                protocol.PROTOCOL_VERSION, self.node_id, str(mine.path), mine.size, store.max_block_bytes, KEY_BYTES,
+                True, tenant.name,
             )  # fmt: skip
         if not conn.hello:
             self._bad_requests += 1
@@ -529,6 +680,7 @@ class Daemon:
                 return None  # Release never has a reply, not even an error: it would desync the client
             return protocol.Error(protocol.BAD_REQUEST, "send Hello first")
         keys = getattr(req, "keys", None)
+        tenant = conn.tenant
         if keys is not None:
             if len(keys) > protocol.MAX_BATCH:
                 self._bad_requests += 1
@@ -543,23 +695,40 @@ class Daemon:
                 return protocol.Error(
                     protocol.BAD_KEY, f"key {i} is {len(keys[i])} bytes; keys are {KEY_BYTES} bytes"
                 )
+            if tenant is None:
+                self._bad_requests += 1
+                return protocol.Error(
+                    protocol.FORBIDDEN,
+                    f"uid {conn.uid} is this node's operator, not a tenant: it may ask for stats and members "
+                    "but names no blocks (connect as a user of a [[tenants]] entry)",
+                )
+            # From here on only the tenant's own key space exists for this request.
+            keys = tenant.scope(keys)
         if isinstance(req, protocol.Lookup):
-            return protocol.Count(self.mesh.lookup(req.keys) if self.mesh is not None else store.lookup(req.keys))
+            assert keys is not None
+            return protocol.Count(self.mesh.lookup(keys) if self.mesh is not None else store.lookup(keys))
         if isinstance(req, protocol.Get):
-            lease, blocks = await store.get(conn, req.keys)
+            assert tenant is not None and keys is not None
+            if (err := self._over_limit(conn, tenant, leases=1)) is not None:
+                return err
+            seg = tenant.segment
+            lease, blocks = await store.get(conn, keys, segment=seg)
             if self.mesh is not None and None in blocks and req.stream:
-                return await self._get_streamed(conn, req.keys, lease, blocks)
+                return await self._get_streamed(conn, keys, lease, blocks, seg, req.checksums)
             if self.mesh is not None and None in blocks:
                 # Fetch what this node lacks from the mesh, then serve everything in one lease.
-                if await self.mesh.fetch_missing([k for k, b in zip(req.keys, blocks, strict=True) if b is None]):
+                if await self.mesh.fetch_missing([k for k, b in zip(keys, blocks, strict=True) if b is None]):
                     if lease:
                         store.release(conn, lease)
-                    lease, blocks = await store.get(conn, req.keys, count=False)
-            return protocol.Located(lease, blocks)
+                    lease, blocks = await store.get(conn, keys, count=False, segment=seg)
+            return self._located(lease, keys, blocks, seg, req.checksums)
         if isinstance(req, protocol.Release):
             store.release(conn, req.lease)
             return None
         if isinstance(req, protocol.Alloc):
+            assert tenant is not None and keys is not None
+            if (err := self._over_limit(conn, tenant, pending=len(keys))) is not None:
+                return err
             nbytes = sum(n for n in req.sizes if 0 < n <= store.max_block_bytes)  # bad sizes: the store says so
             if self.mesh is not None and not await self.mesh.wait_room(nbytes):
                 limit = self.config.dirty_limit_bytes
@@ -569,7 +738,9 @@ class Daemon:
                     f"{limit}) after waiting mesh.put_wait_s = {self.config.mesh.put_wait_s} s: the flash "
                     "peers are behind or unreachable; retry later",
                 )
-            return protocol.Allocated(await store.alloc(conn, req.keys, req.sizes))
+            offsets = await store.alloc(conn, keys, req.sizes, tenant.segment)
+            base = store.segment_base(tenant.segment)
+            return protocol.Allocated([o - base if o >= 0 else o for o in offsets] if base else offsets)
         if isinstance(req, protocol.Commit):
             if req.checksums and min(req.checksums) < 0:  # msgpack caps them at 2**64 - 1
                 self._bad_requests += 1
@@ -578,30 +749,55 @@ class Daemon:
                     protocol.BAD_REQUEST,
                     f"checksum {i} is {req.checksums[i]}; checksums are xxh3-64 digests, 0 <= c < 2**64",
                 )
-            stored = store.commit(conn, req.keys, req.checksums)
+            assert keys is not None
+            if req.checksums and len(req.checksums) != len(keys):
+                self._bad_requests += 1
+                return protocol.Error(
+                    protocol.BAD_REQUEST, f"{len(keys)} keys but {len(req.checksums)} checksums (send one per key, or none)"
+                )
+            # The checksum recorded is the one of the bytes in the slot now, whatever the client
+            # says; if it said something else, the commit is refused whole.
+            sums = await store.pending_checksums(conn, keys)
+            if req.checksums and sums != req.checksums:
+                i = next(i for i, (a, b) in enumerate(zip(sums, req.checksums, strict=True)) if a != b)
+                store.abort(conn, keys)
+                self._bad_checksums += 1
+                log.warning(
+                    "refused a commit: block bytes do not match the checksum sent",
+                    extra={"fields": {"conn": conn.id, "pid": conn.pid, "uid": conn.uid, "block": i}},
+                )
+                return protocol.Error(
+                    protocol.BAD_CHECKSUM,
+                    f"block {i} of the commit hashes to {sums[i]:#018x} but the commit says {req.checksums[i]:#018x}; "
+                    "nothing of this commit was stored and its slots are freed (allocate again)",
+                )
+            stored = store.commit(conn, keys, sums)
             if self.mesh is not None:
-                self.mesh.replicate(req.keys)  # dirty until the owners hold them
+                self.mesh.replicate(keys)  # dirty until the owners hold them
                 if self.config.mesh.ack == "replicated":
                     wait = self.config.mesh.put_wait_s
-                    left = await self.mesh.wait_replicated(req.keys, wait)
+                    left = await self.mesh.wait_replicated(keys, wait)
                     if left:
                         return protocol.Error(
                             protocol.NOT_REPLICATED,
-                            f"{left} of {len(req.keys)} blocks are stored on this node but not yet on all "
+                            f"{left} of {len(keys)} blocks are stored on this node but not yet on all "
                             f"their owners after mesh.put_wait_s = {wait} s (they stay dirty and keep "
                             "being replicated)",
                         )
             return protocol.Count(stored)
         if isinstance(req, protocol.Abort):
-            return protocol.Count(store.abort(conn, req.keys))
+            assert keys is not None
+            return protocol.Count(store.abort(conn, keys))
         if isinstance(req, protocol.Contains):
-            return protocol.Present(store.contains(req.keys))
+            assert keys is not None
+            return protocol.Present(store.contains(keys))
         if isinstance(req, protocol.Delete):
+            assert keys is not None
             if self.mesh is None:
-                return protocol.Count(await store.delete(req.keys))
+                return protocol.Count(await store.delete(keys))
             if req.local:
-                return protocol.Count(await self.mesh.drop_local(req.keys, self.config.mesh.put_wait_s))
-            return protocol.Count(await self.mesh.delete(req.keys))
+                return protocol.Count(await self.mesh.drop_local(keys, self.config.mesh.put_wait_s))
+            return protocol.Count(await self.mesh.delete(keys))
         if isinstance(req, protocol.StatsRequest):
             return protocol.StatsReply(self.status())
         if isinstance(req, protocol.MembersRequest):
@@ -609,6 +805,34 @@ class Daemon:
                 return protocol.Error(protocol.UNAVAILABLE, "gossip is not enabled on this daemon ([gossip] enabled = false)")
             return protocol.MembersReply([msgspec.to_builtins(m) for m in self.gossip.members()])
         raise AssertionError(f"unhandled request {type(req).__name__}")  # pragma: no cover
+
+    def _over_limit(self, conn: _Conn, tenant: Tenant, *, leases: int = 0, pending: int = 0) -> protocol.Error | None:
+        """A ``limit`` error if this request would take the client or its tenant over a cap."""
+        store = self.store
+        assert store is not None
+        lim = self.config.limits
+        if leases:
+            mine, cap, what = store.lease_count(conn), lim.max_leases_per_client, "leases"
+            field, ours, tcap = "max_leases_per_client", store.lease_count, lim.max_leases_per_tenant
+            n = leases
+        else:
+            mine, cap, what = store.pending_count(conn), lim.max_pending_per_client, "uncommitted slots"
+            field, ours, tcap = "max_pending_per_client", store.pending_count, lim.max_pending_per_tenant
+            n = pending
+        if mine + n > cap:
+            self._limited += 1
+            return protocol.Error(
+                protocol.LIMIT, f"this client holds {mine} {what}; limits.{field} = {cap} (release or commit some first)"
+            )
+        total = sum(ours(c) for c in tenant.conns)
+        if total + n > tcap:
+            self._limited += 1
+            tfield = field.replace("client", "tenant")
+            return protocol.Error(
+                protocol.LIMIT,
+                f"tenant {tenant.name!r} holds {total} {what} over its clients; limits.{tfield} = {tcap}",
+            )
+        return None
 
     # ---- status -----------------------------------------------------------------------------------
     def status(self) -> dict[str, object]:
@@ -628,6 +852,15 @@ class Daemon:
             "metrics_url": self._metrics_url(),
             "connections": self._connections,
             "bad_requests": self._bad_requests,
+            "refused_connections": self._refused,
+            "frame_timeouts": self._frame_timeouts,
+            "limited_requests": self._limited,
+            "bad_checksums": self._bad_checksums,
+            "arena_problems": list(self.arena_problems),
+            "tenants": [
+                {"name": t.name, "clients": len(t.conns), "segment": self._arena.segments[t.segment].name}
+                for t in self.tenants.all
+            ],
             "store": msgspec.to_builtins(self.store.statistics()),
         }
         if self.nvme_recovery is not None:

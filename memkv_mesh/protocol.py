@@ -14,6 +14,10 @@ Theory of operation
   once, blocks fetched from the mesh as each lands) so the client copies them out while the rest
   are still on the wire. Each part has its own lease; the final ``Located`` lists only the blocks
   no part delivered (None for those and for misses).
+* Who a client is comes from the socket (``SO_PEERCRED``), never from ``Hello``: the daemon maps
+  the peer's uid/gid to a tenant (``memkv_mesh/tenants.py``), scopes every key it sends to that
+  tenant, and passes the tenant's arena segment as a file descriptor (``SCM_RIGHTS``) with the
+  ``Welcome`` (``Welcome.arena_fd``); offsets in replies are relative to that segment.
 * The bytes of blocks never cross the socket. ``Alloc`` reserves arena slots, the client copies
   into them, ``Commit`` publishes them; ``Get`` pins blocks under a lease and returns their arena
   offsets; the client reads them straight from the shared-memory arena and then ``Release``\\ s.
@@ -51,7 +55,9 @@ class Alloc(Msg, tag=1):
 
 
 class Commit(Msg, tag=2):
-    """Publish allocated slots; ``checksums`` are xxh3-64 of each block's bytes."""
+    """Publish allocated slots. The daemon hashes (xxh3-64) the bytes in each slot and records
+    that; ``checksums`` is empty, or the client's xxh3-64 of each block, and then a commit whose
+    bytes do not match is refused whole (``bad_checksum``)."""
 
     keys: list[bytes]
     checksums: list[int]
@@ -71,6 +77,7 @@ class Get(Msg, tag=4):
 
     keys: list[bytes]
     stream: bool = False
+    checksums: bool = False  # send each block's recorded xxh3-64 (for a verifying read)
 
 
 class Release(Msg, tag=5):
@@ -121,6 +128,10 @@ class Welcome(Msg, tag=65):
     arena_bytes: int
     max_block_bytes: int
     key_bytes: int
+    # The arena segment (arena_path, arena_bytes) comes with this frame as a file descriptor
+    # (SCM_RIGHTS); arena_bytes 0: no arena (an operator connection, which names no blocks).
+    arena_fd: bool = False
+    tenant: str = ""
 
 
 class Allocated(Msg, tag=66):
@@ -138,6 +149,7 @@ class Located(Msg, tag=68):
 
     lease: int
     blocks: list[tuple[int, int] | None]
+    checksums: list[int | None] = []  # with Get.checksums: per key, the recorded xxh3-64
 
 
 class StatsReply(Msg, tag=69):
@@ -159,6 +171,7 @@ class LocatedPart(Msg, tag=72):
     lease: int
     index: list[int]
     blocks: list[tuple[int, int]]
+    checksums: list[int] = []  # with Get.checksums: per block, the recorded xxh3-64
 
 
 Request = Hello | Alloc | Commit | Abort | Get | Release | Lookup | Delete | StatsRequest | MembersRequest | Contains
@@ -174,6 +187,9 @@ INTERNAL = "internal"
 UNAVAILABLE = "unavailable"  # a feature not running on this daemon (e.g. gossip)
 BUSY = "busy"  # back-pressure: too many blocks not yet on their owners; retry later
 NOT_REPLICATED = "not_replicated"  # ack = "replicated": stored here, owners not confirmed in time
+FORBIDDEN = "forbidden"  # the peer is no tenant of this daemon, or an operator naming blocks
+BAD_CHECKSUM = "bad_checksum"  # a commit whose bytes do not match the checksums sent with it
+LIMIT = "limit"  # a per-client or per-tenant cap ([limits]) is reached; release leases or commit
 
 
 class ProtocolError(Exception):

@@ -25,18 +25,31 @@ Theory of operation
   policy: ``"off"`` (the page cache: survives kill -9, not power loss), ``"batch"`` (one fdatasync
   of the data files and the journal per batch, before the caller confirms) or ``"always"`` (the
   tier syncs every write).
+* Segments (``memkv_mesh/arena.py``): the arena is one address space cut into segments, one per
+  tenant plus ``_mesh`` (or a single ``default`` one). Each has its own allocator and eviction
+  policy, so a tenant's DRAM quota is its segment and its puts evict only its own blocks. A
+  client's ``alloc`` and ``get`` name its segment; blocks the data plane receives land in segment
+  0. A get that finds a block in another segment (a replica or fetch that landed in ``_mesh``)
+  *relocates* it: a copy into the reader's segment, the old extent freed at its last unpin. Only
+  the reader's tenant can name the (tenant-scoped) key, so this never hands one tenant's block
+  to another.
+* ``pending_checksums`` hashes the bytes of pending slots (xxh3-64, worker threads for large
+  batches): the daemon commits a client's put with the checksum of the bytes actually there, so
+  a committed block's recorded checksum always matches what was committed.
 * All index state lives on the Trio loop and is changed only between awaits; only payload I/O
   runs in threads.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 import trio
+import xxhash
 
 from memkv_mesh.alloc import ExtentAllocator
 from memkv_mesh.arena import Arena
@@ -60,6 +73,13 @@ class StoreError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class SegmentStats(msgspec.Struct, frozen=True, array_like=False):
+    name: str
+    used_bytes: int
+    capacity_bytes: int
+    blocks: int
 
 
 class StoreStats(msgspec.Struct, frozen=True):
@@ -88,19 +108,57 @@ class StoreStats(msgspec.Struct, frozen=True):
     dirty_bytes: int = 0
     persisted: int = 0
     persist_failures: int = 0
+    relocations: int = 0  # blocks copied into a tenant's segment on its first local read
+    segments: list[SegmentStats] = []  # per arena segment, with tenants declared
 
 
 class _Entry:
-    __slots__ = ("checksum", "dirty", "doomed", "key", "length", "offset", "pins")
+    __slots__ = ("checksum", "dirty", "doomed", "key", "length", "offset", "pins", "seg")
 
-    def __init__(self, key: bytes, offset: int, length: int, checksum: int) -> None:
+    def __init__(self, key: bytes, offset: int, length: int, checksum: int, seg: int = 0) -> None:
         self.key = key
+        self.seg = seg  # the arena segment holding it
         self.offset = offset
         self.length = length
         self.checksum = checksum
         self.pins = 0
         self.doomed = False
         self.dirty = False  # acknowledged, and not yet held by all of its owners (never evicted)
+
+
+class _Segment:
+    """One arena segment's allocator and eviction policy (offsets are the arena's, global)."""
+
+    __slots__ = ("alloc", "base", "idx", "name", "policy")
+
+    def __init__(self, idx: int, name: str, base: int, size: int, eviction: str, align: int) -> None:
+        self.idx = idx
+        self.name = name
+        self.base = base
+        self.alloc = ExtentAllocator(size, align=align)
+        self.policy = make_policy(eviction, size)
+
+    def take(self, size: int) -> int | None:
+        off = self.alloc.alloc(size)
+        return None if off is None else off + self.base
+
+    def free(self, offset: int) -> None:
+        self.alloc.free(offset - self.base)
+
+    def extent_size(self, offset: int) -> int:
+        return self.alloc.extent_size(offset - self.base)
+
+
+# Pending bytes hashed on the event loop at most; more goes to worker threads.
+_HASH_INLINE_BYTES = 1 << 20
+
+
+def _hash_views(views: Sequence[memoryview]) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(v) for v in views]
+
+
+def _copy_view(dst: memoryview, src: memoryview) -> None:
+    dst[:] = src
 
 
 def _check_keys(keys: Sequence[bytes]) -> None:
@@ -131,8 +189,10 @@ class BlockStore:
         self.write_through = False
         self._dirty_bytes = 0
         self._dirty_blocks = 0
-        self._alloc = ExtentAllocator(arena.size, align=align)
-        self._policy = make_policy(eviction, arena.size)
+        self._segs = [
+            _Segment(i, sg.name, sg.base, sg.size, eviction, align) for i, sg in enumerate(arena.segments)
+        ]
+        self._bases = [sg.base for sg in self._segs]
         self._index: dict[bytes, _Entry] = {}
         self._pending: dict[Hashable, dict[bytes, tuple[int, int]]] = {}
         self._leases: dict[int, tuple[Hashable, list[_Entry]]] = {}
@@ -147,10 +207,27 @@ class BlockStore:
         self._c = dict.fromkeys(
             (
                 "puts", "put_bytes", "hits_dram", "hits_nvme", "misses", "get_bytes", "lookups",
-                "deletes", "demotions", "dram_drops", "nvme_drops", "persisted", "persist_failures",
+                "deletes", "demotions", "dram_drops", "nvme_drops", "persisted", "persist_failures", "relocations",
             ),
             0,
         )  # fmt: skip
+
+    # ---- segments -----------------------------------------------------------------------------------
+    def _seg_of(self, offset: int) -> _Segment:
+        segs = self._segs
+        return segs[0] if len(segs) == 1 else segs[bisect.bisect_right(self._bases, offset) - 1]
+
+    def _free(self, offset: int) -> None:
+        self._seg_of(offset).free(offset)
+
+    def segment_base(self, segment: int) -> int:
+        return self._segs[segment].base
+
+    def lease_count(self, owner: Hashable) -> int:
+        return len(self._owner_leases.get(owner, ()))
+
+    def pending_count(self, owner: Hashable) -> int:
+        return len(self._pending.get(owner, ()))
 
     # ---- questions answered without waiting -----------------------------------------------------
     def _present(self, key: bytes) -> bool:
@@ -192,8 +269,10 @@ class BlockStore:
         return [self._present(k) for k in keys]
 
     # ---- put --------------------------------------------------------------------------------------
-    async def alloc(self, owner: Hashable, keys: Sequence[bytes], sizes: Sequence[int]) -> list[int]:
-        """Reserve extents for the keys not yet stored; -1 for those already stored."""
+    async def alloc(
+        self, owner: Hashable, keys: Sequence[bytes], sizes: Sequence[int], segment: int = 0
+    ) -> list[int]:
+        """Reserve extents (in ``segment``) for the keys not yet stored; -1 for those already stored."""
         if len(keys) != len(sizes):
             raise StoreError("bad_request", f"{len(keys)} keys but {len(sizes)} sizes")
         _check_keys(keys)
@@ -218,12 +297,12 @@ class BlockStore:
                 if k in self._index and not self._index[k].doomed:
                     offsets.append(-1)
                     continue
-                off = await self._make_room(size, gone)
+                off = await self._make_room(size, gone, segment)
                 got.append((k, off, size))
                 offsets.append(off)
         except BaseException:
             for _, off, _ in got:
-                self._alloc.free(off)
+                self._free(off)
             raise
         finally:
             self._gone(gone)
@@ -249,10 +328,11 @@ class BlockStore:
             off, size = pending.pop(k)
             old = self._index.get(k)
             if old is not None and not old.doomed:
-                self._alloc.free(off)  # a concurrent put of the same block won the race
+                self._free(off)  # a concurrent put of the same block won the race
                 continue
-            self._index[k] = _Entry(k, off, size, c)
-            self._policy.insert(k, self._alloc.extent_size(off))
+            seg = self._seg_of(off)
+            self._index[k] = _Entry(k, off, size, c, seg.idx)
+            seg.policy.insert(k, seg.extent_size(off))
             self._c["puts"] += 1
             self._c["put_bytes"] += size
             stored += 1
@@ -267,21 +347,51 @@ class BlockStore:
         todo = list(pending) if keys is None else [k for k in dict.fromkeys(keys) if k in pending]
         for k in todo:
             off, _ = pending.pop(k)
-            self._alloc.free(off)
+            self._free(off)
         return len(todo)
 
-    async def _make_room(self, size: int, gone: list[bytes]) -> int:
-        """An extent of ``size`` bytes, evicting unpinned blocks until one exists; keys that
-        left this node altogether are added to ``gone`` for the caller's ``_gone``."""
+    async def pending_checksums(self, owner: Hashable, keys: Sequence[bytes]) -> list[int]:
+        """xxh3-64 of the bytes now in ``owner``'s pending slots for ``keys`` (what a commit
+        will record). Large batches are hashed in worker threads, two at a time."""
+        if len(set(keys)) != len(keys):
+            raise StoreError("bad_request", "the same key appears twice in one commit")
+        pending = self._pending.get(owner, {})
+        missing = [i for i, k in enumerate(keys) if k not in pending]
+        if missing:
+            raise StoreError("not_allocated", f"key {missing[0]} of the commit was not allocated on this connection")
+        views = [self.arena.slice(*pending[k]) for k in keys]
+        try:
+            if sum(v.nbytes for v in views) <= _HASH_INLINE_BYTES:
+                return _hash_views(views)
+            half = (len(views) + 1) // 2
+            parts: list[list[int]] = [[], []]
+
+            async def run(i: int, vs: Sequence[memoryview]) -> None:
+                parts[i] = await trio.to_thread.run_sync(_hash_views, vs)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(run, 0, views[:half])
+                if views[half:]:
+                    n.start_soon(run, 1, views[half:])
+            return parts[0] + parts[1]
+        finally:
+            for v in views:
+                v.release()
+
+    async def _make_room(self, size: int, gone: list[bytes], segment: int = 0) -> int:
+        """An extent of ``size`` bytes in ``segment``, evicting its unpinned blocks until one
+        exists; keys that left this node altogether are added to ``gone`` for the caller's ``_gone``."""
+        seg = self._segs[segment]
         while True:
-            off = self._alloc.alloc(size)
+            off = seg.take(size)
             if off is not None:
                 return off
-            victim = self._policy.pop_victim(self._evictable)
+            victim = seg.policy.pop_victim(self._evictable)
             if victim is None:
+                where = f"segment {seg.name!r}" if len(self._segs) > 1 else "arena"
                 raise StoreError(
                     "full",
-                    f"no room for a {size}-byte block: the arena's {self._alloc.used_bytes} used bytes "
+                    f"no room for a {size}-byte block: the {where}'s {seg.alloc.used_bytes} used bytes "
                     f"are all pinned by leases or pending puts, or dirty ({self._dirty_bytes} bytes "
                     "not yet on their owners)",
                 )
@@ -354,7 +464,7 @@ class BlockStore:
                 view.release()
                 e.pins -= 1
                 if e.doomed and e.pins == 0:
-                    self._alloc.free(e.offset)
+                    self._free(e.offset)
             if e.doomed:
                 return
             self._remove(e)
@@ -383,10 +493,10 @@ class BlockStore:
             self._clean(e)
         if self._index.get(e.key) is e:
             del self._index[e.key]
-        self._policy.remove(e.key)
+        self._segs[e.seg].policy.remove(e.key)
         e.doomed = True
         if e.pins == 0:
-            self._alloc.free(e.offset)
+            self._free(e.offset)
 
     # ---- write-through ----------------------------------------------------------------------------
     async def persist(self, keys: Sequence[bytes]) -> list[bool]:
@@ -450,10 +560,12 @@ class BlockStore:
 
     # ---- get --------------------------------------------------------------------------------------
     async def get(
-        self, owner: Hashable, keys: Sequence[bytes], *, count: bool = True
+        self, owner: Hashable, keys: Sequence[bytes], *, count: bool = True, segment: int | None = None
     ) -> tuple[int, list[tuple[int, int] | None]]:
         """Pin what is found (promoting from NVMe) under one lease: (lease id or 0, locations).
 
+        ``segment``: every block returned lies in that segment (a local client's), relocated
+        there if it was elsewhere; None: wherever it is (the data plane).
         ``count=False``: a second look at keys whose hit or miss was already counted (the daemon
         pinning blocks it just fetched from the mesh), so hits and misses are not counted twice."""
         _check_keys(keys)
@@ -463,18 +575,20 @@ class BlockStore:
             for k in keys:
                 e = self._index.get(k)
                 if e is None and self.nvme is not None and k in self.nvme:
-                    e = await self._promote(k)
+                    e = await self._promote(k, segment or 0)
                     if e is not None and count:
                         self._c["hits_nvme"] += 1
                 elif e is not None and count:
                     self._c["hits_dram"] += 1
+                if e is not None and segment is not None and e.seg != segment:
+                    e = await self._relocate(e, segment)
                 if e is None:
                     self._c["misses"] += count
                     out.append(None)
                     continue
                 e.pins += 1
                 pinned.append(e)
-                self._policy.touch(k)
+                self._segs[e.seg].policy.touch(k)
                 self._c["get_bytes"] += e.length
                 out.append((e.offset, e.length))
         except BaseException:
@@ -487,7 +601,48 @@ class BlockStore:
         self._owner_leases.setdefault(owner, set()).add(lease)
         return lease, out
 
-    async def _promote(self, key: bytes) -> _Entry | None:
+    async def _relocate(self, e: _Entry, segment: int) -> _Entry | None:
+        """Move DRAM block ``e`` into ``segment`` (a local reader's); the entry that now serves
+        it there, or None if it was deleted or replaced meanwhile (a miss for this get)."""
+        self._c["relocations"] += 1
+        gone: list[bytes] = []
+        e.pins += 1
+        off = -1
+        try:
+            off = await self._make_room(e.length, gone, segment)
+            dst, src = self.arena.slice(off, e.length), self.arena.slice(e.offset, e.length)
+            try:
+                if e.length > _HASH_INLINE_BYTES:
+                    await trio.to_thread.run_sync(_copy_view, dst, src)
+                else:
+                    dst[:] = src
+            finally:
+                dst.release()
+                src.release()
+        except BaseException:
+            if off >= 0:
+                self._free(off)
+            raise
+        finally:
+            e.pins -= 1
+            if e.doomed and e.pins == 0:
+                self._free(e.offset)
+            self._gone(gone)
+        if self._index.get(e.key) is not e or e.doomed:
+            self._free(off)
+            return None
+        was_dirty = e.dirty
+        self._remove(e)  # its extent is freed now, or at its last unpin
+        new = self._index[e.key] = _Entry(e.key, off, e.length, e.checksum, segment)
+        seg = self._segs[segment]
+        seg.policy.insert(e.key, seg.extent_size(off))
+        if was_dirty:
+            new.dirty = True
+            self._dirty_bytes += new.length
+            self._dirty_blocks += 1
+        return new
+
+    async def _promote(self, key: bytes, segment: int = 0) -> _Entry | None:
         """Copy an NVMe block into the arena, verifying its checksum; None if it is gone or corrupt."""
         ev = self._promoting.get(key)
         if ev is not None:
@@ -502,7 +657,7 @@ class BlockStore:
         ev = self._promoting[key] = trio.Event()
         gone: list[bytes] = []
         try:
-            off = await self._make_room(length, gone)
+            off = await self._make_room(length, gone, segment)
             view = self.arena.slice(off, length)
             try:
                 got = await trio.to_thread.run_sync(nvme.read_into, key, view)
@@ -511,13 +666,13 @@ class BlockStore:
             existing = self._index.get(key)
             if got is None or existing is not None or key in self._unpromote:
                 # Corrupt (dropped by the tier), put again meanwhile, or deleted meanwhile.
-                self._alloc.free(off)
+                self._free(off)
                 if got is None:
                     gone.append(key)
                 return existing
-            e = _Entry(key, off, got, checksum)
+            e = _Entry(key, off, got, checksum, segment)
             self._index[key] = e
-            self._policy.insert(key, self._alloc.extent_size(off))
+            self._segs[segment].policy.insert(key, self._segs[segment].extent_size(off))
             return e
         finally:
             del self._promoting[key]
@@ -538,7 +693,7 @@ class BlockStore:
         for e in entries:
             e.pins -= 1
             if e.pins == 0 and e.doomed:
-                self._alloc.free(e.offset)
+                self._free(e.offset)
 
     def drop_owner(self, owner: Hashable) -> tuple[int, int]:
         """A connection is gone: end its leases and free its pending slots. Returns (leases, slots)."""
@@ -575,9 +730,9 @@ class BlockStore:
         c = self._c
         return StoreStats(
             dram_blocks=len(self._index),
-            dram_used_bytes=self._alloc.used_bytes,
-            dram_capacity_bytes=self._alloc.capacity,
-            dram_largest_free_bytes=self._alloc.largest_free,
+            dram_used_bytes=sum(sg.alloc.used_bytes for sg in self._segs),
+            dram_capacity_bytes=sum(sg.alloc.capacity for sg in self._segs),
+            dram_largest_free_bytes=max(sg.alloc.largest_free for sg in self._segs),
             nvme_blocks=nv.blocks if nv else 0,
             nvme_used_bytes=nv.used_bytes if nv else 0,
             nvme_capacity_bytes=nv.capacity if nv else 0,
@@ -599,4 +754,8 @@ class BlockStore:
             dirty_bytes=self._dirty_bytes,
             persisted=c["persisted"],
             persist_failures=c["persist_failures"],
-        )
+            relocations=c["relocations"],
+            segments=[
+                SegmentStats(sg.name, sg.alloc.used_bytes, sg.alloc.capacity, len(sg.policy)) for sg in self._segs
+            ] if len(self._segs) > 1 else [],
+        )  # fmt: skip

@@ -136,14 +136,16 @@ def test_signal_shuts_down_cleanly(tmp_path, short_dir, procs, signum) -> None:
     assert not [e for e in events if e["level"] in ("error", "critical")], events
 
 
-def test_socket_and_arena_are_0660(tmp_path, short_dir, procs) -> None:
+def test_socket_is_0660_and_the_arena_private_to_the_daemon(tmp_path, short_dir, procs) -> None:
     cfg, sock = _config(tmp_path, short_dir)
     p = procs(["--config", str(cfg)], sock, tmp_path / "d.log").wait_ready()
     assert stat.S_ISSOCK(os.stat(sock).st_mode)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     with Client(sock, timeout=10) as c:
         arena = Path(c.stats()["arena"])
-    assert stat.S_IMODE(os.stat(arena).st_mode) == 0o660
+    # Clients get the arena as a descriptor over the socket; nobody opens it by path.
+    assert stat.S_IMODE(os.stat(arena).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(arena.parent).st_mode) == 0o700
     assert p.signal(signal.SIGTERM) == 0
 
 
@@ -360,7 +362,7 @@ def test_metrics_port_in_use_refuses_to_start_with_a_message(tmp_path, short_dir
     assert msg.startswith(f"memkv-mesh daemon: cannot serve metrics on 127.0.0.1:{port}: ")
     assert "set [metrics] listen to a free port, or port 0" in msg
     assert not sock.exists()  # what it had set up is taken down again
-    assert not list((tmp_path / "d" / "data").glob("*.arena"))
+    assert not list((tmp_path / "d" / "data").glob("**/*.arena"))
 
 
 def test_socket_path_too_long_refuses_to_start_with_a_message(tmp_path, short_dir, procs) -> None:

@@ -26,6 +26,7 @@ from test_dataplane_helpers import put
 from memkv_mesh.client import AsyncClient, MemkvError
 from memkv_mesh.config import load_config
 from memkv_mesh.daemon import Daemon
+from memkv_mesh.tenants import scope_keys
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -87,7 +88,7 @@ async def test_a_working_set_larger_than_dram_loses_no_block(tmp_path: Path, sho
                 ks = keys[i : i + 64]
                 assert await c.get_many_into(ks, bufs) == [size] * len(ks), f"blocks {i}.. lost"
                 assert all(bytes(b) == _block(k, size).tobytes() for k, b in zip(ks, bufs, strict=True))
-        for k in keys[:100]:  # and each owner holds its copy, on NVMe (write-through)
+        for k in scope_keys(keys[:100]):  # and each owner holds its copy, on NVMe (write-through)
             for o in g.mesh.owners(k):
                 f = next(d for d in fs if d.node_id == o)
                 assert f.store.nvme is not None and k in f.store.nvme
@@ -101,7 +102,7 @@ async def test_ack_replicated_returns_once_the_owners_hold_the_blocks(tmp_path: 
         async with await AsyncClient.connect(g.socket_path) as c:
             assert await c.put_many(keys, [_block(k, 4096) for k in keys]) == 20
             # No waiting: the put returned only after both owners (R=2 of 2) confirmed.
-            assert all(all(f.store.contains(keys)) for f in fs)
+            assert all(all(f.store.contains(scope_keys(keys))) for f in fs)
             assert g.store.dirty_bytes == 0
         nursery.cancel_scope.cancel()
 
@@ -134,7 +135,7 @@ async def test_puts_get_busy_at_the_dirty_bound_and_lose_nothing(tmp_path: Path,
             assert g.mesh.statistics().busy_rejections == busy
             stalled.set()  # the owners are back: everything acknowledged drains to them
             await _until(lambda: g.store.dirty_bytes == 0, 30)
-            assert all(all(f.store.contains(acked)) for f in fs)
+            assert all(all(f.store.contains(scope_keys(acked))) for f in fs)
             rest = [k for k in keys if k not in acked]
             assert await c.put_many(rest, [_block(k, size) for k in rest]) == len(rest)  # and puts flow again
         nursery.cancel_scope.cancel()
@@ -147,11 +148,12 @@ async def test_a_delete_is_mesh_wide_and_a_replica_never_brings_it_back(tmp_path
         async with await AsyncClient.connect(g.socket_path) as c:
             await c.put_many(keys, [_block(k, 8192) for k in keys])
             await _until(lambda: g.store.dirty_bytes == 0, 30)
-            owners = {k: g.mesh.owners(k) for k in keys}
-            assert all(f.store.contains([k])[0] for k in keys for f in fs if f.node_id in owners[k])
+            ik = dict(zip(keys, scope_keys(keys), strict=True))  # what the stores hold them under
+            owners = {k: g.mesh.owners(ik[k]) for k in keys}
+            assert all(f.store.contains([ik[k]])[0] for k in keys for f in fs if f.node_id in owners[k])
             assert await c.delete(keys[:10]) == 10
             for d in (g, *fs):
-                assert not any(d.store.contains(keys[:10])), d.node_id
+                assert not any(d.store.contains(scope_keys(keys[:10]))), d.node_id
             assert await c.lookup(keys[:10]) == 0
             assert await c.get_many_into(keys[:10], [bytearray(8192) for _ in range(10)]) == [None] * 10
             # A stale copy somewhere (a node that missed the delete) pushed by a repair pass is
@@ -159,17 +161,17 @@ async def test_a_delete_is_mesh_wide_and_a_replica_never_brings_it_back(tmp_path
             stale = keys[0]
             f = next(d for d in fs if d.node_id not in owners[stale])  # held no copy, missed nothing
             other = next(d for d in fs if d.node_id in owners[stale])  # an owner: repair pushes go there
-            await put(f.store, stale, _block(stale, 8192).tobytes())
-            assert await f.dataplane.push(other.dataplane.address, [stale]) == [False]
-            assert not f.store.contains([stale])[0] and not other.store.contains([stale])[0]
+            await put(f.store, ik[stale], _block(stale, 8192).tobytes())
+            assert await f.dataplane.push(other.dataplane.address, [ik[stale]]) == [False]
+            assert not f.store.contains([ik[stale]])[0] and not other.store.contains([ik[stale]])[0]
             # A put after the delete is newer than it: replicated over the tombstones, readable.
             assert await c.put_many(keys[:10], [_block(k, 8192) for k in keys[:10]]) == 10
             await _until(lambda: g.store.dirty_bytes == 0, 30)
             for k in keys[:10]:
-                assert all(next(d for d in fs if d.node_id == o).store.contains([k])[0] for o in owners[k])
+                assert all(next(d for d in fs if d.node_id == o).store.contains([ik[k]])[0] for o in owners[k])
             # Deleting only this node's copy leaves the replicas in place.
             assert await c.delete(keys[10:20], local=True) == 10
-            assert not any(g.store.contains(keys[10:20]))
+            assert not any(g.store.contains(scope_keys(keys[10:20])))
             assert await c.get_many_into(keys[10:20], [bytearray(8192) for _ in range(10)]) == [8192] * 10
         nursery.cancel_scope.cancel()
 
