@@ -52,6 +52,9 @@ DEFAULT_SEGMENT = "default"
 MESH_SEGMENT = "_mesh"
 _TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_ID = 2**32 - 2  # uid_t/gid_t; 2**32 - 1 is (uid_t)-1, "no id"
+# TOML integers are signed 64-bit (tomllib does not enforce it); every size and count the daemon
+# hands to the OS (ftruncate, mmap, sleep) must fit one.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -97,6 +100,8 @@ def parse_byte_size(value: int | str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a byte size cannot be negative, got {value}")
+        if value > _INT64_MAX:
+            raise ValueError(f"byte size {value} is too large (at most {_INT64_MAX} bytes)")
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected a byte size (int or string like '512 MiB'), got {value!r}")
@@ -107,7 +112,10 @@ def parse_byte_size(value: int | str) -> int:
             f"cannot parse byte size {value!r}: use an integer or a number with one of "
             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    number = float(m.group(1))
+    if number * _UNITS[unit] > _INT64_MAX:  # also "1000...0 B" that float() makes inf
+        raise ValueError(f"byte size {value!r} is too large (at most {_INT64_MAX} bytes)")
+    return int(number * _UNITS[unit])
 
 
 def _dec_hook(typ: type, obj: Any) -> Any:
@@ -459,14 +467,20 @@ def _validate(cfg: Config) -> None:
         )
     if s.eviction not in POLICIES:
         raise ValueError(f"store.eviction {s.eviction!r} is not one of {', '.join(POLICIES)}")
+    if not cfg.node.data_dir.strip():
+        raise _FieldError("node.data_dir", "must not be empty (\".\" is the config file's directory)")
     if cfg.mesh.replicas < 1:
         raise ValueError(f"mesh.replicas must be at least 1, got {cfg.mesh.replicas}")
-    if cfg.mesh.repair_bytes_per_s < 1 or cfg.mesh.repair_interval_s <= 0:
-        raise ValueError("mesh.repair_bytes_per_s and mesh.repair_interval_s must be positive")
-    for name in ("put_wait_s", "replication_timeout_s", "tombstone_s"):
+    if cfg.mesh.repair_bytes_per_s < 1:
+        raise _FieldError("mesh.repair_bytes_per_s", f"must be at least 1, got {int(cfg.mesh.repair_bytes_per_s)}")
+    for name in ("repair_interval_s", "put_wait_s", "replication_timeout_s", "tombstone_s"):
         v = getattr(cfg.mesh, name)
         if not (v > 0 and v < float("inf")):
             raise ValueError(f"mesh.{name} must be a positive number of seconds, got {v}")
+    if not 0 <= cfg.mesh.handoff_timeout_s < float("inf"):
+        raise _FieldError(
+            "mesh.handoff_timeout_s", f"must be 0 or a positive number of seconds, got {cfg.mesh.handoff_timeout_s}"
+        )
     if cfg.mesh.dirty_bytes and cfg.mesh.dirty_bytes < s.max_block_bytes:
         raise ValueError(
             f"mesh.dirty_bytes ({int(cfg.mesh.dirty_bytes)}) must be 0 (automatic) or at least "
@@ -498,6 +512,27 @@ def _validate(cfg: Config) -> None:
     _segments(cfg)
 
 
+def _check_raw(value: Any, field: str) -> None:
+    """Values that no field accepts, refused before decoding with the field's dotted name: an
+    integer beyond TOML's 64 bits (tomllib lets it through), a NaN (never a valid setting, and
+    NaN compares false with every bound), a string holding NUL (no path, name or key may)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else repr(k)  # a key may be any string
+            _check_raw(v, f"{field}.{name}" if field else name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_raw(v, f"{field}[{i}]")
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+        raise _FieldError(field, f"{value} does not fit a 64-bit integer")
+    elif isinstance(value, float) and value != value:
+        raise _FieldError(field, "nan is not a valid value")
+    elif isinstance(value, str) and "\x00" in value:
+        raise _FieldError(field, f"{value!r} contains a NUL character")
+
+
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> None:
     """Apply dotted overrides ("store.dram_bytes": v) onto a nested dict."""
     for dotted, value in overrides.items():
@@ -524,7 +559,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
                 raw = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{where}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
+        except OSError as e:  # a directory, no permission, an I/O error
+            raise ConfigError(f"{where}: cannot read the config file: {e.strerror or e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{where}: not valid TOML: {e}") from None
     if "source" in raw:
         raise ConfigError(f"{where}: unknown field 'source' at the top level")
@@ -532,6 +569,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
     _merge(raw, overrides or {}, where)
     raw["source"] = str(Path(path).resolve()) if path is not None else ""
     try:
+        _check_raw(raw, "")
         cfg = _page_aligned(msgspec.convert(raw, Config, dec_hook=_dec_hook))
         _validate(cfg)
     except (msgspec.ValidationError, ValueError) as e:
@@ -548,21 +586,28 @@ def _describe(e: Exception) -> tuple[str, str]:
     if isinstance(e, _FieldError):
         return e.field, str(e)
     msg = str(e)
-    m = re.match(r"^(.*) - at `\$\.?(.*)`$", msg)
+    m = re.match(r"^(.*) - at `\$\.?(.*)`$", msg, re.DOTALL)
     if m:
         field = m.group(2)
-        unknown = re.match(r"^Object contains unknown field `(.*)`$", m.group(1))
+        unknown = re.match(r"^Object contains unknown field `(.*)`$", m.group(1), re.DOTALL)
         if unknown and field:
             return f"{field}.{unknown.group(1)}", f"unknown field {unknown.group(1)!r} in [{field}]"
-        missing = re.match(r"^Object missing required field `(.*)`$", m.group(1))
+        missing = re.match(r"^Object missing required field `(.*)`$", m.group(1), re.DOTALL)
         if missing and field:
             name = f"{field}.{missing.group(1)}"
             return name, f"field {name}: is required and missing"
+        # A section's own validation names the field inside it ("gossip.port: must be ...",
+        # "kvikio.task_size must be ..."): name that field, not just the section.
+        last = re.escape(field.rpartition(".")[2])
+        inner = re.match(rf"^(?:[^:]*: )?{last}\.([A-Za-z_]\w*(?:\[\d+\])*):? (.*)$", m.group(1), re.DOTALL) if field else None
+        if inner:
+            field = f"{field}.{inner.group(1)}"
+            return field, f"field {field}: {inner.group(2)}"
         return field, f"field {field or '(top level)'}: {m.group(1)}"
-    m = re.match(r"^Object contains unknown field `(.*)`$", msg)
+    m = re.match(r"^Object contains unknown field `(.*)`$", msg, re.DOTALL)
     if m:
         return m.group(1), f"unknown field {m.group(1)!r} at the top level"
-    m = re.match(r"^([a-z_]+\.[a-z_]+) ", msg)  # our own validation messages lead with the field
+    m = re.match(r"^([a-z_]+(?:\.[a-z_]+)+(?:\[\d+\])*):? (.*)$", msg, re.DOTALL)  # validation messages lead with the field
     if m:
-        return m.group(1), msg.replace(m.group(1), f"field {m.group(1)}:", 1)
+        return m.group(1), f"field {m.group(1)}: {m.group(2)}"
     return "", msg

@@ -540,7 +540,7 @@ def test_limits_defaults_and_values(tmp_path) -> None:
         ("max_leases_per_client = true", "field limits.max_leases_per_client: Expected `int`, got `bool`"),
         ("frame_timeout_s = 0", "field limits.frame_timeout_s: must be a positive number of seconds, got 0"),
         ("frame_timeout_s = -1.0", "field limits.frame_timeout_s: must be a positive"),
-        ("frame_timeout_s = nan", "field limits.frame_timeout_s: must be a positive number of seconds, got nan"),
+        ("frame_timeout_s = nan", "field limits.frame_timeout_s: nan is not a valid value"),
         ("frame_timeout_s = inf", "field limits.frame_timeout_s: must be a positive number of seconds, got inf"),
         ("frame_timeout_s = '30s'", "field limits.frame_timeout_s: Expected `float`, got `str`"),
         ("mesh_segment_bytes = -1", "field limits.mesh_segment_bytes: a byte size cannot be negative"),
