@@ -1161,6 +1161,12 @@ class NvmeTier:
         with self._lock:
             return not self._degraded or self._clock() >= self._next_probe
 
+    def probe_now(self) -> None:
+        """Let the next write through as a probe instead of waiting for ``probe_interval`` (for
+        an operator or a caller that knows space was just freed). No effect while healthy."""
+        with self._lock:
+            self._next_probe = self._clock()
+
     def statistics(self) -> NvmeStats:
         with self._lock:
             c = self._c
