@@ -555,3 +555,20 @@ def test_bad_limits_name_the_field(tmp_path, line, fragment) -> None:
 def test_bad_limit_from_the_command_line_is_named_so(tmp_path) -> None:
     msg = _error(tmp_path, "", {"limits.max_clients": 0})
     assert "field limits.max_clients (from the command line): must be at least 1" in msg
+
+
+def test_mesh_toml_commented_tenants_example_loads_when_uncommented(tmp_path) -> None:
+    """The checked-in file declares no tenants (it runs as is); its commented example is valid
+    once uncommented with the smaller max_block_bytes its comment asks for, and says why not
+    without it."""
+    import re
+
+    text = (REPO / "mesh.toml").read_text()
+    assert load_config(REPO / "mesh.toml").tenants == []
+    example = re.sub(r"(?m)^# (\[\[tenants\]\]|\[limits\]|[a-z_]+ = )", r"\1", text)
+    assert len(re.findall(r"(?m)^\[\[tenants\]\]", example)) == 2 and "\n[limits]" in example
+    msg = _error(tmp_path, example)
+    assert "field tenants: DRAM segment(s)" in msg and "lower store.max_block_bytes" in msg
+    cfg = _load(tmp_path, example.replace('max_block_bytes = "128 MiB"', 'max_block_bytes = "32 MiB"'))
+    assert [t.name for t in cfg.tenants] == ["team-a", "team-b"] and cfg.limits == LimitsConfig()
+    assert cfg.tenant_segments() == [("_mesh", 128 * MiB), ("team-a", 128 * MiB), ("team-b", 256 * MiB)]
