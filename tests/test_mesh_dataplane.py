@@ -15,6 +15,7 @@ from conftest import write_config
 from memkv_mesh.client import AsyncClient
 from memkv_mesh.config import load_config
 from memkv_mesh.daemon import Daemon
+from memkv_mesh.tenants import scope_keys
 
 MiB = 1 << 20
 KEY = base64.b64encode(os.urandom(32)).decode()
@@ -62,12 +63,13 @@ async def test_put_replicates_to_owners_and_a_miss_fetches(tmp_path: Path, short
         vals = [os.urandom(100_000 + i) for i in range(20)]
         async with await AsyncClient.connect(a.socket_path) as ca:
             assert await ca.put_many(keys, vals) == 20
+        ik = scope_keys(keys)  # what the daemons store them under
         # R=2 with two flash peers: both hold every block once replication has run.
-        await _until(lambda: all(b.store.contains(keys)) and all(c.store.contains(keys)), 15)
+        await _until(lambda: all(b.store.contains(ik)) and all(c.store.contains(ik)), 15)
         assert a.mesh.statistics().replicated == 40
         # A gpu node that never saw the blocks gets them from an owner through its own client.
         async with await AsyncClient.connect(g.socket_path) as cg:
-            assert not any(g.store.contains(keys))
+            assert not any(g.store.contains(ik))
             bufs = [bytearray(200_000) for _ in keys]
             got = await cg.get_many_into(keys, bufs)
             assert got == [len(v) for v in vals]
@@ -76,7 +78,7 @@ async def test_put_replicates_to_owners_and_a_miss_fetches(tmp_path: Path, short
             # An owner going away: the other replica serves the next miss.
             await cg.delete(keys, local=True)
             nursery_b_gone = b.store
-            await nursery_b_gone.delete(keys)  # b loses its copies (as if its disk was wiped)
+            await nursery_b_gone.delete(ik)  # b loses its copies (as if its disk was wiped)
             assert await cg.get_many_into(keys[:5], bufs[:5]) == [len(v) for v in vals[:5]]
             # A key nobody holds is a plain miss.
             assert await cg.get_many_into([os.urandom(32)], [bytearray(10)]) == [None]
@@ -91,6 +93,7 @@ async def test_wrong_key_peer_can_neither_fetch_nor_store(tmp_path: Path, short_
         keys = [os.urandom(32) for _ in range(3)]
         async with await AsyncClient.connect(b.socket_path) as cb:
             await cb.put_many(keys, [b"v" * 5000] * 3)
+        keys = scope_keys(keys)  # what b stores them under
         # x cannot join b's gossip and its data plane is refused by b's.
         with pytest.raises(Exception, match="auth|key|refused|closed"):
             await x.dataplane.fetch(b.dataplane.address, keys)
@@ -125,14 +128,15 @@ async def test_replicas_come_back_after_a_flash_node_goes(tmp_path: Path, short_
         vals = [os.urandom(20_000) for _ in keys]
         async with await AsyncClient.connect(a.socket_path) as ca:
             await ca.put_many(keys, vals)
+        ik = dict(zip(keys, scope_keys(keys), strict=True))  # what the daemons store them under
 
         def copies(k: bytes) -> int:
-            return sum(d.store.contains([k])[0] for d, _ in flash.values())
+            return sum(d.store.contains([ik[k]])[0] for d, _ in flash.values())
 
         await _until(lambda: all(copies(k) >= 2 for k in keys), 15)
         # b goes away (its scope is cancelled: it says goodbye but hands nothing off).
         b, b_scope = flash.pop("b")
-        lost = [k for k in keys if b.store.contains([k])[0]]
+        lost = [k for k in keys if b.store.contains([ik[k]])[0]]
         assert lost
         b_scope.cancel()
         # c and d are now the owners of everything: every block is back to two flash copies.
