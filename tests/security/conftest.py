@@ -130,6 +130,80 @@ def run_as(uid: int, gid: int, fn: Callable[..., Any], *args: Any, timeout: floa
     return value
 
 
+class HeldAs:
+    """``with HeldAs(uid, gid, fn, *args) as result:`` runs ``fn(*args)`` in a child dropped to
+    ``uid``/``gid``; ``fn`` returns ``(result, keep)``: ``result`` comes back here, ``keep``
+    (clients, leases, ...) stays alive in the child until the ``with`` block ends, so a test can
+    act as another user while this one holds what it took."""
+
+    def __init__(self, uid: int, gid: int, fn: Callable[..., tuple[Any, Any]], *args: Any, timeout: float = 60.0) -> None:
+        self.uid, self.gid, self.fn, self.args, self.timeout = uid, gid, fn, args, timeout
+        self.pid = 0
+        self._go = -1
+
+    def __enter__(self) -> Any:
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.close(r)
+                os.close(go_w)
+                os.setgroups([])
+                os.setgid(self.gid)
+                os.setuid(self.uid)
+                keep = None
+                try:
+                    result, keep = self.fn(*self.args)
+                    data = pickle.dumps(("ok", result))
+                except BaseException as e:  # noqa: BLE001
+                    data = pickle.dumps(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(w, view) :]
+                os.close(w)
+                while os.read(go_r, 1):  # until the parent closes its end
+                    pass
+                del keep
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.close(go_r)
+        self.pid, self._go = pid, go_w
+        chunks: list[bytes] = []
+        try:
+            while True:
+                ready, _, _ = select.select([r], [], [], self.timeout)
+                if not ready:
+                    os.kill(pid, signal.SIGKILL)
+                    raise ChildFailed(f"{self.fn.__name__} as uid {self.uid} did not finish within {self.timeout} s")
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            os.close(r)
+        if not chunks:
+            self.__exit__()
+            raise ChildFailed(f"{self.fn.__name__} as uid {self.uid} died without a result")
+        status, value = pickle.loads(b"".join(chunks))
+        if status != "ok":
+            self.__exit__()
+            raise ChildFailed(f"{self.fn.__name__} as uid {self.uid}/gid {self.gid} raised {value}")
+        return value
+
+    def __exit__(self, *exc: object) -> None:
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+        if self.pid:
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
 # ---- a raw protocol client ------------------------------------------------------------------------
 class RawClient:
     """A hand-driven, blocking connection to the daemon's socket: frames from memkv_mesh.protocol,
