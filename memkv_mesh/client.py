@@ -505,7 +505,10 @@ class Client(_Core):
 
     def _hello(self, name: str) -> None:
         """Hello, and the Welcome with the arena descriptor riding on its first byte."""
-        self._send(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid()))
+        try:
+            self._send(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid()))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at once (no tenant, too many clients): its Error is still readable
         fds: list[int] = []
         while (body := self._frames.next_frame()) is None:
             data, anc, _, _ = self._sock.recvmsg(65536, _ANC_SPACE)
@@ -684,7 +687,10 @@ class AsyncClient(_Core):
             ) from None
         self = cls(stream, path, checksum)
         try:
-            await self._send(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid()))
+            try:
+                await self._send(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid()))
+            except trio.BrokenResourceError:
+                pass  # refused at once (no tenant, too many clients): its Error is still readable
             fds: list[int] = []
             while (body := self._frames.next_frame()) is None:
                 data, anc, _, _ = await stream.socket.recvmsg(65536, _ANC_SPACE)
