@@ -373,7 +373,10 @@ def _segments(cfg: Config) -> list[tuple[str, int]]:
         raise _FieldError(
             "tenants",
             f"the DRAM split needs {total} bytes ({split}) but store.dram_bytes is {dram}: raise "
-            "store.dram_bytes, or lower tenants' dram_bytes or limits.mesh_segment_bytes",
+            "store.dram_bytes, or lower tenants' dram_bytes or limits.mesh_segment_bytes"
+            + ("" if cfg.limits.mesh_segment_bytes else
+               " (automatic: max(4 x store.max_block_bytes, store.dram_bytes / 8), so a lower "
+               "store.max_block_bytes lowers it)"),
         )
     small = [name for name, n in segs if n < block]
     if small:

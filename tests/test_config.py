@@ -568,7 +568,8 @@ def test_mesh_toml_commented_tenants_example_loads_when_uncommented(tmp_path) ->
     example = re.sub(r"(?m)^# (\[\[tenants\]\]|\[limits\]|[a-z_]+ = )", r"\1", text)
     assert len(re.findall(r"(?m)^\[\[tenants\]\]", example)) == 2 and "\n[limits]" in example
     msg = _error(tmp_path, example)
-    assert "field tenants: DRAM segment(s)" in msg and "lower store.max_block_bytes" in msg
+    assert "field tenants: the DRAM split needs" in msg and "store.dram_bytes is 536870912" in msg
+    assert "a lower store.max_block_bytes lowers it" in msg
     cfg = _load(tmp_path, example.replace('max_block_bytes = "128 MiB"', 'max_block_bytes = "32 MiB"'))
     assert [t.name for t in cfg.tenants] == ["team-a", "team-b"] and cfg.limits == LimitsConfig()
     assert cfg.tenant_segments() == [("_mesh", 128 * MiB), ("team-a", 128 * MiB), ("team-b", 256 * MiB)]
