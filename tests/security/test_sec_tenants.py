@@ -318,7 +318,8 @@ def _alive(dp: SecDaemon) -> set[str]:
 
 def test_mesh_fetch_finds_only_own_tenants_blocks(sec_daemon: Any) -> None:
     """alpha puts on the GPU node x; its block is replicated to the flash node y. On y, beta (same
-    key) finds nothing, locally or through the mesh; alpha finds its bytes."""
+    key) finds nothing, locally or through the mesh; alpha finds its bytes; beta's mesh-wide
+    delete of the key deletes nothing of alpha's."""
     x = sec_daemon(TENANTS, **_mesh_sections("gpu", []))
     with x.client() as c:
         seed = [c.stats()["gossip_addr"]]
@@ -335,3 +336,8 @@ def test_mesh_fetch_finds_only_own_tenants_blocks(sec_daemon: Any) -> None:
     assert _as(A, _probe, y.sock, key, len(value))["get"] == value
     theirs = _as(B, _probe, y.sock, key, len(value))
     assert theirs["get"] is None and theirs["lookup"] == 0
+    # beta's mesh-wide delete of the key (it waits for the owners' answers) reaches nothing of
+    # alpha's, on either node
+    assert _as(B, _delete, x.sock, key) == (0, 0)
+    for where in (x, y):
+        assert _as(A, _probe, where.sock, key, len(value))["get"] == value, where.node_id
