@@ -9,11 +9,17 @@ browses the same type; every peer found is handed to ``GossipService.add_seeds``
 through it if it is not a member yet. Discovery only proposes addresses: the mesh key still
 decides who gets in, so a spoofed mDNS answer costs one rejected push-pull.
 
+mDNS is not authenticated: anyone on the link can announce services. What an announcement can
+make us spend is bounded: at most ``MAX_RESOLVING`` resolver threads at once (a flood of
+announcements is ignored beyond them), and the driver keeps at most ``EXTRA_SEEDS_MAX``
+discovered addresses (``GossipService.add_seeds``).
+
 zeroconf runs its own asyncio loop in its own thread; nothing of it touches the Trio loop except
 ``TrioToken.run_sync_soon`` callbacks carrying found addresses, and its blocking calls (start,
 register, close) run in worker threads.
 
-Public API: ``SERVICE_TYPE``, ``build_service_info``, ``parse_service_info``, ``run_mdns``.
+Public API: ``SERVICE_TYPE``, ``MAX_RESOLVING``, ``build_service_info``, ``parse_service_info``,
+``run_mdns``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ log = logging.getLogger("gossip")
 
 SERVICE_TYPE = "_memkv._udp.local."
 _NAME_MAX = 63  # a DNS label
+# Announcements resolved at once (a thread each, blocked up to 3 s on the answer). A LAN of
+# peers starting together resolves in a few rounds; a flood of spoofed announcements costs at
+# most this many threads.
+MAX_RESOLVING = 8
 
 
 def _instance_name(node_id: str, service_type: str) -> str:
@@ -69,7 +79,7 @@ def parse_service_info(info: Any, self_id: str) -> str | None:
         return None
     props = info.properties or {}
     node = props.get(b"id")
-    if node is not None and node.decode(errors="replace") == self_id:
+    if isinstance(node, bytes) and node.decode(errors="replace") == self_id:
         return None
     from zeroconf import IPVersion
 
@@ -93,6 +103,8 @@ class _Mdns:
         self.info: Any = None
         self._lock = threading.Lock()
         self._closed = False
+        self._resolving = threading.BoundedSemaphore(MAX_RESOLVING)
+        self.ignored = 0  # announcements dropped while MAX_RESOLVING were being resolved
 
     def start(self) -> None:
         from zeroconf import IPVersion, ServiceBrowser, Zeroconf
@@ -114,17 +126,26 @@ class _Mdns:
 
         if state_change is not ServiceStateChange.Added:
             return
+        if not self._resolving.acquire(blocking=False):
+            self.ignored += 1
+            return
         threading.Thread(
             target=self._resolve, args=(service_type, name), daemon=True, name="mdns-resolve"
         ).start()
 
     def _resolve(self, service_type: str, name: str) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            zc = self.zc
-        info = zc.get_service_info(service_type, name, timeout=3000)
-        addr = parse_service_info(info, self.service.node_id)
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                zc = self.zc
+            info = zc.get_service_info(service_type, name, timeout=3000)
+            addr = parse_service_info(info, self.service.node_id)
+        except Exception as exc:  # a malformed record must not kill discovery
+            log.debug("mdns: cannot resolve %s: %s", name, exc)
+            return
+        finally:
+            self._resolving.release()
         if addr is None:
             return
         try:

@@ -124,6 +124,9 @@ SNAPSHOT_MAX = 64
 _SNAPSHOT_READ_LIMIT = 64 << 10  # a snapshot is read up to this many bytes (bounded input)
 _SNAPSHOT_GAP_S = 1.0  # at most one snapshot write a second, however fast the members change
 _SEND_QUEUE = 4096
+# Seeds added after start (mDNS, which anyone on the link can spoof): each one is retried by
+# the reconnect logic, so their number is bounded. A LAN of 256 peers is found whole.
+EXTRA_SEEDS_MAX = 256
 
 
 class ClockSkew(msgspec.Struct, frozen=True, kw_only=True):
@@ -375,12 +378,12 @@ class GossipService:
     def add_seeds(self, addrs: list[str]) -> None:
         """Join through more peers (mDNS discovery calls this); safe from the Trio thread."""
         core = self._core
-        new = [a for a in addrs if a not in self._extra_seeds]
+        room = EXTRA_SEEDS_MAX - len(self._extra_seeds)
+        new = [a for a in dict.fromkeys(addrs) if a not in self._extra_seeds][: max(0, room)]
         self._extra_seeds.extend(new)
         if core is None or not new or not self._running:
             return
-        core.add_seeds(new, trio.current_time())
-        self._flush()
+        self._step("discovery", "discovered seeds", lambda: core.add_seeds(new, trio.current_time()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         inc = await self._load_incarnation()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -240,4 +241,49 @@ async def test_a_packet_outside_the_replay_window_shows_the_peer_and_its_skew(
         assert len(lines) == 1 and peer in lines[0] and "+4" in lines[0]
         # what `memkv-mesh status` prints (msgspec.to_builtins of the statistics)
         assert msgspec.to_builtins(a.statistics())["clock_skew"][0]["peer"] == peer
+        nursery.cancel_scope.cancel()
+
+
+# ---- mDNS: unauthenticated announcements --------------------------------------------------------
+
+
+def test_an_mdns_flood_costs_a_bounded_number_of_threads() -> None:
+    """Before: one resolver thread per announcement, however many arrive."""
+    from zeroconf import ServiceStateChange
+
+    from transport.discovery import MAX_RESOLVING, _Mdns
+
+    release = threading.Event()
+    calls: list[str] = []
+
+    class SlowZeroconf:
+        def get_service_info(self, service_type: str, name: str, timeout: int) -> None:
+            calls.append(name)
+            release.wait(10)
+
+    mdns = _Mdns(svc("a", cfg()), None)  # type: ignore[arg-type]
+    mdns.zc = SlowZeroconf()
+    for i in range(200):
+        mdns._on_change(None, "_memkv._udp.local.", f"x{i}._memkv._udp.local.",
+                        ServiceStateChange.Added)  # fmt: skip
+    resolving = [t for t in threading.enumerate() if t.name == "mdns-resolve"]
+    assert len(resolving) <= MAX_RESOLVING and mdns.ignored == 200 - MAX_RESOLVING
+    release.set()
+    for t in resolving:
+        t.join(5)
+    # the slots are free again
+    release.clear()
+    mdns._on_change(None, "_memkv._udp.local.", "y._memkv._udp.local.", ServiceStateChange.Added)
+    release.set()
+    assert mdns.ignored == 200 - MAX_RESOLVING
+
+
+async def test_discovered_seeds_are_bounded() -> None:
+    from transport.gossip_driver import EXTRA_SEEDS_MAX
+
+    async with trio.open_nursery() as nursery:
+        a = svc("a", cfg(join_retry_s=60.0))
+        await nursery.start(a.run)
+        a.add_seeds([f"127.0.0.1:{p}" for p in range(10_000, 20_000)])
+        assert len(a._extra_seeds) == EXTRA_SEEDS_MAX
         nursery.cancel_scope.cancel()
