@@ -279,8 +279,10 @@ def test_unreadable_and_undecodable_files_are_config_errors(tmp_path: Path) -> N
         ('[node]\ndata_dir = "a\\u0000b"\n', "field node.data_dir", 2),
         ("[gossip]\nport = 99999\n", "field gossip.port", 2),
         (b'[node]\nid = "caf\xe9"\n', "not valid TOML", 2),
-        # Loads, then cannot start (the arena cannot be made): one line too.
-        ('[store]\ndram_bytes = "1000 TiB"\nmax_block_bytes = "1 MiB"\nnvme_bytes = 0\n', "memkv-mesh daemon: ", 1),
+        # Loads, then cannot start (the arena's directory is a file): one line too. (Not a huge
+        # arena: on a file system that allows the size, posix_fallocate would fill the disk.)
+        ("[node]\nid = 't1'\narena_dir = '{a_file}'\n[metrics]\nenabled = false\n[store]\nnvme_bytes = 0\n",
+         "memkv-mesh daemon: ", 1),
     ],
 )  # fmt: skip
 def test_daemon_with_a_bad_config_exits_with_one_line(
@@ -291,9 +293,14 @@ def test_daemon_with_a_bad_config_exits_with_one_line(
         f"[node]\nid = 't1'\ndata_dir = {_toml_str(str(tmp_path / 'data'))}\narena_dir = {_toml_str(str(tmp_path))}\n"
         f"socket = {_toml_str(str(short_dir / 's.sock'))}\n[metrics]\nenabled = false\n"
     )
+    (tmp_path / "a-file").write_text("not a directory")
+    if isinstance(text, str):
+        text = text.replace("{a_file}", str(tmp_path / "a-file"))
     body = text if isinstance(text, bytes) else text.encode()
     if b"[node]" not in body:
         body = common.encode() + body
+    elif b"data_dir" not in body and isinstance(text, str):  # keep its state in tmp_path
+        body = body.replace(b"[node]\n", f"[node]\ndata_dir = {_toml_str(str(tmp_path / 'data'))}\nsocket = {_toml_str(str(short_dir / 's.sock'))}\n".encode(), 1)
     path.write_bytes(body)
     proc = subprocess.run(
         [sys.executable, "-m", "memkv_mesh", "daemon", "--config", str(path)],
