@@ -21,7 +21,9 @@ message sealed more than ``window_s`` away from the receiver's clock, and any no
 within the window. With the core keeping dead/left members as tombstones for longer than the
 window, a replayed old ``Alive`` can never resurrect a dead node or undo a leave (and the
 incarnation rules of ``gossip/swim.py`` already refuse it inside the window). Clocks of mesh
-nodes must agree within ``window_s`` (NTP does far better).
+nodes must agree within ``window_s`` (NTP does far better); the driver logs each peer whose
+messages arrive outside the window with the skew in ms and shows it in its statistics
+(``clock_skew``), so a node cut off by its clock says why.
 
 Unkeyed ("insecure") mode uses version byte 0 and no encryption; keyed and unkeyed nodes drop
 each other's traffic.
