@@ -310,7 +310,7 @@ def test_two_daemons_with_one_node_id_and_arena_dir_do_not_share_an_arena(tmp_pa
         c2.put(k, b"\x00" * 100_000)
     assert second.signal(signal.SIGTERM) == 0
     assert arena1.exists()
-    with Client(sock1, timeout=10) as c:  # a fresh client maps the first's arena by its path
+    with Client(sock1, timeout=10) as c:  # a fresh client is handed the first's arena, intact
         lease = c.get(k)
         assert lease is not None and bytes(lease.view) == v
         lease.release()

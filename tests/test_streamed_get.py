@@ -19,6 +19,7 @@ from test_mesh_dataplane import _cfg, _until, _wait_alive
 from memkv_mesh import protocol
 from memkv_mesh.client import AsyncClient, Client, MemkvError, _Sink
 from memkv_mesh.daemon import Daemon
+from memkv_mesh.tenants import scope_keys
 
 MiB = 1 << 20
 
@@ -145,7 +146,7 @@ async def test_daemon_streams_local_hits_first_then_each_fetched_block(tmp_path:
             await ca.put_many(remote, [os.urandom(700_000) for _ in remote])  # > 512 KiB: thread path
         async with await AsyncClient.connect(g.socket_path) as cg:
             await cg.put(local, b"L" * 1000)
-        await g.store.delete(remote)  # the put replicated nothing to g (gpu), but make sure
+        await g.store.delete(scope_keys(remote))  # the put replicated nothing to g (gpu), but make sure
         keys = [remote[0], local, remote[1], absent, remote[2]]
         msgs = await trio.to_thread.run_sync(_raw_get, g.socket_path, keys)
         parts, final = msgs[:-1], msgs[-1]
@@ -178,7 +179,8 @@ async def test_streamed_get_into_buffers_matches_bytes(tmp_path: Path, short_dir
             assert got == [None if v is None else len(v) for v in want]
             assert bytes(out[: len(out) - 7]) == b"".join(v for v in want if v is not None)
             # A buffer per key, sync client in a thread, the rest of the blocks.
-            await g.store.delete(remote)
+            # g kept the 3 blocks it fetched (under their scoped keys): drop them, fetched again.
+            assert await g.store.delete(scope_keys(remote)) == 3
 
             def sync_get() -> tuple[list[int | None], list[bytearray]]:
                 bufs = [bytearray(400_000) for _ in remote]
