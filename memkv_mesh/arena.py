@@ -98,11 +98,15 @@ class Arena:
 
     def _open_dir(self) -> int:
         d = self.directory
-        d.parent.mkdir(parents=True, exist_ok=True)
         try:
+            d.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(d, 0o700)
         except FileExistsError:
             pass
+        except OSError as e:
+            raise ArenaError(
+                e.errno, f"cannot create the arena directory {d}: {os.strerror(e.errno or 0)} (check [node] arena_dir)"
+            ) from None
         st = os.lstat(d)
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise ArenaError(f"the arena directory {d} exists and is not a directory (a symlink?): remove it or set [node] arena_dir")
@@ -132,7 +136,19 @@ class Arena:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
         try:
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, seg.size)
+            free = os.fstatvfs(fd)
+            if self._preallocate and free.f_bavail * free.f_frsize < seg.size:
+                raise ArenaError(
+                    f"the arena segment {seg.path} needs {seg.size} bytes and {self.directory.parent} has "
+                    f"{free.f_bavail * free.f_frsize} free (lower store.dram_bytes or set [node] arena_dir)"
+                )
+            try:
+                os.ftruncate(fd, seg.size)
+            except OSError as e:
+                raise ArenaError(
+                    e.errno, f"cannot size the arena file {seg.path} to {seg.size} bytes: {os.strerror(e.errno or 0)} "
+                    "(lower store.dram_bytes or set [node] arena_dir)",
+                ) from None
             if self._preallocate:
                 try:
                     os.posix_fallocate(fd, 0, seg.size)

@@ -181,6 +181,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if cfg.metrics.enabled:
                     host, _, port = cfg.metrics.listen.rpartition(":")
+                    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]
                     try:
                         self.metrics_port = await nursery.start(self.metrics.serve, host, int(port))
                     except OSError as e:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,8 @@ from memkv_mesh.nvme import NvmeFullError
 
 if TYPE_CHECKING:
     from memkv_mesh.nvme import NvmeTier
+
+log = logging.getLogger("memkv_mesh.store")
 
 __all__ = ["FSYNC_POLICIES", "BlockStore", "StoreError", "StoreStats"]
 
@@ -109,6 +112,11 @@ class StoreStats(msgspec.Struct, frozen=True):
     persisted: int = 0
     persist_failures: int = 0
     relocations: int = 0  # blocks copied into a tenant's segment on its first local read
+    nvme_degraded: bool = False  # the NVMe tier refuses writes (disk full, I/O errors); resumes by itself
+    nvme_degraded_reason: str = ""
+    nvme_degraded_since: float = 0.0
+    nvme_write_errors: int = 0
+    nvme_read_errors: int = 0
     segments: list[SegmentStats] = []  # per arena segment, with tenants declared
 
 
@@ -442,17 +450,32 @@ class BlockStore:
         """Move one unpinned DRAM block to NVMe (or drop it) and free its extent; keys this node no
         longer holds in any tier go to ``gone``."""
         nvme = self.nvme
+        if nvme is not None and e.key not in nvme and not nvme.accepts_writes:
+            # The tier is degraded (disk full, I/O errors) and no probe is due: victims are never
+            # dirty (their owners hold them), so the block is dropped without a thread hop.
+            self._c["dram_drops"] += 1
+            self._remove(e)
+            gone.append(e.key)
+            return
         if nvme is not None and e.key not in nvme:
             e.pins += 1
             view = self.arena.slice(e.offset, e.length)
             try:
                 dropped = await trio.to_thread.run_sync(nvme.put, e.key, view, e.checksum)
-            except (NvmeFullError, ValueError) as err:
-                # NVMe cannot take it (everything there pinned, or the block is too big for a
-                # data file): it is a cache, so the block is dropped rather than failing the put.
+            except (NvmeFullError, ValueError, OSError) as err:
+                # NVMe cannot take it (everything there pinned, the block too big for a data
+                # file, ENOSPC or EIO: NvmeIOError/NvmeDegradedError): it is a cache and the
+                # victim is clean, so the block is dropped rather than failing the put.
                 self._c["nvme_drops"] += len(getattr(err, "dropped", ()))
                 self._c["dram_drops"] += 1
                 gone.extend(getattr(err, "dropped", ()))
+            except BaseException:
+                # (a closed tier, a cancelled thread wait) pop_victim already took it out of the
+                # policy: put it back, or it would stay indexed and never evictable again.
+                if not e.doomed and self._index.get(e.key) is e:
+                    seg = self._segs[e.seg]
+                    seg.policy.insert(e.key, seg.extent_size(e.offset))
+                raise
             else:
                 self._c["demotions"] += 1
                 self._c["nvme_drops"] += len(dropped)
@@ -519,6 +542,10 @@ class BlockStore:
             if e is not None and not e.doomed:
                 e.pins += 1
                 todo.append((i, e))
+        if todo and not nvme.accepts_writes:  # degraded and no probe due: refuse without a thread hop
+            self._unpin([e for _, e in todo])
+            self._c["persist_failures"] += len(todo)
+            return out
         if not todo and (self.fsync != "batch" or not any(out)):
             return out
         views = [self.arena.slice(e.offset, e.length) for _, e in todo]
@@ -658,11 +685,19 @@ class BlockStore:
         gone: list[bytes] = []
         try:
             off = await self._make_room(length, gone, segment)
-            view = self.arena.slice(off, length)
             try:
-                got = await trio.to_thread.run_sync(nvme.read_into, key, view)
-            finally:
-                view.release()
+                view = self.arena.slice(off, length)
+                try:
+                    got = await trio.to_thread.run_sync(nvme.read_into, key, view)
+                finally:
+                    view.release()
+            except Exception as err:  # a backend error, a closed tier, the block replaced meanwhile
+                self._free(off)
+                log.warning("promoting a block from NVMe failed: %s", err, extra={"fields": {"key": key.hex()}})
+                return None  # a miss
+            except BaseException:
+                self._free(off)
+                raise
             existing = self._index.get(key)
             if got is None or existing is not None or key in self._unpromote:
                 # Corrupt (dropped by the tier), put again meanwhile, or deleted meanwhile.
@@ -755,6 +790,11 @@ class BlockStore:
             persisted=c["persisted"],
             persist_failures=c["persist_failures"],
             relocations=c["relocations"],
+            nvme_degraded=nv.degraded if nv else False,
+            nvme_degraded_reason=nv.degraded_reason if nv else "",
+            nvme_degraded_since=nv.degraded_since if nv else 0.0,
+            nvme_write_errors=nv.write_errors if nv else 0,
+            nvme_read_errors=nv.read_errors if nv else 0,
             segments=[
                 SegmentStats(sg.name, sg.alloc.used_bytes, sg.alloc.capacity, len(sg.policy)) for sg in self._segs
             ] if len(self._segs) > 1 else [],
