@@ -23,6 +23,8 @@ from gossip.directory_filter import fingerprint
 from gossip.directory_table import HolderTable
 from gossip.events import EVENT_KINDS, MemberInfo, MembershipEvent
 from gossip.messages import (
+    MAX_INCARNATION,
+    STREAM_HELLO,
     Ack,
     Alive,
     Dead,
@@ -57,6 +59,8 @@ from gossip.swim import Swim, SwimCounters
 
 __all__ = [
     "EVENT_KINDS",
+    "MAX_INCARNATION",
+    "STREAM_HELLO",
     "Ack",
     "Alive",
     "Awareness",
