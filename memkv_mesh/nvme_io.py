@@ -64,8 +64,19 @@ class PosixBlockIO:
             for path, size in zip(paths, sizes, strict=True):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._fds.append(fd)
-                if os.fstat(fd).st_size > size:
+                st = os.fstat(fd)
+                if st.st_size > size:
                     os.ftruncate(fd, size)
+                # Check first: on a disk too small, posix_fallocate would fill it before failing
+                # (and leave the file behind, full of nothing).
+                vfs = os.fstatvfs(fd)
+                have = min(st.st_blocks * 512, size)
+                if size - have > vfs.f_bavail * vfs.f_frsize:
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"cannot preallocate {size} bytes for {path}: {vfs.f_bavail * vfs.f_frsize} bytes free "
+                        "there (lower store.nvme_bytes or free space)",
+                    )
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError as e:

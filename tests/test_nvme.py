@@ -840,3 +840,17 @@ def test_put_many_is_one_journal_append_and_survives_a_reopen(tmp_path: Path) ->
     with pytest.raises(ValueError, match="checksum"):
         again.put_many([(key(1), memoryview(b"x"), -1)])
     again.close()
+
+
+def test_data_files_larger_than_the_free_space_are_refused_before_filling_the_disk(tmp_path) -> None:
+    """posix_fallocate of more than the disk holds filled the disk (62 GB once) before failing."""
+    import errno as _errno
+
+    from memkv_mesh.nvme_io import PosixBlockIO
+
+    vfs = os.statvfs(tmp_path)
+    too_big = vfs.f_bavail * vfs.f_frsize + (1 << 40)
+    with pytest.raises(OSError) as ei:
+        PosixBlockIO([tmp_path / "blocks-0000.dat"], [too_big])
+    assert ei.value.errno == _errno.ENOSPC and "lower store.nvme_bytes" in str(ei.value)
+    assert os.stat(tmp_path / "blocks-0000.dat").st_blocks == 0
