@@ -389,7 +389,10 @@ class Daemon:
         return dp, self.mesh.statistics() if self.mesh is not None else None
 
     def _counts(self) -> DaemonCounts:
-        return DaemonCounts(self._connections, self._bad_requests)
+        return DaemonCounts(
+            self._connections, self._bad_requests, self._refused, self._frame_timeouts, self._limited,
+            self._bad_checksums, len(self.arena_problems), self.gossip.statistics() if self.gossip is not None else None,
+        )  # fmt: skip
 
     def _info(self) -> dict[str, str]:
         return {"node": self.node_id, "role": self.config.node.role, "version": __version__}

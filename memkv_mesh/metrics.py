@@ -96,6 +96,48 @@ class _StoreCollector:
             )
             bad.add_metric([], d.bad_requests)
             yield bad
+            for name, doc, value in (
+                ("memkv_refused_connections", "Local connections refused: no tenant for the peer's uid/gid, or over limits.max_clients", d.refused),
+                ("memkv_frame_timeouts", "Local clients cut off for leaving a frame half sent (limits.frame_timeout_s)", d.frame_timeouts),
+                ("memkv_limited_requests", "Local requests refused by a [limits] cap on leases or pending slots", d.limited),
+                ("memkv_bad_checksums", "Commits refused because the block bytes did not match the checksums sent", d.bad_checksums),
+            ):
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], value)
+                yield c
+            g = GaugeMetricFamily("memkv_arena_problems", "Arena files found deleted or replaced (see memkv-mesh status)")
+            g.add_metric([], d.arena_problems)
+            yield g
+            if d.gossip is not None:
+                gs = d.gossip
+                dropped = CounterMetricFamily("memkv_gossip_dropped", "Gossip messages dropped, by reason", labels=["reason"])
+                for reason in ("bad_key", "replay", "malformed", "errors", "send_queue"):
+                    dropped.add_metric([reason], getattr(gs, f"dropped_{reason}"))
+                yield dropped
+                streams = CounterMetricFamily(
+                    "memkv_gossip_streams_closed", "Incoming gossip streams closed by the listener's cap", labels=["why"]
+                )
+                streams.add_metric(["refused"], gs.streams_refused)
+                streams.add_metric(["evicted"], gs.streams_evicted)
+                yield streams
+                c = CounterMetricFamily(
+                    "memkv_gossip_refutations_impossible", "Rumours about this node at the incarnation ceiling (forged by a key holder)"
+                )
+                c.add_metric([], gs.refutations_impossible)
+                yield c
+                g = GaugeMetricFamily("memkv_gossip_clock_skew_max_ms", "Largest clock skew of a peer whose packets were rejected")
+                g.add_metric([], max((abs(x.skew_ms) for x in gs.clock_skew), default=0))
+                yield g
+        g = GaugeMetricFamily("memkv_nvme_degraded", "1 while the NVMe tier refuses writes (disk full, I/O errors)")
+        g.add_metric([], int(s.nvme_degraded))
+        yield g
+        errs = CounterMetricFamily("memkv_nvme_io_errors", "NVMe tier I/O errors, by direction", labels=["op"])
+        errs.add_metric(["write"], s.nvme_write_errors)
+        errs.add_metric(["read"], s.nvme_read_errors)
+        yield errs
+        c = CounterMetricFamily("memkv_relocations", "Blocks copied into a tenant's arena segment on its first local read")
+        c.add_metric([], s.relocations)
+        yield c
 
 
 # Data-plane and mesh counters: statistics field -> (metric name, help, label values or None).
@@ -184,6 +226,12 @@ class DaemonCounts(NamedTuple):
 
     connections: int
     bad_requests: int
+    refused: int = 0
+    frame_timeouts: int = 0
+    limited: int = 0
+    bad_checksums: int = 0
+    arena_problems: int = 0
+    gossip: Any = None  # transport.gossip_driver.GossipStats on a mesh node
 
 
 class Metrics:

@@ -348,3 +348,28 @@ def test_status_with_an_nvme_tier(daemon_process, capsys) -> None:
     assert int(m.group(3)) == st["nvme_blocks"] >= 2 and m.group(4).endswith("nvme")
     assert f"{st['demotions']} dram->nvme" in lines["evictions"] and st["demotions"] >= 2
     assert f"{st['hits_dram']} dram hits, {st['hits_nvme']} nvme hits, 0 misses (hit ratio 1.000)" in lines["gets"]
+
+
+async def test_metrics_count_refused_commits_and_show_arena_and_tier_health(mdaemon) -> None:
+    import os
+
+    from memkv_mesh import protocol
+    from memkv_mesh.client import MemkvError
+
+    s = await _scrape(mdaemon)
+    assert _v(s, "memkv_bad_checksums_total") == 0 and _v(s, "memkv_arena_problems") == 0
+    assert _v(s, "memkv_nvme_degraded") == 0 and _v(s, "memkv_refused_connections_total") == 0
+    async with await AsyncClient.connect(mdaemon.socket_path, checksum=True) as c:
+        c._fill = lambda offsets, keys, values: (keys, [1] * len(keys))  # type: ignore[method-assign]  # lie
+        with pytest.raises(MemkvError) as e:
+            await c.put(os.urandom(32), b"x" * 4096)
+        assert e.value.code == protocol.BAD_CHECKSUM
+    s = await _scrape(mdaemon)
+    assert _v(s, "memkv_bad_checksums_total") == 1
+    seg = mdaemon._arena.segments[0]
+    os.unlink(seg.path)  # the arena file deleted under the daemon: a gauge, and status, say so
+    assert mdaemon._arena.check()
+    with trio.fail_after(10):
+        while not mdaemon.arena_problems:  # noqa: ASYNC110 (the daemon checks every 2 s)
+            await trio.sleep(0.1)
+    assert _v(await _scrape(mdaemon), "memkv_arena_problems") == 1
