@@ -139,15 +139,19 @@ class GossipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
                 f"gossip.mdns_service: must look like '_name._udp.local.', got {self.mdns_service!r}"
             )
         for name in ("replay_window_s", "join_retry_s", "stream_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"gossip.{name}: must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"gossip.{name}: must be > 0 and finite, got {getattr(self, name)!r}")
+        for name in ("probe_interval", "probe_timeout", "gossip_interval", "pushpull_interval"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < float("inf"):
+                raise ValueError(f"gossip.{name}: must be > 0 and finite, got {v!r}")
         if not 1 <= self.max_stream_conns <= 65536:
             raise ValueError(
                 f"gossip.max_stream_conns: must be in 1..65536, got {self.max_stream_conns!r}"
             )
         for name in ("reconnect_interval_s", "reconnect_timeout_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"gossip.{name}: must be >= 0, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"gossip.{name}: must be >= 0 and finite, got {getattr(self, name)!r}")
         try:
             self.swim_config()
         except ValueError as exc:

@@ -320,3 +320,12 @@ def test_a_dram_size_that_is_not_a_page_multiple_starts(daemon_process: Any) -> 
     d = daemon_process(store={"dram_bytes": 20_000_001, "max_block_bytes": 1 << 20, "nvme_bytes": 0})
     with d.client() as c:
         assert c.stats()["store"]["dram_capacity_bytes"] == 20_000_001 // 4096 * 4096
+
+
+@pytest.mark.parametrize("field", ["probe_interval", "probe_timeout", "gossip_interval", "pushpull_interval", "stream_timeout_s", "reconnect_timeout_s"])
+def test_gossip_timings_must_be_finite(tmp_path: Path, field: str) -> None:
+    """probe_interval = inf loaded and the daemon never probed."""
+    p = tmp_path / "mesh.toml"
+    p.write_text(f"[gossip]\n{field} = inf\n")
+    with pytest.raises(ConfigError, match=f"gossip.{field}"):
+        load_config(p)
