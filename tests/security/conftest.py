@@ -249,8 +249,14 @@ class RawClient:
         return self.recv()
 
     def hello(self, name: str = "raw-sec-test", pid: int | None = None) -> protocol.Reply:
-        """Hello; on Welcome, map the arena (writable, as every client's mapping is)."""
-        reply = self.call(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid() if pid is None else pid))
+        """Hello; on Welcome, map the arena (writable, as every client's mapping is). A daemon
+        that refuses at accept may have closed before the Hello is sent: the reply is read all
+        the same (as ``Client`` does)."""
+        try:
+            self.send(protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid() if pid is None else pid))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at accept (no tenant, too many clients): its Error is still readable
+        reply = self.recv()
         if isinstance(reply, protocol.Welcome):
             self.welcome = reply
             if reply.arena_bytes > 0:

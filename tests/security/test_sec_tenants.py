@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from conftest import (
     GID_A,
     GID_B,
@@ -44,7 +45,7 @@ from conftest import (
 )
 
 from memkv_mesh import protocol
-from memkv_mesh.client import Client, MemkvError
+from memkv_mesh.client import AsyncClient, Client, MemkvError
 
 pytestmark = [needs_root, pytest.mark.slow]
 
@@ -156,10 +157,7 @@ def _connect_refused(sock: Path) -> dict[str, Any]:
     except ConnectionError as e:
         out["client"] = ("connection", str(e))
     with RawClient(sock) as raw:
-        try:
-            reply = raw.hello()
-        except (BrokenPipeError, ConnectionResetError):
-            reply = None
+        reply = raw.hello()
         out["raw"] = (reply.code, reply.message) if isinstance(reply, protocol.Error) else type(reply).__name__
         out["closed"] = raw.eof_within(10)
     return out
@@ -292,6 +290,37 @@ def test_operator_reads_stats_but_no_blocks(node: SecDaemon) -> None:
                 call()
             assert e.value.code == "forbidden", (what, e.value)
     assert _as(A, _probe, node.sock, key, len(value))["get"] == value
+
+
+def _async_client(sock: Path, key: bytes, value: bytes | None) -> Any:
+    """The Trio client in a tenant's process: put ``value`` (if given), then read ``key``; or the
+    error code it is refused with."""
+
+    async def main() -> Any:
+        try:
+            c = await AsyncClient.connect(sock)
+        except MemkvError as e:
+            return ("refused", e.code, e.message)
+        async with c:
+            if value is not None:
+                assert await c.put(key, value)
+            buf = bytearray(1 << 20)
+            n = (await c.get_many_into([key], [buf]))[0]
+            arena = c._arena
+            assert arena is not None
+            return (None if n is None else bytes(buf[:n]), len(arena))
+
+    return trio.run(main)
+
+
+def test_async_client_gets_its_segment_and_the_refusal(node: SecDaemon) -> None:
+    key, value = os.urandom(32), os.urandom(30_000)
+    got, size = _as(A, _async_client, node.sock, key, value)
+    assert got == value and 0 < size < 48 << 20
+    assert _as(B, _async_client, node.sock, key, None)[0] is None
+    refused = _as(NOBODY, _async_client, node.sock, key, None)
+    assert refused[:2] == ("refused", "forbidden"), refused
+    assert str(UID_C) in refused[2]
 
 
 # ---- across the mesh -----------------------------------------------------------------------------
