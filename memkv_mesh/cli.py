@@ -20,6 +20,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
     ("bench", "anchors"): "memkv_mesh.bench_anchors:main",
     ("bench", "mesh"): "memkv_mesh.bench_mesh:main",
     ("bench", "replay"): "memkv_mesh.bench_replay:main",
+    ("bench", "fuzz"): "memkv_mesh.bench_fuzz:main",
     ("demo", "ttft"): "memkv_mesh.demo_ttft:main",
     ("members",): "memkv_mesh.daemon_cli:members_main",
     ("simulate", "membership"): "simulations.membership_cli:main",
@@ -31,7 +32,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
 _HELP = {
     "daemon": "run the node's sidecar daemon",
     "status": "print a running daemon's node, tiers, usage and hit/miss counts",
-    "bench": "benchmarks (local, anchors, mesh, replay)",
+    "bench": "benchmarks (local, anchors, mesh, replay, fuzz)",
     "demo": "end-to-end time-to-first-token demo with a transformers model",
     "members": "list the mesh members a running daemon knows",
     "simulate": "simulators (membership, mesh, eviction, directory)",
