@@ -229,6 +229,7 @@ class _Sink:
         self.known = [False] * n
         self.waiting: dict[int, tuple[int, int, int]] = {}  # key index -> (offset, length, lease)
         self.refs: collections.Counter[int] = collections.Counter()  # lease -> blocks not copied
+        self.sums: dict[int, int | None] = {}  # verify into a list of host buffers: checked after the copy
         self.settled = 0  # packed: keys [0, settled) are copied or missing
         self.pos = 0  # packed: bytes used by them
         self.error: Exception | None = None
@@ -273,8 +274,14 @@ class _Sink:
         """Record key ``i``'s block; False if there is none to copy (a miss, or changed since
         its commit when verifying: never served)."""
         self.known[i] = True
-        if b is not None and self.verify and self.error is None and not self.core._intact(b, checksum):
-            b = None
+        if b is not None and self.verify and self.error is None:
+            if self.targets is not None and not self.device:
+                # Checked in the caller's buffer after the copy: no window for a change in between.
+                self.sums[i] = checksum
+            elif not self.core._intact(b, checksum):
+                # A packed buffer (a hole would move every later block) or a GPU buffer: checked
+                # in the arena just before the copy.
+                b = None
         if b is None:
             return False
         self.got[i] = b[1]
@@ -316,6 +323,12 @@ class _Sink:
             except Exception as e:  # e.g. a CUDA copy failed: keep the reply stream in step
                 self.error = e
                 ready = list(self.waiting)
+            else:
+                if self.sums:
+                    for d, i in zip(dests, ready, strict=True):
+                        if i in self.sums and xxhash.xxh3_64_intdigest(d) != self.sums.pop(i):
+                            self.got[i] = None  # changed since its commit: a miss, never served
+                            self.core.corrupt_reads += 1
         free = []
         for i in ready:
             lease = self.waiting.pop(i)[2]

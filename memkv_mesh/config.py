@@ -257,6 +257,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # or TP rank) plus tools; 1024 is generous for them and stays far below the default 'ulimit -n'
     # of a service (each client costs a socket and a task).
     max_clients: int = 1024
+    # Connected clients of one tenant: a quarter of max_clients, so one tenant holding every
+    # connection it may still leaves room for the others (engines use a few connections each).
+    max_clients_per_tenant: int = 256
     # Leases (blocks pinned in the arena by a get until released) per client. 4096 leases of
     # 256-token blocks cover a 1M-token context: more than any engine holds at once, and a leaking
     # client pins at most that many blocks instead of the whole arena.
@@ -505,7 +508,7 @@ def _validate(cfg: Config) -> None:
             f"node.id {cfg.node_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
         )
     lim = cfg.limits
-    for name in ("max_clients", "max_leases_per_client", "max_pending_per_client",
+    for name in ("max_clients", "max_clients_per_tenant", "max_leases_per_client", "max_pending_per_client",
                  "max_leases_per_tenant", "max_pending_per_tenant"):  # fmt: skip
         if getattr(lim, name) < 1:
             raise _FieldError(f"limits.{name}", f"must be at least 1, got {getattr(lim, name)}")

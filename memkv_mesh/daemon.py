@@ -436,6 +436,17 @@ class Daemon:
             log.warning("refusing a client: %s", why, extra={"fields": {"pid": conn.pid, "uid": conn.uid, "gid": conn.gid}})
             await self._refuse(stream, protocol.FORBIDDEN, why)
             return
+        if conn.tenant is not None and len(conn.tenant.conns) >= limits.max_clients_per_tenant:
+            log.warning(
+                "refusing a client: limits.max_clients_per_tenant reached",
+                extra={"fields": {"tenant": conn.tenant.name, "uid": conn.uid, "max": limits.max_clients_per_tenant}},
+            )
+            await self._refuse(
+                stream, protocol.BUSY,
+                f"tenant {conn.tenant.name!r} has limits.max_clients_per_tenant = {limits.max_clients_per_tenant} "
+                "clients connected; retry later",
+            )  # fmt: skip
+            return
         self._connections += 1
         if conn.tenant is not None:
             conn.tenant.conns.add(conn)
@@ -803,7 +814,7 @@ class Daemon:
                 return protocol.Count(await self.mesh.drop_local(keys, self.config.mesh.put_wait_s))
             return protocol.Count(await self.mesh.delete(keys))
         if isinstance(req, protocol.StatsRequest):
-            return protocol.StatsReply(self.status())
+            return protocol.StatsReply(self.status(conn.tenant if self.tenants.declared else None))
         if isinstance(req, protocol.MembersRequest):
             if self.gossip is None:
                 return protocol.Error(protocol.UNAVAILABLE, "gossip is not enabled on this daemon ([gossip] enabled = false)")
@@ -839,7 +850,9 @@ class Daemon:
         return None
 
     # ---- status -----------------------------------------------------------------------------------
-    def status(self) -> dict[str, object]:
+    def status(self, tenant: Tenant | None = None) -> dict[str, object]:
+        """The node's status; for a tenant's client (with tenants declared) without the other
+        tenants' arena segments and client counts."""
         assert self.store is not None and self._arena is not None
         cfg = self.config
         out: dict[str, object] = {
@@ -864,9 +877,15 @@ class Daemon:
             "tenants": [
                 {"name": t.name, "clients": len(t.conns), "segment": self._arena.segments[t.segment].name}
                 for t in self.tenants.all
+                if tenant is None or t is tenant
             ],
             "store": msgspec.to_builtins(self.store.statistics()),
         }
+        if tenant is not None:  # a tenant sees its own segment only (node-wide counters stay)
+            own = self._arena.segments[tenant.segment].name
+            store_out = out["store"]
+            assert isinstance(store_out, dict)
+            store_out["segments"] = [sg for sg in store_out["segments"] if sg["name"] == own]
         if self.nvme_recovery is not None:
             out["nvme_recovery"] = msgspec.to_builtins(self.nvme_recovery)
         if self.gossip is not None:

@@ -329,3 +329,46 @@ def test_verify_catches_an_in_place_overwrite(sec_daemon: Any) -> None:
             assert lease.views[0] is None
             assert lease.views[1] is not None and bytes(lease.views[1]) == other_value  # intact: served
         assert owner.get_into(other, bytearray(len(other_value)), verify=True) == len(other_value)
+
+
+# ---- one tenant cannot crowd out the others; a tenant sees its own segment only --------------
+SMALL = {"dram_bytes": 48 << 20, "max_block_bytes": 1 << 20}
+
+def _hold_one_client(sock: Path) -> tuple[str, Any]:
+    c = Client(sock, timeout=30)
+    try:
+        Client(sock, timeout=30).close()
+        return "second accepted", c
+    except MemkvError as e:
+        return e.code, c
+
+
+def _one_client_ok(sock: Path) -> bool:
+    with Client(sock, timeout=30) as c:
+        return c.lookup([os.urandom(32)]) == 0
+
+
+def _own_view(sock: Path) -> tuple[list[str], list[str]]:
+    with Client(sock, timeout=30) as c:
+        st = c.stats()
+        return [t["name"] for t in st["tenants"]], [s["name"] for s in st["store"]["segments"]]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: clients run as tenant uids")
+def test_a_tenant_at_its_connection_cap_leaves_room_for_the_others(sec_daemon: Any) -> None:
+    dp = sec_daemon(TENANTS, limits={"max_clients_per_tenant": 1}, store=SMALL)
+    with HeldAs(UID_A, GID_A, _hold_one_client, dp.sock) as code:
+        assert code == "busy"  # alpha's second connection
+        assert run_as(UID_B, GID_B, _one_client_ok, dp.sock)  # beta is not crowded out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: clients run as tenant uids")
+def test_a_tenant_sees_only_its_own_segment_in_stats(sec_daemon: Any) -> None:
+    dp = sec_daemon(TENANTS, store=SMALL)
+    names, segments = run_as(UID_A, GID_A, _own_view, dp.sock)
+    own = TENANTS[0]["name"]
+    assert names == [own] and segments == [own]
+    with dp.client() as c:  # the operator sees them all
+        st = c.stats()
+        assert {t["name"] for t in st["tenants"]} == {t["name"] for t in TENANTS}
+        assert {s["name"] for s in st["store"]["segments"]} == {"_mesh"} | {t["name"] for t in TENANTS}
