@@ -17,8 +17,9 @@ Theory of operation
   daemon's own channel labels), so they reach the SWIM core and the directory; unsealed,
   wrongly keyed, stale and replayed ones are mixed in. Data-plane inputs are garbage or mutated
   handshakes before authentication, and frames sent through the data plane's own channel after a
-  real ``client_handshake`` (``msgspec.Raw`` bodies through ``Channel.send_msg``, so whatever
-  framing or per-frame authentication the data plane uses applies to them too).
+  real ``client_handshake`` (``TcpChannel.send_body``: each body framed and sealed with the
+  session's next nonce, exactly as a peer's frame, so the fuzz reaches the decoder behind the
+  per-frame authentication).
 * Throughput: a local connection carries up to ``_PER_CONN`` frames written at once while a
   second task drains the replies; an input that ends a connection (a lying length, a dropped
   frame, raw garbage) is always the last one on it. Gossip TCP and the data plane do the same.
@@ -52,7 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import trio
@@ -736,7 +737,11 @@ class DataplaneGen(Gen):
             tries += 1
             inp, body = self.post_handshake()
             last = len(out) == n - 1 and want_end
-            if inp.terminal == last:
+            if last and rng.random() < 0.3:
+                # a frame the session does not open: sent unsealed, or sealed and then altered
+                kind = rng.choice(("post-unsealed-frame", "post-tampered-frame"))
+                out.append((Input(kind, inp.wire, body, True), body))
+            elif inp.terminal == last:
                 out.append((inp, body))
         return out
 
@@ -960,9 +965,18 @@ async def _fuzz_dataplane(run: _Run) -> None:
                 nursery.start_soon(_drain_channel, chan, closed)
                 try:
                     for inp, body in gen.authenticated(budget):
-                        # Raw: the body goes out as is, framed (and sealed, if the data plane seals
-                        # frames) by the data plane's own send path
-                        await chan.send_msg(cast(dp.Msg, msgspec.Raw(body)))
+                        # framed and sealed with the session's next nonce by the data plane's own
+                        # send path, exactly as a peer's frame would be
+                        if inp.kind == "post-unsealed-frame":
+                            await chan.send_raw(inp.wire)
+                        elif inp.kind == "post-tampered-frame":
+                            sealed = bytearray(dp.frame_body(chan.session, body))
+                            i = gen.rng.randrange(len(sealed))
+                            sealed[i] ^= 1 << gen.rng.randrange(8)
+                            inp.wire = bytes(sealed)
+                            await chan.send_raw(inp.wire)
+                        else:
+                            await chan.send_body(body)
                         inputs.append(inp)
                 except dp.DataPlaneError:
                     pass
