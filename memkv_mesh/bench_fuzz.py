@@ -72,6 +72,7 @@ _CHECK_TIMEOUT_S = 10.0
 _DP_PRE_SHARE = 0.2  # of the data plane's inputs, those sent before any handshake
 _CONN_TIMEOUT_S = 15.0
 _LAST_INPUTS = 64  # kept for the reproducer file
+_MAX_MUTANT = 1 << 20  # a structural mutant longer than this is cut (it is garbage either way)
 _INT_EDGES = (
     0, 1, -1, 2, 31, 32, 127, 128, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1, 2**31, -(2**31),
     2**32 - 1, 2**32, 2**53, 2**63 - 1, 2**63, -(2**63), 2**64 - 1, -(2**63) + 1,
@@ -319,11 +320,35 @@ class Gen:
                     parent[idx] = rng.choice(_INT_EDGES)
                 elif isinstance(old, bytes) and r < 0.6:
                     parent[idx] = self.bytes_(rng.choice((0, 1, 31, 33, 64, KEY_BYTES)))
-                elif isinstance(old, list) and r < 0.5:
+                elif isinstance(old, list) and r < 0.5 and len(old) <= 64:
                     parent[idx] = rng.choice(([], old * rng.choice((2, 100)), [self.wrong()]))
                 else:
                     parent[idx] = self.wrong()
-        return _enc.encode(tree)
+        out = _enc.encode(tree)
+        if len(out) > _MAX_MUTANT:  # nested growth: keep inputs sendable and quick to make
+            return out[:_MAX_MUTANT]
+        return out
+
+    def mutate_values(self, msg: msgspec.Struct) -> bytes:
+        """A mutation that keeps every type (so the message still decodes and reaches the code
+        behind the decoder): integers to extremes, strings and bytes to other lengths."""
+        rng = self.rng
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, bool) or v is None or isinstance(v, float) or rng.random() < 0.5:
+                return v
+            if isinstance(v, int):
+                return rng.choice(_INT_EDGES[:-2] + (2**64 - 1,)) if v >= 0 else rng.choice((-1, -(2**63)))
+            if isinstance(v, str):
+                return rng.choice(("", v * 40, v + "\x00", "\u2603" * 3, v[:1]))
+            if isinstance(v, bytes):
+                return self.bytes_(rng.choice((0, 1, 31, 33, 6000)))
+            if isinstance(v, list):
+                # a leading int is a tag: kept, or the message would not decode
+                return [v[0], *map(walk, v[1:])] if v and isinstance(v[0], int) else [walk(x) for x in v]
+            return v
+
+        return _enc.encode(walk(msgspec.msgpack.decode(_enc.encode(msg))))
 
     def mutate_bytes(self, data: bytes) -> bytes:
         """Byte-level mutation: bit flips, interesting bytes, truncation, insertion, lying headers."""
@@ -364,6 +389,7 @@ class LocalGen(Gen):
     def __init__(self, rng: random.Random) -> None:
         super().__init__(rng)
         self.keys = [rng.randbytes(KEY_BYTES) for _ in range(16)]
+        self.pending = self.corpus()
 
     def valid(self) -> protocol.Msg:
         rng = self.rng
@@ -392,7 +418,21 @@ class LocalGen(Gen):
             return protocol.MembersRequest() if rng.random() < 0.2 else protocol.Contains(ks)
         return protocol.Contains(ks)
 
+    def corpus(self) -> list[Input]:
+        """Known-hostile frames, sent first (a seed corpus: edges that once were or could be bugs)."""
+        k = self.keys[0]
+        msgs: list[Any] = [
+            protocol.Alloc([k], [2**64 - 1]), protocol.Alloc([k], [-(2**63)]), protocol.Alloc([k, k], [1, 1]),
+            protocol.Commit([k], [2**64 - 1]), protocol.Commit([k], [-1]), protocol.Commit([k], []),
+            protocol.Release(2**64 - 1), protocol.Release(-(2**63)), protocol.Get([k] * (protocol.MAX_BATCH + 1)),
+            protocol.Lookup([b""]), protocol.Contains([b"\x00" * (KEY_BYTES + 1)]), protocol.Delete([k, k], True),
+            protocol.Hello(2**64 - 1, "x" * 10_000, -1), protocol.Get([k], True), protocol.Abort([k] * 3),
+        ]  # fmt: skip
+        return [Input("corpus", _frame_le(_enc.encode(m))) for m in msgs]
+
     def one(self) -> Input:
+        if self.pending:
+            return self.pending.pop(0)
         rng = self.rng
         r = rng.random()
         if r < 0.25:
@@ -477,6 +517,8 @@ class GossipGen(Gen):
         self.sink = sink  # the only host:port fake members get (our own socket)
         self.fakes = [f"fz{i}" for i in range(12)]
         self.sent: collections.deque[bytes] = collections.deque(maxlen=32)  # for replays
+        self.pending_udp = self.corpus(stream=False)
+        self.pending_tcp = self.corpus(stream=True)
 
     def name(self) -> str:
         r = self.rng.random()
@@ -583,11 +625,40 @@ class GossipGen(Gen):
         r = rng.random()
         if r < 0.3:
             return "sealed-valid", encode(valid)
+        if r < 0.5:
+            return "sealed-value-mutation", self.mutate_values(valid)
         if r < 0.65:
             return "sealed-struct-mutation", self.mutate_struct(valid)
         if r < 0.8:
             return "sealed-byte-mutation", self.mutate_bytes(encode(valid))
         return "sealed-random-msgpack", self.random_msgpack(self._STREAM_TAGS if stream else self._PACKET_TAGS)
+
+    def corpus(self, stream: bool) -> list[bytes]:
+        """Known-hostile plaintexts, sealed with the right key and sent first: the node's own
+        incarnation at the top of its range (its refutation must not overflow), addresses that
+        are not addresses (a NUL byte, port 0) for a new member and for its data plane."""
+        from gossip import messages as gm
+
+        t, top = self.target, 2**64 - 1
+        ok = gm.WireMeta("flash", 1.0, "", 1, 1)
+        bad_data = gm.WireMeta("flash", 1.0, "\x00:1", 1, 1)
+        if stream:
+            msgs: list[Any] = [
+                gm.PushPullReq(True, (), (gm.Entry("fzc-nul", 1, 0, "\x00:1", ok),)),
+                gm.PushPullReq(True, (), (gm.Entry("fzc-port0", 1, 0, "127.0.0.1:0", ok),)),
+                gm.PushPullReq(True, (), (gm.Entry("fzc-data", 1, 0, self.sink, bad_data),)),
+                gm.PushPullReq(False, ((t, top, 1), (t, top, 2)), (gm.Entry(t, top, 2, self.sink, ok),)),
+                gm.DirSummaryReq(t), gm.DirSummary(t, top, top, top, 48, b"\x01" * 7, top),
+            ]  # fmt: skip
+        else:
+            msgs = [
+                gm.Gossip((gm.Suspect(t, top, "fzc"),)), gm.Gossip((gm.Dead(t, top, "fzc"),)),
+                gm.Gossip((gm.Alive(t, top, self.sink, ok),)), gm.Gossip((gm.Alive("fzc-nul", 1, "\x00:1", ok),)),
+                gm.Gossip((gm.Alive("fzc-port0", 1, "127.0.0.1:0", ok),)),
+                gm.Gossip((gm.Alive("fzc-data", 1, self.sink, bad_data),)),
+                gm.Ping(top, t), gm.PingReq(top, "fzc-nul"), gm.Gossip((gm.Suspect("fzc-nul", top, t),)),
+            ]  # fmt: skip
+        return [gm.encode(m) for m in msgs]
 
     def message(self, stream: bool) -> Input:
         """One sealed-or-not gossip message (a datagram, or a stream frame's body)."""
@@ -596,6 +667,10 @@ class GossipGen(Gen):
         rng = self.rng
         channel, other = (CHANNEL_TCP, CHANNEL_UDP) if stream else (CHANNEL_UDP, CHANNEL_TCP)
         now = int(time.time() * 1000)
+        todo = self.pending_tcp if stream else self.pending_udp
+        if todo:
+            plain = todo.pop(0)
+            return Input("sealed-corpus", self.sealer.seal(plain, channel, now), plain)
         r = rng.random()
         if r < 0.75:
             kind, plain = self.plaintext(stream)
@@ -626,7 +701,6 @@ class GossipGen(Gen):
     def tcp_frame(self) -> Input:
         """One stream frame (``>I length | sealed``); terminal unless the daemon reads on after it
         (only a correctly sealed, fresh message that decodes)."""
-        from gossip.messages import MessageError, decode_stream
 
         rng = self.rng
         r = rng.random()
@@ -641,21 +715,25 @@ class GossipGen(Gen):
             n = rng.choice((len(wire) + 1, 16 << 20, (16 << 20) + 1, 2**32 - 1))
             return Input("stream-lying-length", n.to_bytes(4, "big") + wire, inp.plain, True)
         inp.wire = len(wire).to_bytes(4, "big") + wire
-        inp.terminal = not inp.kind.startswith("sealed-") or inp.plain is None
-        if not inp.terminal:
-            try:
-                decode_stream(inp.plain or b"")
-            except MessageError:
-                inp.terminal = True
+        inp.terminal = not inp.kind.startswith("sealed-") or _gossip_stream_ends(inp.plain)
         return inp
 
     def tcp_connection(self, budget: int) -> list[Input]:
         """The frames of one gossip stream: some the daemon reads on after, then usually one
         that ends it."""
         rng = self.rng
+        out: list[Input] = []
+        while self.pending_tcp and len(out) < budget:  # the corpus first, in order
+            inp = self.message(stream=True)
+            inp.wire = len(inp.wire).to_bytes(4, "big") + inp.wire
+            inp.terminal = _gossip_stream_ends(inp.plain)
+            out.append(inp)
+            if inp.terminal:
+                return out
+        if out:
+            return out
         n = min(budget, rng.choice((1, 4, 16, 48)))
         want_end = rng.random() < 0.85
-        out: list[Input] = []
         tries = 0
         while len(out) < n and tries < 50 * n:
             tries += 1
@@ -663,6 +741,17 @@ class GossipGen(Gen):
             if inp.terminal == (len(out) == n - 1 and want_end):
                 out.append(inp)
         return out
+
+
+def _gossip_stream_ends(plain: bytes | None) -> bool:
+    """Whether the gossip stream ends on this (correctly sealed) plaintext: it does not decode."""
+    from gossip.messages import MessageError, decode_stream
+
+    try:
+        decode_stream(plain or b"")
+    except MessageError:
+        return True
+    return False
 
 
 # ---- data plane ---------------------------------------------------------------------------------
@@ -679,6 +768,10 @@ def _dp_ends(body: bytes) -> bool:
 
 class DataplaneGen(Gen):
     _TAGS = tuple(range(11)) + (63,)
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self.pending = self.corpus()
 
     def valid_request(self) -> Any:
         from transport import dataplane as dp
@@ -704,10 +797,22 @@ class DataplaneGen(Gen):
             lambda: dp.PushDone([True]), lambda: dp.DeleteDone([False]), lambda: dp.Error("x", "y"),
         ))()  # fmt: skip
 
+    def corpus(self) -> list[bytes]:
+        """Known-hostile bodies after the handshake, sent first: a batch one over the limit (a
+        2.2 MB frame), sizes at the ends of their range, empty and NUL keys and names."""
+        from transport import dataplane as dp
+
+        k = self.rng.randbytes(KEY_BYTES)
+        msgs: list[Any] = [
+            dp.FetchRequest([k] * (dp.MAX_BATCH + 1)), dp.FetchRequest([b""]), dp.DeleteRequest([b"\x00" * 33]),
+            dp.FetchRequest([k], "\x00" * 300), dp.PushRequest([k], [2**63 - 1], [0]),
+            dp.PushRequest([k], [-1], [2**64 - 1]), dp.PushRequest([k, k], [1, 1], [0, 0]),
+        ]  # fmt: skip
+        return [_enc.encode(m) for m in msgs]
+
     def post_handshake(self) -> tuple[Input, bytes]:
         """(input, msgpack body) of one frame after the handshake; terminal unless the daemon
         answers it and reads on (a fetch or delete it refuses or serves)."""
-
         rng = self.rng
         msg = self.valid_request()
         r = rng.random()
@@ -729,8 +834,15 @@ class DataplaneGen(Gen):
         after (a handshake costs the time of ~40 frames, so a connection carries many), then,
         usually, one that ends it."""
         rng = self.rng
-        n = min(budget, rng.choice((1, 4, 16, 48, 64)))
         out: list[tuple[Input, bytes]] = []
+        while self.pending and len(out) < budget:  # the corpus first, in order
+            body = self.pending.pop(0)
+            out.append((Input("corpus", _frame_le(body), body, _dp_ends(body)), body))
+            if out[-1][0].terminal:
+                return out
+        if out:
+            return out
+        n = min(budget, rng.choice((1, 4, 16, 48, 64)))
         want_end = rng.random() < 0.85
         tries = 0
         while len(out) < n and tries < 50 * n:
@@ -876,14 +988,9 @@ async def _fuzz_gossip_udp(run: _Run) -> None:
                     try:
                         counted = int((await stats.stats())["gossip"]["packets_in"]) - base
                     except (ConnectionError, OSError, MemkvError) as e:
+                        # the daemon died (an exit, reported by the caller) or stopped answering
                         if not await trio.to_thread.run_sync(run.t.exited, 10.0):
                             run.res.failures.append(f"status on the local socket failed: {e}")
-                        if isinstance(e, MemkvError):
-                            return
-                        # the connection is gone; the next round opens another
-                        with trio.CancelScope(shield=True):
-                            await stats.aclose()
-                        stats = await AsyncClient.connect(run.t.sock, name="fuzz-udp-window")
                         return
                     if run.res.inputs - lost - counted <= _UDP_WINDOW // 2:
                         break
