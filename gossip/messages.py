@@ -86,11 +86,11 @@ Fp = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints end at 2**64-1 already
 Small = Annotated[int, msgspec.Meta(ge=0, le=0x7FFFFFFF)]
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NODE_ID)]
 Target = Annotated[str, msgspec.Meta(max_length=MAX_NODE_ID)]  # "" is STREAM_HELLO's
-Addr = Annotated[
-    str,
-    msgspec.Meta(max_length=MAX_ADDR, pattern=r"^(\[[^\s\[\]]+\]|[^\s\[\]:]+):" + _PORT + "$"),
-]
-DataAddr = Annotated[str, msgspec.Meta(max_length=MAX_ADDR)]
+# A DNS name or IPv4 address, or an IPv6 address (zone included) in brackets: only the characters
+# those can hold, so no NUL, control or non-ASCII character reaches a resolver or a socket call.
+_HOST = r"(\[[0-9A-Za-z:.%_-]+\]|[A-Za-z0-9._-]+)"
+Addr = Annotated[str, msgspec.Meta(max_length=MAX_ADDR, pattern=r"^" + _HOST + ":" + _PORT + "$")]
+DataAddr = Annotated[str, msgspec.Meta(max_length=MAX_ADDR, pattern=r"^(" + _HOST + ":" + _PORT + ")?$")]
 Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1e300)]  # NaN and inf fail too
 Role = Annotated[str, msgspec.Meta(max_length=16)]
 

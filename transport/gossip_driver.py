@@ -796,7 +796,9 @@ class GossipService:
                 await udp.sendto(data, dest)
                 self._c["packets_out"] += 1
                 self._c["bytes_out"] += len(data)
-            except OSError:
+            except (OSError, ValueError, UnicodeError):
+                # An address no socket call takes (messages.Addr keeps them out; this is the
+                # last line): that one packet is lost, never the sender task and the daemon.
                 self._c["send_errors"] += 1
 
     # ------------------------------------------------------------------ streams

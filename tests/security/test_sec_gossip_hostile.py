@@ -122,6 +122,10 @@ BAD_PACKETS = {
     "address with port 65536": Gossip((Alive("a", 1, "h:65536", W),)),
     "address without a port": Gossip((Alive("a", 1, "h", W),)),
     "address of 400 characters": Gossip((Alive("a", 1, "h" * 400 + ":1", W),)),
+    # Found by `memkv-mesh bench fuzz`: the send loop's sendto raised ValueError and the daemon exited.
+    "address with a NUL byte": Gossip((Alive("a", 1, "h\x00x:1", W),)),
+    "address with a non-ASCII host": Gossip((Alive("a", 1, "h\u00e9:1", W),)),
+    "data address with a NUL byte": Gossip((Alive("a", 1, "h:1", WireMeta("both", 1.0, "d\x00:1", 1)),)),
     "NaN capacity weight": Gossip((Alive("a", 1, "h:1", WireMeta("both", float("nan"), "", 1)),)),
     "infinite capacity weight": Gossip((Alive("a", 1, "h:1", WireMeta("both", 1e309, "", 1)),)),
     "negative protocol version": Gossip((Alive("a", 1, "h:1", WireMeta("both", 1.0, "", -5)),)),
@@ -139,6 +143,7 @@ BAD_FRAMES = {
     "digest state 7": PushPullReq(False, (("a", 1, 7),)),
     "entry state -1": PushPullReply((Entry("a", 1, -1, "h:1", W),), ()),
     "entry address with a space": PushPullReply((Entry("a", 1, 0, "h x:1", W),), ()),
+    "entry address with a NUL byte": PushPullReply((Entry("a", 1, 0, "h\x00:1", W),), ()),
     "want of an empty id": PushPullReply((), ("",)),
     "summary count -1": DirSummary("a", 1, 0, 1, 48, b"", -1),
     "summary format 2**40": DirSummary("a", 1, 0, 1, 2**40, b""),
