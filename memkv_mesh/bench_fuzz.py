@@ -892,6 +892,7 @@ class _Run:
         self.res = res
         self.hook = hook
         self.last: collections.deque[Input] = collections.deque(maxlen=_LAST_INPUTS)
+        self.first: list[Input] = []  # the corpus and what followed it: a death may lag its cause
         self.next_check = opts.check_every
         self.check_rng = random.Random(opts.seed ^ 0x5EED)
 
@@ -901,6 +902,7 @@ class _Run:
     async def sent(self, inputs: Sequence[Input]) -> None:
         """Account for inputs just delivered; poll the pid; run a liveness check when due."""
         self.res.inputs += len(inputs)
+        self.first.extend(inputs[: max(0, _LAST_INPUTS - len(self.first))])
         self.last.extend(inputs)
         if self.hook is not None:
             self.hook(self.res.entry, self.res.inputs, self.t)
@@ -1135,8 +1137,10 @@ def _save_reproducer(run: _Run, out_dir: Path) -> Path:
     doc = {
         "entry": run.res.entry, "seed": run.opts.seed, "inputs_sent": run.res.inputs,
         "exit_code": run.res.exit_code, "node_id": run.t.node_id,
-        "note": "the last inputs before the daemon died, oldest first; wire_hex is what was sent "
+        "note": "the first and the last inputs before the daemon died (a death can lag its cause: "
+                "a member added now is sent to later), oldest first; wire_hex is what was sent "
                 "(gossip: sealed with that run's key, so replay plain_hex sealed with yours)",
+        "first_inputs": [i.record() for i in run.first],
         "inputs": [i.record() for i in run.last],
         "daemon_log_tail": run.t.log.read_text(errors="replace")[-4000:] if run.t.log.exists() else "",
     }  # fmt: skip

@@ -64,6 +64,7 @@ def test_a_daemon_that_dies_fails_the_run_with_a_reproducer(short_dir: Path) -> 
     assert local.reproducer is not None
     doc = json.loads(Path(local.reproducer).read_text())
     assert doc["entry"] == "local" and doc["inputs"] and all("wire_hex" in i for i in doc["inputs"])
+    assert doc["first_inputs"][0]["kind"] == "corpus"  # the first inputs are kept too
     # a fresh daemon served the next entry point
     assert dataplane.daemon_exits == 0 and dataplane.inputs == 600 and not dataplane.failures
     assert exit_status([local, dataplane]) == 1
