@@ -1276,10 +1276,11 @@ async def _hand_on(stored: trio.MemoryReceiveChannel[bytes], on_stored: OnStored
                 log.exception("on_stored failed; the fetch goes on", extra={"fields": {"keys": len(group)}})
 
 
-# Sealed block bytes move in groups of at most this many bytes (one buffer of ciphertext per
-# group, sealed or opened in a worker thread when at least _SEAL_THREAD_BYTES), so a big batch
-# never needs a second copy of itself in memory.
-_SEAL_GROUP_BYTES = 8 << 20
+# Sealed block bytes move in groups of about this many bytes (at least one block each): one
+# group is sealed (or opened) in a worker thread while the one before it (or after it) is on
+# the wire, so the cipher and the socket overlap, and a big batch never needs a second copy of
+# itself in memory (two groups at most).
+_SEAL_GROUP_BYTES = 2 << 20
 _SEAL_THREAD_BYTES = 256 << 10
 
 
@@ -1296,37 +1297,71 @@ def _groups(lengths: list[int]) -> list[range]:
     return out
 
 
+async def _maybe_thread(fn: Callable[[], Any], nbytes: int) -> Any:
+    if nbytes >= _SEAL_THREAD_BYTES:
+        return await trio.to_thread.run_sync(fn)
+    return fn()
+
+
+async def _both(first: Callable[[], Awaitable[None]], second: Callable[[], Awaitable[None]]) -> None:
+    """Run two steps at once; the first error of either is raised as is (not in a group)."""
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(first)
+            await second()
+    except BaseExceptionGroup as eg:
+        plain = [e for e in eg.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(plain) == 1 and not isinstance(plain[0], BaseExceptionGroup):
+            raise plain[0] from None
+        raise
+
+
 async def _send_sealed(chan: Channel, session: Session, views: list[memoryview]) -> None:
-    """Seal each block (AES-GCM, its own nonce) and send the ciphertexts, group by group."""
-    for g in _groups([len(v) for v in views]):
-        part = [views[i] for i in g]
+    """Seal each block (AES-GCM, its own nonce) and send the ciphertexts: group i+1 is sealed
+    while group i is sent."""
+    groups = _groups([len(v) for v in views])
 
-        def seal(part: list[memoryview] = part) -> list[memoryview]:
-            return [memoryview(session.seal_block(v)) for v in part]
+    def sealer(g: range) -> Callable[[], list[memoryview]]:
+        return lambda: [memoryview(session.seal_block(views[i])) for i in g]
 
-        if sum(map(len, part)) >= _SEAL_THREAD_BYTES:
-            sealed = await trio.to_thread.run_sync(seal)
-        else:
-            sealed = seal()
-        await chan.send_blocks(sealed)
+    def size(g: range) -> int:
+        return sum(len(views[i]) for i in g)
+
+    sealed: list[memoryview] = await _maybe_thread(sealer(groups[0]), size(groups[0])) if groups else []
+    for gi in range(len(groups)):
+        now, nxt = sealed, gi + 1
+        if nxt == len(groups):
+            await chan.send_blocks(now)
+            break
+
+        async def send(now: list[memoryview] = now) -> None:
+            await chan.send_blocks(now)
+
+        async def seal_next(g: range = groups[nxt]) -> None:
+            nonlocal sealed
+            sealed = await _maybe_thread(sealer(g), size(g))
+
+        await _both(send, seal_next)
 
 
 async def _recv_sealed(
     chan: Channel, session: Session, targets: list[memoryview | int], on_block: Callable[[int, int], None] | None
 ) -> list[int]:
     """Receive sealed blocks group by group, open each into its target (the arena slice) and
-    hash it; same contract as ``Channel.recv_blocks``. ``FrameAuthError`` when one fails."""
+    hash it, group i being opened while group i+1 arrives; same contract as
+    ``Channel.recv_blocks``. ``FrameAuthError`` when one fails to open."""
     lengths = [t if isinstance(t, int) else len(t) for t in targets]
     digests: list[int] = []
-    for g in _groups(lengths):
-        wire: list[memoryview | int] = [
+
+    def buffers(g: range) -> list[memoryview | int]:
+        return [
             memoryview(bytearray(lengths[i] + TAG_BYTES)) if not isinstance(targets[i], int)
             else lengths[i] + TAG_BYTES
             for i in g
         ]  # fmt: skip
-        await chan.recv_blocks(wire)
 
-        def open_all(g: range = g, wire: list[memoryview | int] = wire) -> list[int]:
+    async def open_group(g: range, wire: list[memoryview | int]) -> None:
+        def open_all() -> list[int]:
             out = []
             for i, w in zip(g, wire, strict=True):
                 t = targets[i]
@@ -1338,14 +1373,29 @@ async def _recv_sealed(
                     out.append(xxhash.xxh3_64_intdigest(t))
             return out
 
-        if sum(lengths[i] for i in g) >= _SEAL_THREAD_BYTES:
-            got = await trio.to_thread.run_sync(open_all)
-        else:
-            got = open_all()
-        for i, d in zip(g, got, strict=True):
+        for i, d in zip(g, await _maybe_thread(open_all, sum(lengths[i] for i in g)), strict=True):
             digests.append(d)
             if on_block is not None:
                 on_block(i, d)
+
+    prev: tuple[range, list[memoryview | int]] | None = None
+    for g in _groups(lengths):
+        wire = buffers(g)
+
+        async def receive(wire: list[memoryview | int] = wire) -> None:
+            await chan.recv_blocks(wire)
+
+        if prev is None:
+            await receive()
+        else:
+
+            async def open_prev(prev: tuple[range, list[memoryview | int]] = prev) -> None:
+                await open_group(*prev)
+
+            await _both(open_prev, receive)
+        prev = (g, wire)
+    if prev is not None:
+        await open_group(*prev)
     return digests
 
 
