@@ -36,7 +36,7 @@ Theory of operation
   small per-peer pool and reused. A pooled connection found broken before its first reply is
   replaced once by a fresh one (the peer may simply have restarted).
 * Wire format: control frames are a 4-byte little-endian length then one msgpack message (tagged,
-  array_like msgspec Structs; ONLY APPEND). Block bytes follow their control frame raw, in the
+  array_like msgspec Structs; ONLY APPEND), sealed by the ``Session`` after the handshake. Block bytes follow their control frame raw, in the
   order of the frame's lists, each exactly ``size`` bytes.
 
   fetch:  C->S FetchRequest(keys)            S->C FetchReply(sizes, checksums) + bytes of each size >= 0

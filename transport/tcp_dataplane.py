@@ -181,7 +181,6 @@ class TcpChannel:
         self._buf = bytearray()
         self._max_frame = max_frame
         self._max = PREAUTH_FRAME_BYTES  # until the session starts
-        self._read = PREAUTH_BUFFER_BYTES
         self._io_timeout = io_timeout
         self.session: Session | None = None
         self.peer_node = ""  # the server's node id, for a channel made by open_channel
@@ -189,7 +188,7 @@ class TcpChannel:
 
     def start_session(self, session: Session) -> None:
         self.session = session
-        self._max, self._read = self._max_frame, _READ
+        self._max = self._max_frame
 
     async def send_msg(self, msg: Msg) -> None:
         await self._send_all(memoryview(seal_frame(self.session, msg)))
@@ -244,10 +243,10 @@ class TcpChannel:
 
     async def _fill(self) -> None:
         # Before the session: never hold more than PREAUTH_BUFFER_BYTES (the frame limit keeps
-        # what is buffered under it, so there is always room to read).
-        room = max(1, self._read - len(self._buf))
+        # what is buffered under it, so there is always room to read). After it: _READ at a time.
+        want = _READ if self.session is not None else max(1, PREAUTH_BUFFER_BYTES - len(self._buf))
         try:
-            data = await self._sock.recv(min(_READ, room))
+            data = await self._sock.recv(want)
         except _SOCK_ERRORS as e:
             raise PeerClosed(f"peer {self.peer}: receive failed: {e}") from None
         if not data:

@@ -155,3 +155,21 @@ async def test_an_exception_while_serving_drops_only_that_connection(tmp_path: P
 def test_limit_fields_are_validated(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DataPlaneConfig(**{field: value}).validate()  # type: ignore[arg-type]
+
+
+async def test_big_frames_after_authenticating_are_still_read_at_full_speed(tmp_path: Path) -> None:
+    """The 64 KiB bound is for unauthenticated peers only: a 65,536-key request (2.2 MiB) from an
+    authenticated one is read in big chunks and answered at once."""
+    import os
+
+    from transport.dataplane import FetchReply, FetchRequest
+    from transport.tcp_dataplane import open_channel
+
+    async with planes(tmp_path, config()) as ((b, addr_b),):
+        chan = await open_channel(addr_b, decode_keys([KEY_A]), "big")
+        keys = [os.urandom(32) for _ in range(65536)]
+        with trio.fail_after(10):
+            await chan.send_msg(FetchRequest(keys, "big"))
+            reply = await chan.recv_msg(10)
+        assert isinstance(reply, FetchReply) and reply.sizes == [-1] * 65536
+        await chan.aclose()
