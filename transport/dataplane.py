@@ -36,8 +36,9 @@ Theory of operation
   small per-peer pool and reused. A pooled connection found broken before its first reply is
   replaced once by a fresh one (the peer may simply have restarted).
 * Wire format: control frames are a 4-byte little-endian length then one msgpack message (tagged,
-  array_like msgspec Structs; ONLY APPEND), sealed by the ``Session`` after the handshake. Block bytes follow their control frame raw, in the
-  order of the frame's lists, each exactly ``size`` bytes.
+  array_like msgspec Structs; ONLY APPEND), sealed by the ``Session`` after the handshake. Block
+  bytes follow their control frame, in the order of the frame's lists, each exactly ``size``
+  bytes (``size + TAG_BYTES`` when the session seals bulk bytes too).
 
   fetch:  C->S FetchRequest(keys)            S->C FetchReply(sizes, checksums) + bytes of each size >= 0
   push:   C->S PushRequest(keys, sizes, cks) S->C PushReady(status)  C->S bytes of each status SEND
@@ -156,7 +157,7 @@ class Msg(msgspec.Struct, tag=True, array_like=True):
 # connection); what needs a clear reply (key lengths, duplicates, list lengths) is checked by the
 # handlers.
 _Keys = Annotated[list[bytes], msgspec.Meta(max_length=MAX_BATCH)]
-_Sizes = Annotated[list[Annotated[int, msgspec.Meta(ge=-1, le=1 << 30)]], msgspec.Meta(max_length=MAX_BATCH)]
+_Sizes = Annotated[list[Annotated[int, msgspec.Meta(ge=-1, le=_MAX_WIRE_BLOCK)]], msgspec.Meta(max_length=MAX_BATCH)]
 _Checksums = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BATCH)]
 _Flags = Annotated[list[bool], msgspec.Meta(max_length=MAX_BATCH)]
 _Status = Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=255)]], msgspec.Meta(max_length=MAX_BATCH)]
