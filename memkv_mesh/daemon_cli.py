@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,8 +151,15 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     print(f"node      {st['node_id']} (role {st['role']}, pid {st['pid']}, up {st['uptime_s']:.0f} s, v{st['version']})")
     print(f"socket    {st['socket']}")
     print(f"dram      {_fmt_bytes(s['dram_used_bytes'])} / {_fmt_bytes(s['dram_capacity_bytes'])} in {s['dram_blocks']} blocks  ({st['arena']})")
+    for sg in s.get("segments") or []:  # with tenants: one arena segment each, plus _mesh
+        print(f"          segment {sg['name']}: {_fmt_bytes(sg['used_bytes'])} / {_fmt_bytes(sg['capacity_bytes'])} in {sg['blocks']} blocks")
+    for problem in st.get("arena_problems") or []:
+        print(f"ARENA     {problem}")
     if st.get("nvme_dir"):
         print(f"nvme      {_fmt_bytes(s['nvme_used_bytes'])} / {_fmt_bytes(s['nvme_capacity_bytes'])} in {s['nvme_blocks']} blocks  ({st['nvme_dir']})")
+        if s.get("nvme_degraded"):
+            print(f"          DEGRADED since {time.strftime('%H:%M:%S', time.localtime(s['nvme_degraded_since']))}: "
+                  f"{s['nvme_degraded_reason']} (serving from DRAM; resumes by itself when writes succeed again)")
     else:
         print("nvme      disabled")
     hr = (s["hits_dram"] + s["hits_nvme"]) / gets if gets else 0.0
@@ -159,12 +167,29 @@ def status_main(argv: Sequence[str] | None = None) -> int:
     print(f"puts      {s['puts']} blocks, {_fmt_bytes(s['put_bytes'])}; lookups {s['lookups']}; deletes {s['deletes']}")
     print(f"evictions {s['demotions']} dram->nvme, {s['dram_drops']} dropped from dram, {s['nvme_drops']} dropped from nvme; corrupt dropped {s['corrupt_dropped']}")
     print(f"clients   {st['connections']} connected, {s['active_leases']} leases, {s['pending_slots']} pending slots; eviction {st['eviction']}")
+    if "refused_connections" in st:  # a daemon from before tenants has none of these
+        tenants = ", ".join(f"{t['name']} ({t['clients']} clients)" for t in st.get("tenants") or [])
+        print(f"tenants   {tenants or '-'}")
+        print(
+            f"refused   {st['refused_connections']} connections, {st['limited_requests']} requests over [limits], "
+            f"{st['frame_timeouts']} half-sent frames, {st['bad_checksums']} commits with wrong checksums, "
+            f"{st['bad_requests']} bad requests"
+        )
     if st.get("metrics_url"):
         print(f"metrics   {st['metrics_url']}")
     elif st.get("metrics_port"):  # a daemon from before metrics_url
         print(f"metrics   http://127.0.0.1:{st['metrics_port']}/metrics")
     if st.get("gossip_addr"):
         print(f"gossip    {st['gossip_addr']}")
+        g = st.get("gossip") or {}
+        if "dropped_errors" in g:
+            print(
+                f"          dropped: bad key {g['dropped_bad_key']}, replay {g['dropped_replay']}, malformed "
+                f"{g['dropped_malformed']}, handler errors {g['dropped_errors']}; streams refused {g['streams_refused']}, "
+                f"evicted {g['streams_evicted']}"
+            )
+        for sk in g.get("clock_skew") or []:
+            print(f"          CLOCK SKEW {sk['skew_ms'] / 1000:+.1f} s with {sk.get('node') or sk['peer']} (its packets are refused)")
     dp = st.get("dataplane")
     if dp:
         lanes = ", ".join(dp.get("ucx_lanes_in_use") or []) or "none yet (no UCX connection)"
@@ -175,6 +200,13 @@ def status_main(argv: Sequence[str] | None = None) -> int:
             f"{_fmt_bytes(dp['bytes_out'])}; corrupt {dp['corrupt_blocks']}, auth failures {dp['auth_failures']}, "
             f"peer errors {dp['peer_errors']}"
         )
+        if "frame_auth_failures" in dp:
+            print(
+                f"          security: frame auth failures {dp['frame_auth_failures']}, identity refusals "
+                f"{dp['identity_refusals']}, connections refused {dp['connections_refused']}, handshakes evicted "
+                f"{dp['handshakes_evicted']} / timed out {dp['handshake_timeouts']}, idle closed {dp['idle_closed']}, "
+                f"handler errors {dp['handler_errors']}; bulk bytes {'sealed' if dp.get('encrypt_bulk') else 'plain'}"
+            )
     m = st.get("mesh")
     if m:
         print(

@@ -297,7 +297,7 @@ class Mesh:
                 ok = [False] * len(ks)
                 if addr is not None:
                     try:
-                        ok = await self.dataplane.fetch(addr, ks, on_stored)
+                        ok = await self.dataplane.fetch(addr, ks, on_stored, expect_node=peer)
                     except Exception as e:  # DataPlaneError, or a peer gone mid-transfer
                         self._c["fetch_errors"] += 1
                         log.info("fetch from %s failed: %s", peer, e, extra={"fields": {"peer": peer, "keys": len(ks)}})
@@ -381,7 +381,7 @@ class Mesh:
                 try:
                     ok = []
                     for i in range(0, len(keys), _DELETE_BATCH):
-                        ok += await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH])
+                        ok += await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH], expect_node=node)
                 except Exception as e:  # DataPlaneError, a peer gone mid-transfer, an old peer
                     log.info("delete on %s failed: %s", node, e, extra={"fields": {"peer": node, "keys": len(keys)}})
                     ok = None
@@ -420,7 +420,7 @@ class Mesh:
         with trio.move_on_after(self.delete_timeout_s * 4):
             try:
                 for i in range(0, len(keys), _DELETE_BATCH):
-                    await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH])
+                    await self.dataplane.delete(addr, keys[i : i + _DELETE_BATCH], expect_node=node)
                 self._delete_retry.pop(node, None)
                 return
             except Exception as e:
@@ -537,7 +537,7 @@ class Mesh:
                 chunk = keys[i : i + _PUSH_BATCH]
                 t0 = trio.current_time()
                 try:
-                    ok = await self.dataplane.push(addr, chunk)
+                    ok = await self.dataplane.push(addr, chunk, expect_node=owner)
                 except Exception as e:
                     self._failed(chunk)
                     log.info("repair push to %s failed: %s", owner, e, extra={"fields": {"peer": owner}})

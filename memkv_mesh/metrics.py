@@ -150,6 +150,13 @@ _DATAPLANE_COUNTERS = {
     "auth_failures": ("memkv_dataplane_auth_failures", "Data-plane connections refused for the mesh key", None),
     "peer_errors": ("memkv_dataplane_peer_errors", "Data-plane transfers lost to an unreachable or failing peer", None),
     "protocol_errors": ("memkv_dataplane_protocol_errors", "Data-plane messages that broke the protocol", None),
+    "frame_auth_failures": ("memkv_dataplane_frame_auth_failures", "Data-plane frames that failed their session's AEAD (connection closed)", None),
+    "identity_refusals": ("memkv_dataplane_identity_refusals", "Data-plane requests or handshakes under a node name not the peer's", None),
+    "connections_refused": ("memkv_dataplane_connections_refused", "Data-plane connections closed at once: dataplane.max_connections", None),
+    "handshakes_evicted": ("memkv_dataplane_handshakes_evicted", "Data-plane handshakes dropped to make room: dataplane.max_handshakes", None),
+    "handshake_timeouts": ("memkv_dataplane_handshake_timeouts", "Data-plane handshakes not done within connect_timeout_s", None),
+    "idle_closed": ("memkv_dataplane_idle_closed", "Authenticated data-plane connections closed for idleness", None),
+    "handler_errors": ("memkv_dataplane_handler_errors", "Data-plane requests whose handling raised (that connection closed)", None),
 }
 _MESH_COUNTERS = {
     "fetched": ("memkv_mesh_fetched", "Blocks fetched from peers on a local miss"),

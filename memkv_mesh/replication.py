@@ -72,7 +72,9 @@ class _Store(Protocol):
 
 
 class _Plane(Protocol):
-    async def push(self, peer: str, keys: list[bytes], *, fresh: bool = False) -> list[bool]: ...
+    async def push(
+        self, peer: str, keys: list[bytes], *, fresh: bool = False, expect_node: str | None = None
+    ) -> list[bool]: ...
 
 
 class ReplicationStats(msgspec.Struct, frozen=True):
@@ -443,7 +445,8 @@ class Replicator:
             return None
         with trio.move_on_after(self.timeout_s) as scope:
             try:
-                return await self.dataplane.push(addr, keys, fresh=True)
+                # expect_node: a peer answering at that address under another name is refused.
+                return await self.dataplane.push(addr, keys, fresh=True, expect_node=owner)
             except Exception as e:  # DataPlaneError, or the peer gone mid-transfer
                 log.info("replication to %s failed: %s", owner, e, extra={"fields": {"peer": owner, "keys": len(keys)}})
                 return None

@@ -42,7 +42,7 @@ class _Plane:
     fail: set[str] = field(default_factory=set)
     pushed: list[tuple[str, bytes]] = field(default_factory=list)
 
-    async def push(self, addr: str, keys: list[bytes]) -> list[bool]:
+    async def push(self, addr: str, keys: list[bytes], *, expect_node: str | None = None) -> list[bool]:
         node = addr.split(":")[0]
         if node in self.fail:
             raise OSError(f"{node} is unreachable")

@@ -373,3 +373,20 @@ async def test_metrics_count_refused_commits_and_show_arena_and_tier_health(mdae
         while not mdaemon.arena_problems:  # noqa: ASYNC110 (the daemon checks every 2 s)
             await trio.sleep(0.1)
     assert _v(await _scrape(mdaemon), "memkv_arena_problems") == 1
+
+
+def test_status_of_a_mesh_node_shows_tenants_refusals_and_the_security_counters(daemon_process, capsys) -> None:
+    import base64
+    import os
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    d = daemon_process(
+        gossip={"enabled": True, "bind": "127.0.0.1", "port": 0, "keys": [key]},
+        dataplane={"host": "127.0.0.1", "port": 0},
+    )
+    assert cli.main(["status", "--socket", str(d.sock)]) == 0
+    out = capsys.readouterr().out
+    assert "tenants   default (1 clients)" in out
+    assert "refused   0 connections, 0 requests over [limits]" in out
+    assert "dropped: bad key 0, replay 0, malformed 0, handler errors 0" in out
+    assert "security: frame auth failures 0, identity refusals 0" in out and "bulk bytes plain" in out

@@ -34,7 +34,9 @@ class _Plane:
         self.refuse: set[str] = set()
         self.calls: list[str] = []
 
-    async def push(self, peer: str, keys: list[bytes], *, fresh: bool = False) -> list[bool]:
+    async def push(
+        self, peer: str, keys: list[bytes], *, fresh: bool = False, expect_node: str | None = None
+    ) -> list[bool]:
         assert fresh  # the replicator's pushes are fresh puts (they override tombstones)
         self.calls.append(peer)
         await trio.sleep(0.01)
