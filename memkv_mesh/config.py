@@ -497,8 +497,7 @@ def _validate(cfg: Config) -> None:
             f"mesh.dirty_bytes ({int(cfg.mesh.dirty_bytes)}) must not exceed store.dram_bytes "
             f"({int(s.dram_bytes)}): dirty blocks stay in DRAM until their owners hold them"
         )
-    if cfg.gossip.enabled:
-        cfg.dataplane.validate()
+    cfg.dataplane.validate()  # even with gossip off: a bad value is an error now, not at the first mesh start
     if cfg.metrics.enabled:
         host, sep, port = cfg.metrics.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:

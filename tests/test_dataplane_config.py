@@ -139,3 +139,14 @@ def test_keys_share_the_gossip_format_but_not_the_secret() -> None:
     assert GossipConfig(keys=[KEY_A]).key_bytes() == [raw]  # the same string is a gossip key
     (derived,) = decode_keys([KEY_A])
     assert len(derived) == 32 and derived != raw  # ... but HMAC never uses the AES key itself
+
+
+def test_dataplane_values_are_checked_even_with_gossip_off(tmp_path) -> None:
+    """[dataplane] port = 99999 loaded while gossip was off, and failed only at a later mesh start."""
+    from memkv_mesh.config import ConfigError, load_config
+
+    for bad in ("port = 99999", "connect_timeout_s = inf", "max_frame_bytes = 4611686018427387904"):
+        p = tmp_path / "mesh.toml"
+        p.write_text(f"[dataplane]\n{bad}\n")
+        with pytest.raises(ConfigError, match="dataplane"):
+            load_config(p)

@@ -101,8 +101,9 @@ class DataPlaneConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
             v = getattr(self, name)
             if not 0 < v < float("inf"):
                 raise ValueError(f"dataplane.{name} must be > 0 seconds, got {v}")
-        if self.max_frame_bytes < 4096:
-            raise ValueError(f"dataplane.max_frame_bytes must be at least 4096, got {self.max_frame_bytes}")
+        if not 4096 <= self.max_frame_bytes <= 64 << 20:
+            # The upper bound: a peer may make a connection buffer this much after authenticating.
+            raise ValueError(f"dataplane.max_frame_bytes must be 4096..64 MiB, got {self.max_frame_bytes}")
         if self.thread_checksum_bytes < 0:
             raise ValueError(
                 f"dataplane.thread_checksum_bytes must be >= 0, got {self.thread_checksum_bytes}"
