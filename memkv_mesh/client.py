@@ -376,6 +376,7 @@ class _Core:
             self.node_id = w.node_id
             self.tenant = w.tenant
             self.max_block_bytes = w.max_block_bytes
+            self.checksum = self.checksum or w.send_checksums  # the daemon records ours as given
             if w.arena_bytes == 0:
                 return  # an operator connection: no arena, no blocks
             if w.arena_fd:

@@ -132,6 +132,8 @@ class Welcome(Msg, tag=65):
     # (SCM_RIGHTS); arena_bytes 0: no arena (an operator connection, which names no blocks).
     arena_fd: bool = False
     tenant: str = ""
+    # The daemon does not hash puts itself ([store] verify_puts = false): send checksums.
+    send_checksums: bool = False
 
 
 class Allocated(Msg, tag=66):

@@ -178,3 +178,34 @@ async def test_cancel_mid_request_closes_the_connection_cleanly(daemon) -> None:
                 await trio.sleep(0.01)
                 leases = (await c2.stats())["store"]["active_leases"]
         assert await c2.lookup(keys) == 3
+
+
+async def test_puts_are_hashed_by_the_daemon_unless_the_node_trusts_its_clients(make_config) -> None:
+    """[store] verify_puts: on (the default) the daemon records the hash of the bytes in the slot
+    and refuses a commit whose checksums lie; off, the client sends its own (asked to by the
+    Welcome) and the daemon records them as given, so only a verifying read catches a lie."""
+    from memkv_mesh.daemon import Daemon
+
+    for verify in (True, False):
+        cfg = make_config(store={"dram_bytes": 8 << 20, "max_block_bytes": 1 << 20, "verify_puts": verify})
+        async with trio.open_nursery() as nursery:
+            d = await nursery.start(Daemon(cfg).run)
+            async with await AsyncClient.connect(d.socket_path) as honest:
+                assert honest.checksum is (not verify)  # asked for checksums only when trusted
+                k, v = os.urandom(32), os.urandom(4096)
+                assert await honest.put(k, v)
+                buf = bytearray(4096)
+                assert await honest.get_into(k, buf, verify=True) == 4096 and bytes(buf) == v
+            async with await AsyncClient.connect(d.socket_path, checksum=True) as liar:
+                liar._fill = lambda offsets, keys, values: (keys, [7] * len(keys))  # type: ignore[method-assign]
+                k = os.urandom(32)
+                if verify:
+                    with pytest.raises(MemkvError) as e:
+                        await liar.put(k, os.urandom(4096))
+                    assert e.value.code == "bad_checksum"
+                    assert await liar.contains([k]) == [False]
+                else:
+                    assert await liar.put(k, os.urandom(4096))  # trusted: recorded as given
+                    assert await liar.get_into(k, bytearray(4096), verify=True) is None  # and caught on read
+                    assert liar.corrupt_reads == 1
+            nursery.cancel_scope.cancel()
