@@ -364,10 +364,20 @@ class _Core:
         # differ (an end-to-end check of the copy, at the cost of one more pass over the bytes).
         self.checksum = checksum
         self.corrupt_reads = 0  # blocks a verifying get found changed since their commit (misses)
+        self._frames = protocol.FrameBuffer()
         self._mmap: mmap.mmap | None = None
         self._arena: memoryview | None = None
         self._deferred: collections.deque[int] = collections.deque()
         self._gpu: Any = None  # memkv_mesh.gpu.GpuPath, made when the first CUDA buffer shows up
+
+    def _feed_welcome(self, data: bytes, ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
+        """Bytes (and descriptors) read while waiting for the Welcome."""
+        fds += _received_fds(ancdata)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("the daemon closed the connection before its Welcome")
+        self._frames.feed(data)
 
     def _welcome(self, reply: protocol.Msg, fds: list[int]) -> None:
         """Map the arena segment the daemon passed with its Welcome (``fds``; closed here)."""
@@ -525,13 +535,7 @@ class Client(_Core):
             pass  # refused at once (no tenant, too many clients): its Error is still readable
         fds: list[int] = []
         while (body := self._frames.next_frame()) is None:
-            data, anc, _, _ = self._sock.recvmsg(65536, _ANC_SPACE)
-            fds += _received_fds(anc)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectionError("the daemon closed the connection before its Welcome")
-            self._frames.feed(data)
+            self._feed_welcome(*self._sock.recvmsg(65536, _ANC_SPACE)[:2], fds)
         self._welcome(protocol.reply_decoder.decode(body), fds)
 
     # ---- plumbing ---------------------------------------------------------------------------------
@@ -707,13 +711,7 @@ class AsyncClient(_Core):
                 pass  # refused at once (no tenant, too many clients): its Error is still readable
             fds: list[int] = []
             while (body := self._frames.next_frame()) is None:
-                data, anc, _, _ = await stream.socket.recvmsg(65536, _ANC_SPACE)
-                fds += _received_fds(anc)
-                if not data:
-                    for fd in fds:
-                        os.close(fd)
-                    raise ConnectionError("the daemon closed the connection before its Welcome")
-                self._frames.feed(data)
+                self._feed_welcome(*(await stream.socket.recvmsg(65536, _ANC_SPACE))[:2], fds)
             self._welcome(protocol.reply_decoder.decode(body), fds)
         except BaseException:
             with trio.CancelScope(shield=True):
