@@ -598,7 +598,7 @@ async def test_disconnect_between_alloc_and_commit_frees_slots(seeded) -> None:
 async def test_unencodable_reply_becomes_an_internal_error(seeded, monkeypatch) -> None:
     daemon, blocks = seeded
     real = daemon.status
-    monkeypatch.setattr(daemon, "status", lambda: {**real(), "oops": object()})
+    monkeypatch.setattr(daemon, "status", lambda tenant=None: {**real(tenant), "oops": object()})
     raw = await Raw.open(daemon)
     _error(await raw.call(protocol.StatsRequest()), protocol.INTERNAL, "encoding the StatsReply reply")
     await _still_serves(raw)  # still in step: the next reply answers the next request
