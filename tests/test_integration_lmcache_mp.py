@@ -253,3 +253,59 @@ def test_l2_adapter_failed_store_is_a_failed_task(lmc: Any, daemon_process: Any)
         assert _lookup(ad, [_key(0), _key(1)]) == [True, False]
     finally:
         ad.close()
+
+
+def test_lmcache_storage_manager_writes_through_and_restores_from_the_mesh(lmc: Any, node: Any) -> None:
+    """LMCache's own MP-mode ``StorageManager`` (built from the cache server's arguments) writes
+    chunks through its L2 store controller into memkv-mesh; a second, empty ``StorageManager`` (a
+    second cache server) prefetches them from memkv-mesh into its L1 through its prefetch
+    controller, and the bytes are the ones written."""
+    import time
+
+    import torch
+    from lmcache.v1.distributed.api import GroupedObjectKeys, MemoryLayoutDesc, PrefetchTaskSpec
+    from lmcache.v1.distributed.config import add_storage_manager_args, parse_args_to_config
+    from lmcache.v1.distributed.storage_manager import StorageManager
+
+    from memkv_mesh.integrations.chunk_store import ChunkStore
+    from memkv_mesh.integrations.lmcache_mp import object_key_name
+
+    def manager() -> Any:
+        parser = add_storage_manager_args(argparse.ArgumentParser())
+        args = parser.parse_args(["--l1-size-gb", "0.02", "--eviction-policy", "LRU", "--l2-adapter", _spec(str(node.sock))])
+        return StorageManager(parse_args_to_config(args))
+
+    layout = MemoryLayoutDesc(shapes=[torch.Size([N])], dtypes=[torch.float32])
+    keys = [_key(i) for i in range(4)]
+    want = [_obj(i).tensor.clone() for i in range(4)]
+    writer = manager()
+    try:
+        objs = writer.reserve_write(keys, layout)
+        assert set(objs) == set(keys)
+        for k, w in zip(keys, want, strict=True):
+            objs[k].tensor.view(-1).copy_(w)
+        writer.finish_write(keys)
+        with node.client() as c:
+            mesh_keys = [ChunkStore(c).key(object_key_name(k)) for k in keys]
+            deadline = time.monotonic() + 20
+            while not all(c.contains(mesh_keys)):
+                assert time.monotonic() < deadline, "LMCache's store controller never wrote the chunks to memkv-mesh"
+                time.sleep(0.05)
+    finally:
+        writer.close()
+
+    reader = manager()
+    try:
+        spec = PrefetchTaskSpec(key_groups=[GroupedObjectKeys(keys=keys + [_key(99)], object_group_id=0, layout_desc=layout)])
+        handle = reader.submit_prefetch_task(spec)
+        assert reader.wait_prefetch_status(handle, 20)
+        res = reader.query_prefetch_status(handle)
+        assert res is not None
+        assert _bits(res.l2_hit_cells[0], 5) == [True] * 4 + [False]
+        assert _bits(res.l1_hit_cells[0], 5) == [False] * 5
+        with reader.read_prefetched_results(keys, res.l1_owners) as got:
+            assert got is not None
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g.tensor.view(-1), w)
+    finally:
+        reader.close()
