@@ -18,12 +18,19 @@ import copy
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from conftest import wait_until
+import pytest
+from conftest import DaemonProcess, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "memkv-mesh.json"
@@ -231,39 +238,64 @@ def _scrape(url: str) -> str:
         return str(r.read().decode())
 
 
-def test_every_dashboard_query_names_metrics_a_live_mesh_exports(daemon_process) -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
+def _traffic(dp: DaemonProcess, n: int = 8) -> str:
+    """Puts ``n`` blocks, gets them and one missing key, looks them up; the node's metrics URL."""
+    with dp.client() as c:
+        keys = [os.urandom(32) for _ in range(n)]
+        assert c.put_many(keys, [os.urandom(4096 + i) for i in range(n)]) == n
+        lease = c.get_many(keys + [os.urandom(32)])  # n hits and a miss
+        lease.release()
+        c.lookup(keys)
+        return str(c.stats()["metrics_url"])
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[dict[str, DaemonProcess]]:
+    """Two daemon processes in one mesh: gossip on a random key, the TCP data plane, metrics on
+    127.0.0.1:0; both see each other alive and have served some traffic."""
     key = base64.b64encode(os.urandom(32)).decode()
+    root = Path(tempfile.mkdtemp(prefix="mkd-"))  # short: Unix socket paths
+    nodes: dict[str, DaemonProcess] = {}
+    try:
+        for name in ("a", "b"):
+            seeds = []
+            if nodes:
+                with nodes["a"].client() as c:
+                    seeds = [str(c.stats()["gossip_addr"])]
+            (root / name).mkdir()
+            cfg = write_config(
+                root / name / "mesh.toml", root / name / "data", root / f"{name}.sock",
+                node={"id": name},
+                metrics={"enabled": True, "listen": "127.0.0.1:0"},
+                gossip={"enabled": True, "bind": "127.0.0.1", "port": 0, "seeds": seeds, "keys": [key]},
+                dataplane={"transport": "tcp", "host": "127.0.0.1", "port": 0},
+            )  # fmt: skip
+            nodes[name] = DaemonProcess(cfg, root / f"{name}.sock")
+            nodes[name].start()
 
-    def node(name: str, seeds: list[str]) -> Any:
-        return daemon_process(
-            name,
-            node={"id": name},
-            metrics={"enabled": True, "listen": "127.0.0.1:0"},
-            gossip={"enabled": True, "bind": "127.0.0.1", "port": 0, "seeds": seeds, "keys": [key]},
-            dataplane={"transport": "tcp", "host": "127.0.0.1", "port": 0},
+        def alive(dp: DaemonProcess) -> set[str]:
+            with dp.client() as c:
+                return {m["node_id"] for m in c.members() if m["state"] == "alive"}
+
+        wait_until(
+            lambda: all(alive(dp) == {"a", "b"} for dp in nodes.values()),
+            15,
+            "both nodes alive in both views",
         )
+        for dp in nodes.values():
+            _traffic(dp)
+        yield nodes
+    finally:
+        for dp in nodes.values():
+            dp.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
-    a = node("a", [])
-    with a.client() as ca:
-        seed = str(ca.stats()["gossip_addr"])
-    b = node("b", [seed])
 
-    def alive(dp: Any) -> set[str]:
-        with dp.client() as c:
-            return {m["node_id"] for m in c.members() if m["state"] == "alive"}
-
-    wait_until(lambda: alive(a) == alive(b) == {"a", "b"}, 15, "both nodes to see each other alive")
-    urls = {}
-    for name, dp in (("a", a), ("b", b)):
-        with dp.client() as c:
-            keys = [os.urandom(32) for _ in range(8)]
-            assert c.put_many(keys, [os.urandom(4096 + i) for i in range(8)]) == 8
-            lease = c.get_many(keys + [os.urandom(32)])  # 8 hits and a miss
-            lease.release()
-            c.lookup(keys)
-            urls[name] = str(c.stats()["metrics_url"])
-    scrapes = {name: parse_scrape(_scrape(url)) for name, url in urls.items()}
+def test_every_dashboard_query_names_metrics_a_live_mesh_exports(
+    mesh: dict[str, DaemonProcess],
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    scrapes = {name: parse_scrape(_scrape(_traffic(dp))) for name, dp in mesh.items()}
     assert all(
         "memkv_op_seconds_bucket" in s and "memkv_mesh_dirty_bytes" in s for s in scrapes.values()
     )
@@ -336,3 +368,88 @@ def test_dashboard_is_an_importable_grafana_dashboard_with_the_issue_s_panels() 
         "Replication lag p99", "Dirty bytes", "Nodes reporting", "Data-plane errors", "Security refusals",
     ):  # fmt: skip
         assert wanted in titles
+
+
+# ---- the queries on a real Prometheus, where one is installed -----------------------------------
+
+
+def _grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for "All" on both variables and a 10 s rate interval."""
+    return (
+        expr.replace("$__rate_interval", "10s")
+        .replace('"$job"', '".*"')
+        .replace('"$instance"', '".*"')
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="no prometheus binary (apt-get install prometheus)"
+)
+def test_every_dashboard_query_returns_series_from_a_real_prometheus(
+    mesh: dict[str, DaemonProcess], tmp_path: Path
+) -> None:
+    """A real Prometheus scrapes both nodes every second while they serve traffic; every panel
+    query must parse and return at least one series, every variable at least one value."""
+    targets = [urllib.parse.urlsplit(_traffic(dp)).netloc for dp in mesh.values()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: memkv-mesh\n"
+        f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+    )
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def api(path: str, **params: Any) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}{path}?" + urllib.parse.urlencode(params, doseq=True)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback
+                return dict(json.load(r))
+        except urllib.error.HTTPError as e:  # a bad query answers 400 with the parser's error
+            return dict(json.load(e))
+        except OSError:
+            return {"status": "down"}
+
+    def scraped_enough() -> bool:
+        for dp in mesh.values():
+            _traffic(dp, 2)
+        r = api(
+            "/api/v1/query",
+            query="min(count_over_time(memkv_node_info[10s])) >= 4 and count(memkv_node_info) == 2",
+        )
+        return r.get("status") == "success" and bool(r["data"]["result"])
+
+    try:
+        wait_until(scraped_enough, 25, "Prometheus to scrape both nodes 4 times")
+        dashboard = json.loads(DASHBOARD.read_text())
+        found: list[str] = []
+        n = 0
+        for p in dashboard["panels"]:
+            for t in p.get("targets", []):
+                n += 1
+                r = api("/api/v1/query", query=_grafana_to_promql(t["expr"]))
+                if r["status"] != "success":
+                    found.append(f"{p['title']!r} {t['refId']}: {r.get('error')}")
+                elif not r["data"]["result"]:
+                    found.append(f"{p['title']!r} {t['refId']}: no series")
+        for v in dashboard["templating"]["list"]:
+            if v["type"] == "query":
+                m = _LABEL_VALUES.match(_grafana_to_promql(v["query"]["query"]))
+                assert m is not None
+                r = api(f"/api/v1/label/{m.group('label')}/values", **{"match[]": m.group("expr")})
+                if r["status"] != "success" or not r["data"]:
+                    found.append(f"variable {v['name']}: {r}")
+        assert found == [], "\n".join(found)
+        assert n >= 70
+        # And a broken query is an error there too.
+        assert api("/api/v1/query", query="sum by (tier (memkv_hits_total)")["status"] == "error"
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        log.close()
