@@ -1,0 +1,441 @@
+"""A native vLLM v1 KV connector: vLLM keeps and finds whole KV blocks in memkv-mesh.
+
+Configuration (no vLLM patch)::
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    llm = LLM(model, kv_transfer_config=KVTransferConfig(
+        kv_connector="MemkvConnector",                       # the short name (entry point), or:
+        kv_connector_module_path="memkv_mesh.integrations.vllm",
+        kv_role="kv_both",
+        kv_connector_extra_config={"socket": "/run/memkv/memkv.sock", "tenant": ""},
+    ))
+
+or on the command line ``vllm serve MODEL --kv-transfer-config
+'{"kv_connector":"MemkvConnector","kv_role":"kv_both"}'``. The short name comes from the
+``vllm.general_plugins`` entry point ``memkv`` (``register()`` below), which vLLM calls in every
+process; ``kv_connector_module_path`` works without it. The socket defaults to ``$MEMKV_SOCKET``,
+else ``.memkv/memkv.sock``.
+
+Theory of operation
+-------------------
+* One mesh block per vLLM block: the block's K/V of every layer of this worker, concatenated in
+  layer order. Its 32-byte key is a keyed BLAKE2b of vLLM's own ``request.block_hashes[i]`` (which
+  already chains the prefix, LoRA, multimodal inputs and cache salt), keyed by a namespace
+  (``keys.namespace``: model, KV dtype, tensor-parallel rank and size, block size and layer count,
+  device type). vLLM's block hashes must therefore agree across processes: with
+  ``prefix_caching_hash_algo`` xxhash / xxhash_cbor they do only when PYTHONHASHSEED is set, and
+  the connector refuses to start otherwise, saying so.
+* Scheduler side: ``get_num_new_matched_tokens`` is one ``lookup`` through the node daemon (on a
+  mesh node that asks the whole mesh) for the request's full blocks beyond what vLLM has locally,
+  capped so that at least one prompt token is computed. ``update_state_after_alloc`` records which
+  block ids receive them, ``build_connector_meta`` hands the loads and the blocks that become full
+  in this step (to be saved) to the workers.
+* Worker side: ``start_load_kv`` reads the blocks with one ``get_many_into`` into a staging buffer
+  and copies each into its block slot of every layer before the forward pass (a synchronous load;
+  ``wait_for_layer_load`` has nothing left to wait for). ``wait_for_save`` gathers the new full
+  blocks after the forward pass and stores them with one ``put_many``.
+* It never raises into vLLM: a block that is missing, of the wrong size or not read in time is
+  reported by ``get_block_ids_with_load_errors`` (vLLM recomputes it); a daemon that is down or
+  goes away is a miss for lookups, a load error for loads and a skipped save, with one warning,
+  and the connector reconnects on a later step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+try:
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("memkv_mesh.integrations.vllm needs vLLM: pip install 'memkv-mesh[vllm]'") from e
+
+from memkv_mesh import keys as mkeys
+from memkv_mesh.client import Client, default_socket_path
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+__all__ = ["CONNECTOR_NAME", "MemkvConnector", "MemkvConnectorMetadata", "register"]
+
+logger = logging.getLogger(__name__)
+
+CONNECTOR_NAME = "MemkvConnector"
+_PERSON = b"memkv-vllm-v1"
+_RETRY_S = 5.0  # how long a down daemon is left alone before the next connection attempt
+_NONDETERMINISTIC_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: makes ``kv_connector="MemkvConnector"`` work."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    try:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__, "MemkvConnector")
+    except ValueError:
+        pass  # already registered in this process
+
+
+def check_deterministic_hashing(hash_algo: str, env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Refuse block hashes that differ between processes (they would never hit, or worse, collide
+    with another process's seed): xxhash algorithms seed vLLM's first block hash from random bytes
+    unless PYTHONHASHSEED is set."""
+    if hash_algo in _NONDETERMINISTIC_ALGOS and env.get("PYTHONHASHSEED") is None:
+        raise ValueError(
+            f"memkv-mesh's vLLM connector needs block hashes that agree across processes, but "
+            f"prefix_caching_hash_algo={hash_algo!r} without PYTHONHASHSEED makes them random per "
+            "process: set PYTHONHASHSEED to the same value for every vLLM process that shares the "
+            "mesh (e.g. PYTHONHASHSEED=0), or use prefix_caching_hash_algo='sha256'"
+        )
+
+
+def block_key(ns: bytes, block_hash: Any) -> bytes:
+    """The mesh key of one vLLM block hash (bytes in vLLM 0.32; ints from older versions)."""
+    if isinstance(block_hash, int):
+        data = block_hash.to_bytes((block_hash.bit_length() + 8) // 8 or 1, "little", signed=True)
+    else:
+        data = bytes(block_hash)
+    return hashlib.blake2b(data, digest_size=mkeys.KEY_BYTES, key=ns, person=_PERSON).digest()
+
+
+@dataclass
+class _Transfer:
+    req_id: str
+    block_ids: list[int]
+    hashes: list[Any]
+
+
+@dataclass
+class MemkvConnectorMetadata(KVConnectorMetadata):
+    """What the workers do this step: blocks to load before the forward pass, blocks to save after."""
+
+    loads: list[_Transfer] = field(default_factory=list)
+    saves: list[_Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # full blocks saved (or known to be in the mesh) so far
+
+
+class _Daemon:
+    """A lazily (re)connected client that turns daemon failures into warnings."""
+
+    def __init__(self, socket: Path, name: str) -> None:
+        self.socket = socket
+        self.name = name
+        self._client: Client | None = None
+        self._retry_at = 0.0
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def get(self) -> Client | None:
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            if time.monotonic() < self._retry_at:
+                return None
+            try:
+                self._client = Client(self.socket, timeout=30.0, name=self.name)
+            except Exception as e:  # noqa: BLE001 - any failure means "no cache now"
+                self.failed(e)
+                return None
+            if self._warned:
+                logger.warning("memkv-mesh: reconnected to the daemon at %s", self.socket)
+                self._warned = False
+            return self._client
+
+    def failed(self, e: BaseException) -> None:
+        """Drop the connection after an error; warn once until it works again."""
+        client, self._client = self._client, None
+        self._retry_at = time.monotonic() + _RETRY_S
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if not self._warned:
+            logger.warning(
+                "memkv-mesh: daemon at %s unavailable (%s); KV blocks are recomputed until it is back",
+                self.socket, e,
+            )
+            self._warned = True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+class MemkvConnector(KVConnectorBase_V1):
+    """vLLM v1 KV connector backed by the node's memkv-mesh daemon (see the module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        cache = vllm_config.cache_config
+        check_deterministic_hashing(str(getattr(cache, "prefix_caching_hash_algo", "sha256")))
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.block_size = int(cache.block_size)
+        sock = extra.get("socket") or os.environ.get("MEMKV_SOCKET")
+        self._daemon = _Daemon(Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}")
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER:
+            tp_rank = _tp_rank()
+        model = vllm_config.model_config
+        try:
+            from vllm.platforms import current_platform
+
+            device = str(current_platform.device_type)
+        except Exception:  # noqa: BLE001
+            device = "unknown"
+        n_layers = model.get_num_layers(vllm_config.parallel_config)
+        self.namespace = mkeys.namespace(
+            str(model.model),
+            dtype=f"{model.dtype}/{cache.cache_dtype}",
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            layers=f"vllm-v1 block={self.block_size} layers={n_layers} device={device}",
+            tenant=str(extra.get("tenant", "")),
+        )
+        # scheduler side
+        self._reqs: dict[str, _ReqState] = {}
+        self._pending_loads: dict[str, _Transfer] = {}
+        # worker side
+        self._kv: dict[str, torch.Tensor] = {}
+        self._block_dim: dict[str, int] = {}
+        self._load_errors: set[int] = set()
+        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
+
+    # ---- keys ---------------------------------------------------------------------------------
+    def _keys(self, hashes: list[Any]) -> list[bytes]:
+        return [block_key(self.namespace, h) for h in hashes]
+
+    # ---- scheduler side -----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._reqs.setdefault(request.request_id, _ReqState(request))
+        hashes = list(request.block_hashes)
+        # At least one prompt token must be computed (its logits start the output).
+        usable = min(len(hashes), (request.num_prompt_tokens - 1) // self.block_size)
+        first = num_computed_tokens // self.block_size
+        if usable <= first:
+            return 0, False
+        client = self._daemon.get()
+        if client is None:
+            return 0, False
+        try:
+            hits = client.lookup(self._keys(hashes[:usable]))
+        except Exception as e:  # noqa: BLE001 - never raise into vLLM
+            self._daemon.failed(e)
+            return 0, False
+        self.stats["lookups"] += 1
+        if hits <= first:
+            return 0, False
+        self.stats["hit_blocks"] += hits - first
+        return hits * self.block_size - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        if num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        first = request.num_computed_tokens // self.block_size
+        last = (request.num_computed_tokens + num_external_tokens) // self.block_size
+        self._pending_loads[request.request_id] = _Transfer(
+            request.request_id, list(block_ids[first:last]), list(request.block_hashes[first:last])
+        )
+        state.saved = max(state.saved, last)  # loaded blocks are in the mesh already
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = MemkvConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._reqs.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            # Blocks vLLM had locally were saved by whoever computed them.
+            state.saved = max(state.saved, new.num_computed_tokens // self.block_size)
+            self._add_save(meta, new.req_id, state, new.num_computed_tokens + sched.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            self._add_save(meta, req_id, state, cached.num_computed_tokens[i] + sched.get(req_id, 0))
+        return meta
+
+    def _add_save(self, meta: MemkvConnectorMetadata, req_id: str, state: _ReqState, done_tokens: int) -> None:
+        hashes = state.request.block_hashes
+        full = min(done_tokens // self.block_size, len(hashes), len(state.block_ids))
+        if full > state.saved:
+            meta.saves.append(
+                _Transfer(req_id, state.block_ids[state.saved : full], list(hashes[state.saved : full]))
+            )
+            state.saved = full
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # ---- worker side --------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        for name, kv in kv_caches.items():
+            self._remember(name, kv)
+
+    def _remember(self, name: str, kv: torch.Tensor) -> None:
+        if name in self._kv:
+            return
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        dim = 0
+        if num_blocks is not None and kv.shape[0] != num_blocks:
+            dims = [d for d, n in enumerate(kv.shape) if n == num_blocks]
+            dim = dims[0] if dims else 0
+        self._kv[name] = kv
+        self._block_dim[name] = dim
+
+    def _layers(self, forward_context: Any = None) -> list[str]:
+        if not self._kv and forward_context is not None:
+            for name, layer in getattr(forward_context, "no_compile_layers", {}).items():
+                kv = getattr(layer, "kv_cache", None)
+                if isinstance(kv, list | tuple) and kv:
+                    kv = kv[0]
+                if isinstance(kv, torch.Tensor) and kv.numel():
+                    self._remember(name, kv)
+        return list(self._kv)
+
+    def _slice(self, name: str, block_id: int) -> torch.Tensor:
+        return self._kv[name].select(self._block_dim[name], block_id)
+
+    def _block_nbytes(self, layers: list[str]) -> int:
+        return sum(self._slice(n, 0).numel() * self._kv[n].element_size() for n in layers)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, MemkvConnectorMetadata) or not meta.loads:
+            return
+        block_ids = [b for t in meta.loads for b in t.block_ids]
+        try:
+            self._load(meta.loads, self._layers(forward_context))
+        except Exception as e:  # noqa: BLE001 - never raise into vLLM: recompute instead
+            logger.warning("memkv-mesh: loading %d blocks failed (%s); vLLM recomputes them", len(block_ids), e)
+            self._load_errors.update(block_ids)
+            self.stats["failed_blocks"] += len(block_ids)
+
+    def _load(self, loads: list[_Transfer], layers: list[str]) -> None:
+        block_ids = [b for t in loads for b in t.block_ids]
+        if not layers:
+            raise RuntimeError("no KV cache tensors registered")
+        client = self._daemon.get()
+        if client is None:
+            raise ConnectionError("the daemon is unavailable")
+        nbytes = self._block_nbytes(layers)
+        staging = torch.empty((len(block_ids), nbytes), dtype=torch.uint8)
+        try:
+            got = client.get_many_into(
+                self._keys([h for t in loads for h in t.hashes]), list(staging.numpy())
+            )
+        except Exception as e:
+            self._daemon.failed(e)
+            raise
+        failed: set[int] = set()
+        i = 0
+        for t in loads:
+            broken = False
+            for b in t.block_ids:
+                # A block after a missing one is useless too: its attention needs the whole prefix.
+                broken = broken or got[i] != nbytes
+                if broken:
+                    failed.add(b)
+                else:
+                    self._scatter(layers, b, staging[i])
+                i += 1
+        self.stats["loaded_blocks"] += len(block_ids) - len(failed)
+        if failed:
+            self.stats["failed_blocks"] += len(failed)
+            self._load_errors.update(failed)
+            logger.warning("memkv-mesh: %d of %d blocks were not in the mesh any more; vLLM recomputes them",
+                           len(failed), len(block_ids))
+
+    def _scatter(self, layers: list[str], block_id: int, data: torch.Tensor) -> None:
+        off = 0
+        for name in layers:
+            dst = self._slice(name, block_id)
+            n = dst.numel() * dst.element_size()
+            dst.copy_(data[off : off + n].view(dst.dtype).view(dst.shape))
+            off += n
+
+    def _gather(self, layers: list[str], block_id: int) -> torch.Tensor:
+        parts = [self._slice(n, block_id).contiguous().view(-1).view(torch.uint8) for n in layers]
+        return torch.cat(parts).cpu()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv loads synchronously, before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        # The blocks are read in wait_for_save, once every layer has written them; remember the
+        # tensor in case register_kv_caches was not called.
+        if isinstance(kv_layer, torch.Tensor):
+            self._remember(layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, MemkvConnectorMetadata) or not meta.saves:
+            return
+        saves = meta.saves
+        n = sum(len(t.block_ids) for t in saves)
+        try:
+            layers = self._layers()
+            if not layers:
+                raise RuntimeError("no KV cache tensors registered")
+            client = self._daemon.get()
+            if client is None:
+                return
+            values = [self._gather(layers, b).numpy() for t in saves for b in t.block_ids]
+            try:
+                client.put_many(self._keys([h for t in saves for h in t.hashes]), values)
+            except Exception as e:
+                self._daemon.failed(e)
+                raise
+            self.stats["saved_blocks"] += n
+        except Exception as e:  # noqa: BLE001 - a lost save is only a future miss
+            logger.warning("memkv-mesh: saving %d blocks failed (%s)", n, e)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self._daemon.close()
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001 - not initialised: a single worker
+        return 0

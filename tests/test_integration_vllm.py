@@ -1,0 +1,185 @@
+"""The native vLLM v1 connector (``memkv_mesh.integrations.vllm``), end to end on vLLM's CPU build.
+
+A memkv daemon runs in a subprocess; a random-weight Llama is saved offline; engine process 1
+computes a prompt and saves its full blocks to the mesh; engine process 2 (a new process, so
+nothing in vLLM's own prefix cache) gets the same prompt: its ``num_cached_tokens`` covers the
+prompt's full blocks (bar the one vLLM must compute) and its output tokens are identical. A third
+engine whose daemon is down still answers, identically, by recomputing.
+
+Without vLLM these tests skip, saying so, unless ``MEMKV_REQUIRE_VLLM=1`` (set by ``scripts/test``
+for its vLLM stage in ``.venv-vllm``), which makes a missing or broken vLLM a failure.
+
+This file is also the engine process: ``python tests/test_integration_vllm.py MODEL SOCKET``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK = 128  # the CPU attention backend's block size
+PROMPT_LEN = 600  # 4 full blocks usable from the mesh (the 5th is partial)
+MAX_TOKENS = 8
+ENGINE_TIMEOUT_S = 240
+
+
+def _require_vllm() -> Any:
+    try:
+        return importlib.import_module("memkv_mesh.integrations.vllm")
+    except ImportError as e:
+        if os.environ.get("MEMKV_REQUIRE_VLLM") == "1":
+            pytest.fail(f"MEMKV_REQUIRE_VLLM=1 but vLLM is not importable: {e}")
+        pytest.skip(f"vLLM is not installed ({e}); scripts/test runs these in .venv-vllm")
+
+
+def _engine_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+def _run_engine(model: Path, sock: Path, tmp: Path, tag: str, **env: str) -> dict[str, Any]:
+    out = tmp / f"{tag}.json"
+    log = tmp / f"{tag}.log"
+    with open(log, "wb") as f:
+        proc = subprocess.run(
+            [sys.executable, __file__, str(model), str(sock), str(out)],
+            stdout=f, stderr=subprocess.STDOUT, env=_engine_env(**env), cwd=REPO, timeout=ENGINE_TIMEOUT_S,
+        )
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"engine {tag} exited {proc.returncode}:\n{text[-6000:]}"
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["log"] = text
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _require_vllm()
+    path = tmp_path_factory.mktemp("model") / "llama-tiny"
+    code = (
+        "import sys; from memkv_mesh.demo_ttft import build_model; "
+        "build_model('tiny', 0, 1024).save_pretrained(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=REPO, timeout=300)
+    return path
+
+
+# ---- no engine ----------------------------------------------------------------------------------
+def test_refuses_nondeterministic_block_hashes() -> None:
+    vllm_mod = _require_vllm()
+    with pytest.raises(ValueError, match="set PYTHONHASHSEED"):
+        vllm_mod.check_deterministic_hashing("xxhash", {})
+    with pytest.raises(ValueError, match="PYTHONHASHSEED"):
+        vllm_mod.check_deterministic_hashing("xxhash_cbor", {})
+    vllm_mod.check_deterministic_hashing("xxhash", {"PYTHONHASHSEED": "0"})
+    vllm_mod.check_deterministic_hashing("sha256", {})  # vLLM seeds it with a fixed value
+
+
+def test_block_keys_are_namespaced() -> None:
+    vllm_mod = _require_vllm()
+    from memkv_mesh import keys
+
+    a, b = keys.namespace("m", tp_rank=0, tp_size=2), keys.namespace("m", tp_rank=1, tp_size=2)
+    h = bytes(range(32))
+    assert vllm_mod.block_key(a, h) == vllm_mod.block_key(a, h)
+    assert len(vllm_mod.block_key(a, h)) == 32
+    assert vllm_mod.block_key(a, h) != vllm_mod.block_key(b, h)
+    assert vllm_mod.block_key(a, h) != vllm_mod.block_key(a, h[:-1] + b"\x00")
+
+
+def test_plugin_registers_the_short_name() -> None:
+    vllm_mod = _require_vllm()
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    vllm_mod.register()
+    vllm_mod.register()  # idempotent
+    assert KVConnectorFactory.get_connector_class_by_name("MemkvConnector") is vllm_mod.MemkvConnector
+
+
+# ---- real engines ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_second_engine_reuses_the_first_engines_blocks(
+    daemon_process: Any, tiny_model: Path, tmp_path: Path, short_dir: Path
+) -> None:
+    node = daemon_process("vl", store={"dram_bytes": 64 << 20, "max_block_bytes": 4 << 20})
+    first = _run_engine(tiny_model, node.sock, tmp_path, "first")
+    full_blocks = (PROMPT_LEN - 1) // BLOCK
+    assert first["num_cached_tokens"] == 0, first
+    assert len(first["tokens"]) == MAX_TOKENS
+    assert first["stats"] is None or first["stats"]["saved_blocks"] >= full_blocks
+    with node.client() as c:
+        stored = c.stats()
+    assert _block_count(stored) >= full_blocks, stored
+
+    second = _run_engine(tiny_model, node.sock, tmp_path, "second")
+    assert second["num_cached_tokens"] == full_blocks * BLOCK, second["log"][-4000:]
+    assert second["tokens"] == first["tokens"]
+
+    # The daemon is gone: the engine warns, recomputes and gives the same answer.
+    node.stop()
+    third = _run_engine(tiny_model, node.sock, tmp_path, "down")
+    assert third["num_cached_tokens"] == 0
+    assert third["tokens"] == first["tokens"]
+    assert "unavailable" in third["log"]
+
+
+def _block_count(stats: dict[str, Any]) -> int:
+    for name in ("blocks", "keys", "n_blocks", "dram_blocks"):
+        if isinstance(stats.get(name), int):
+            return int(stats[name])
+    store = stats.get("store")
+    if isinstance(store, dict):
+        return _block_count(store)
+    raise AssertionError(f"no block count in the daemon's stats: {stats}")
+
+
+# ---- the engine process ---------------------------------------------------------------------------
+def _engine_main(model: str, sock: str, out: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        seed=0,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="MemkvConnector",
+            kv_connector_module_path="memkv_mesh.integrations.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"socket": sock},
+        ),
+    )
+    prompt = [(i * 7919 + 13) % 1000 + 3 for i in range(PROMPT_LEN)]
+    [res] = llm.generate(
+        [{"prompt_token_ids": prompt}],  # type: ignore[list-item]
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False),
+    )
+    Path(out).write_text(json.dumps({
+        "num_cached_tokens": res.num_cached_tokens,
+        "tokens": list(res.outputs[0].token_ids),
+        "stats": None,
+    }))
+
+
+if __name__ == "__main__":
+    _engine_main(*sys.argv[1:4])
