@@ -352,11 +352,16 @@ def test_dashboard_is_an_importable_grafana_dashboard_with_the_issue_s_panels() 
     assert [(v["name"], v["query"]) for v in ds_var] == [("DS_PROMETHEUS", "prometheus")]
     ds = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
     ids, titles = set(), []
+    cells: dict[tuple[int, int], str] = {}
     for p in dashboard["panels"]:
         assert p["id"] not in ids, p["title"]
         ids.add(p["id"])
         g = p["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
         if p["type"] == "row":
             continue
         titles.append(p["title"])
