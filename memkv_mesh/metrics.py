@@ -120,6 +120,10 @@ class _StoreCollector:
                 streams.add_metric(["refused"], gs.streams_refused)
                 streams.add_metric(["evicted"], gs.streams_evicted)
                 yield streams
+                members = GaugeMetricFamily("memkv_gossip_members", "Gossip members this node knows, by state", labels=["state"])
+                for state in ("alive", "suspect", "dead", "left"):
+                    members.add_metric([state], getattr(gs, f"members_{state}"))
+                yield members
                 c = CounterMetricFamily(
                     "memkv_gossip_refutations_impossible", "Rumours about this node at the incarnation ceiling (forged by a key holder)"
                 )
