@@ -309,3 +309,48 @@ def test_lmcache_storage_manager_writes_through_and_restores_from_the_mesh(lmc: 
                 assert torch.equal(g.tensor.view(-1), w)
     finally:
         reader.close()
+
+
+def test_l2_lookup_and_lock_pins_chunks_until_unlocked(lmc: Any, daemon_process: Any) -> None:
+    """A locked chunk survives a daemon that evicts everything else; unlocked, it is evicted too."""
+    import torch
+
+    from memkv_mesh.integrations.lmcache_mp import object_key_name
+
+    # LRU: without its lock, the oldest chunk would be the first to go.
+    small = daemon_process("pin", store={"dram_bytes": 8 << 20, "max_block_bytes": 2 << 20, "eviction": "lru"})
+    ad = _adapter(str(small.sock))
+    m = 1 << 18  # float32 elements: 1 MiB chunks
+
+    def resident(key: Any) -> bool:
+        return bool(ad.client.contains([ad.store.key(object_key_name(key))])[0])
+
+    def churn(base: int) -> None:  # 24 MiB through an 8 MiB store
+        for i in range(24):
+            assert _store(ad, [_key(base + i)], [_obj(base + i, n=m)]).is_successful()
+
+    try:
+        k0 = _key(0)
+        want = _obj(0, n=m)
+        assert _store(ad, [k0], [want]).is_successful()
+        tid = ad.submit_lookup_and_lock_task([k0, _key(1), k0], {})  # k0 locked twice
+        _wait(ad.get_lookup_and_lock_event_fd())
+        assert _bits(ad.query_lookup_and_lock_result(tid), 3) == [True, False, True]
+        assert ad.locked_keys() == 1 and ad.report_status()["locked_keys"] == 1
+
+        churn(100)
+        assert resident(k0) and not resident(_key(100))  # the others were evicted, k0 was not
+        buf = _obj(None, n=m)
+        assert _load(ad, [k0], [buf]) == [True] and torch.equal(buf.tensor, want.tensor)
+
+        ad.submit_unlock([k0, _key(1), _key(2)])  # one of two locks; keys without a lock: nothing
+        assert ad.locked_keys() == 1
+        churn(200)
+        assert resident(k0)
+        ad.submit_unlock([k0])
+        assert ad.locked_keys() == 0
+        churn(300)
+        assert not resident(k0)
+        ad.submit_unlock([k0])  # unlocking again does nothing
+    finally:
+        ad.close()

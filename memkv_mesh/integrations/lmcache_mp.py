@@ -28,12 +28,14 @@ Theory of operation
   event fd (three distinct fds) is signalled, and LMCache's controllers pop or query the result.
 * Store: one ``contains`` round trip, then one ``put_many`` for the keys the daemon lacks (chunks
   already in the mesh are not copied again). A failed store (daemon full, connection lost) fails
-  the whole task, as the interface asks. Lookup: one ``contains`` round trip, one bit per key.
-  Load: one ``get_many`` round trip; each block is copied straight into LMCache's buffer; a block
-  whose size is not the buffer's size is a miss, never wrong bytes.
-* Locks: the daemon has no pin that outlives a lease, so ``lookup_and_lock`` does not pin and
-  ``submit_unlock`` has nothing to undo. A chunk the daemon evicts between lookup and load is a
-  load miss, which the interface allows (a load "is not guaranteed to succeed").
+  the whole task, as the interface asks. Load: one ``get_many`` round trip; each block is copied
+  straight into LMCache's buffer; a block whose size is not the buffer's size is a miss, never
+  wrong bytes.
+* Lookup and lock: one ``get_many`` round trip whose read lease pins the hits in the daemon (a
+  pinned block is neither evicted nor reused) until LMCache unlocks them; ``submit_unlock`` drops
+  one hold per key and releases a lease when its last key is unlocked. Unlocking a key that holds
+  no lock does nothing. ``close`` releases every lease still held (so does the daemon when the
+  client goes away).
 * Capacity: the daemon evicts by itself, so the adapter declares no capacity
   (``supports_global_eviction`` is False) and LMCache never evicts from it by usage. The byte
   counts behind ``get_usage`` are what this adapter stored and deleted, not what is resident.
@@ -116,6 +118,16 @@ class MemkvL2AdapterConfig(L2AdapterConfigBase):
         )
 
 
+class _Pin:
+    """One lookup's read lease, held until each of its hits is unlocked."""
+
+    __slots__ = ("holds", "lease")
+
+    def __init__(self, lease: Any, holds: int) -> None:
+        self.lease = lease
+        self.holds = holds
+
+
 class MemkvL2Adapter(L2AdapterInterface):
     """An LMCache MP-mode L2 adapter backed by the local memkv-mesh daemon."""
 
@@ -137,6 +149,7 @@ class MemkvL2Adapter(L2AdapterInterface):
         self._lookups: dict[int, Any] = {}
         self._loads: dict[int, Any] = {}
         self._sizes: OrderedDict[Any, int] = OrderedDict()
+        self._pins: dict[Any, list[_Pin]] = {}
         self._closed = False
         logger.info("memkv-mesh L2 adapter on %s (node %s, tenant %r)", self.socket_path, self.client.node_id, config.tenant)
 
@@ -212,10 +225,19 @@ class MemkvL2Adapter(L2AdapterInterface):
 
     def _lookup_sync(self, keys: list[Any]) -> Any:
         bitmap = Bitmap(len(keys))
-        if keys:
-            for i, hit in enumerate(self.client.contains([self.store.key(object_key_name(k)) for k in keys])):
-                if hit:
-                    bitmap.set(i)
+        if not keys:
+            return bitmap
+        lease = self.client.get_many([self.store.key(object_key_name(k)) for k in keys])
+        hits = [i for i, v in enumerate(lease.views) if v is not None]
+        if not hits:
+            lease.release()
+            return bitmap
+        pin = _Pin(lease, len(hits))
+        with self._lock:
+            for i in hits:
+                self._pins.setdefault(keys[i], []).append(pin)
+        for i in hits:
+            bitmap.set(i)
         return bitmap
 
     def query_lookup_and_lock_result(self, task_id: int) -> Any:
@@ -223,7 +245,33 @@ class MemkvL2Adapter(L2AdapterInterface):
             return self._lookups.pop(task_id, None)
 
     def submit_unlock(self, keys: list[Any]) -> None:
-        """Nothing to undo: ``lookup_and_lock`` pins nothing (see the module docstring)."""
+        """Drop one lock per key; a lookup's lease is released when its last hit is unlocked."""
+        done: list[Any] = []
+        with self._lock:
+            for k in keys:
+                pins = self._pins.get(k)
+                if not pins:
+                    continue
+                pin = pins.pop()
+                if not pins:
+                    del self._pins[k]
+                pin.holds -= 1
+                if pin.holds == 0:
+                    done.append(pin.lease)
+        for lease in done:
+            self._release(lease)
+
+    @staticmethod
+    def _release(lease: Any) -> None:
+        try:
+            lease.release()
+        except (ConnectionError, OSError) as e:  # the daemon frees a lost client's leases itself
+            logger.warning("memkv-mesh: releasing a lease failed: %s", e)
+
+    def locked_keys(self) -> int:
+        """How many keys hold at least one lock (for tests and status)."""
+        with self._lock:
+            return len(self._pins)
 
     # ---- load --------------------------------------------------------------------------------------
     def submit_load_task(self, keys: list[Any], objects: list[Any]) -> int:
@@ -273,7 +321,8 @@ class MemkvL2Adapter(L2AdapterInterface):
 
     def report_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"type": "MemkvL2Adapter", "socket": str(self.socket_path),
-                                  "node_id": self.client.node_id, "tenant": self.config.tenant}  # fmt: skip
+                                  "node_id": self.client.node_id, "tenant": self.config.tenant,
+                                  "locked_keys": self.locked_keys()}  # fmt: skip
         try:
             stats = self.client.stats()
         except (ConnectionError, OSError) as e:
@@ -286,6 +335,11 @@ class MemkvL2Adapter(L2AdapterInterface):
                 return
             self._closed = True
         self._pool.shutdown(wait=True)
+        with self._lock:
+            pins = {id(p): p for ps in self._pins.values() for p in ps}
+            self._pins.clear()
+        for p in pins.values():
+            self._release(p.lease)
         self.client.close()
         for efd in (self._store_efd, self._lookup_efd, self._load_efd):
             efd.close()
