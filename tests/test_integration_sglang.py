@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow  # real daemon subprocesses
+pytestmark = [
+    pytest.mark.slow,  # real daemon subprocesses
+    # The backend reads leased (read-only) blocks through torch.frombuffer and filters this warning
+    # for its module; pytest resets filters per test, so the tests repeat that filter.
+    pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning"),
+]
 
 if os.environ.get("MEMKV_REQUIRE_SGLANG") == "1":
     import torch
