@@ -153,7 +153,8 @@ class MemkvHiCacheStorage(HiCacheStorage):
         page = int(self.mem_pool_host.page_size)
         if len(host_indices) < n * page:
             raise ValueError(f"{n} pages need {n * page} host indices, got {len(host_indices)}")
-        return [int(host_indices[i * page]) for i in range(n)]
+        firsts = host_indices[: n * page : page]  # each page's first token slot
+        return [int(i) for i in (firsts.tolist() if hasattr(firsts, "tolist") else firsts)]
 
     @staticmethod
     def _as_bytes(page: torch.Tensor) -> Any:
