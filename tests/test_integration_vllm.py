@@ -116,6 +116,62 @@ def test_plugin_registers_the_short_name() -> None:
     assert KVConnectorFactory.get_connector_class_by_name("MemkvConnector") is vllm_mod.MemkvConnector
 
 
+def _worker(vllm_mod: Any, sock: Path, kv: dict[str, Any], ns: bytes) -> Any:
+    """The connector's worker half over fake KV tensors, without an engine (vLLM's constructor
+    needs a whole VllmConfig): only the state ``__init__`` sets for it."""
+    conn = object.__new__(vllm_mod.MemkvConnector)
+    conn.namespace = ns
+    conn.block_size = BLOCK
+    conn._daemon = vllm_mod._Daemon(sock, "test")
+    conn._kv, conn._block_dim, conn._load_errors = {}, {}, set()
+    conn._kv_cache_config = None
+    conn._connector_metadata = None
+    conn.stats = dict.fromkeys(("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks"), 0)
+    conn.register_kv_caches(kv)
+    return conn
+
+
+def test_worker_saves_loads_and_reports_missing_blocks(daemon_process: Any, short_dir: Path) -> None:
+    vllm_mod = _require_vllm()
+    import torch
+
+    from memkv_mesh import keys
+
+    node = daemon_process("vw", store={"dram_bytes": 32 << 20, "max_block_bytes": 1 << 20})
+    ns = keys.namespace("fake", dtype="float32")
+    g = torch.Generator().manual_seed(1)
+    src = {f"l{i}": torch.randn(6, 2, 4, 8, generator=g) for i in range(3)}  # blocks on dim 0
+    hashes = [bytes([i]) * 32 for i in range(4)]
+    Meta, T = vllm_mod.MemkvConnectorMetadata, vllm_mod._Transfer
+
+    saver = _worker(vllm_mod, node.sock, src, ns)
+    saver.bind_connector_metadata(Meta(saves=[T("a", [4, 1], hashes[:2]), T("b", [3], hashes[3:4])]))
+    saver.wait_for_save()
+    assert saver.stats["saved_blocks"] == 3
+
+    dst = {n: torch.zeros_like(t) for n, t in src.items()}
+    loader = _worker(vllm_mod, node.sock, dst, ns)
+    # hashes[2] was never saved: its block and the ones after it in that request fail.
+    loader.bind_connector_metadata(Meta(loads=[T("a", [0, 2, 5], [hashes[0], hashes[2], hashes[1]]),
+                                               T("b", [1], hashes[3:4])]))
+    loader.start_load_kv(None)
+    loader.wait_for_layer_load("l0")
+    assert loader.get_block_ids_with_load_errors() == {2, 5}
+    assert loader.get_block_ids_with_load_errors() == set()  # reported once
+    for n in src:
+        assert torch.equal(dst[n][0], src[n][4]) and torch.equal(dst[n][1], src[n][3])
+        assert not dst[n][2].any() and not dst[n][5].any()
+
+    # The daemon is gone: loads fail (for recompute), saves are skipped, nothing raises.
+    node.stop()
+    down = _worker(vllm_mod, node.sock, dst, ns)
+    down.bind_connector_metadata(Meta(loads=[T("a", [0, 1], hashes[:2])], saves=[T("a", [2], hashes[2:3])]))
+    down.start_load_kv(None)
+    down.wait_for_save()
+    assert down.get_block_ids_with_load_errors() == {0, 1}
+    assert down.stats["saved_blocks"] == 0
+
+
 # ---- real engines ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_second_engine_reuses_the_first_engines_blocks(

@@ -190,6 +190,13 @@ class MemkvConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         cache = vllm_config.cache_config
         check_deterministic_hashing(str(getattr(cache, "prefix_caching_hash_algo", "sha256")))
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+        if len(groups) > 1:
+            raise ValueError(
+                f"memkv-mesh's vLLM connector handles one KV cache group, this model has {len(groups)} "
+                "(a hybrid model): run it without the connector, or with "
+                "--disable-hybrid-kv-cache-manager"
+            )
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.block_size = int(cache.block_size)
         sock = extra.get("socket") or os.environ.get("MEMKV_SOCKET")
