@@ -187,7 +187,10 @@ def test_second_engine_reuses_the_first_engines_blocks(
     assert stored == full_blocks, f"the first engine stored {stored} blocks, not {full_blocks}"
 
     # Loaded by its short name this time (needs the package's entry point, i.e. `pip install`).
+    # It first serves a prompt sharing the first 2 blocks (2 blocks from the mesh, then the rest
+    # computed), so the prompt itself is 2 blocks from vLLM's own cache + 2 from the mesh.
     second = _run_engine(tiny_model, node.sock, tmp_path, "second", load="name")
+    assert second["warm_cached_tokens"] == 2 * BLOCK, second["log"][-4000:]
     assert second["num_cached_tokens"] == full_blocks * BLOCK, second["log"][-4000:]
     assert second["tokens"] == first["tokens"]
 
@@ -219,12 +222,15 @@ def _engine_main(model: str, sock: str, out: str, load: str) -> None:
         ),
     )
     prompt = [(i * 7919 + 13) % 1000 + 3 for i in range(PROMPT_LEN)]
-    [res] = llm.generate(
-        [{"prompt_token_ids": prompt}],  # type: ignore[list-item]
-        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False),
-    )
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    warm = None
+    if load == "name":
+        warm_prompt = prompt[:300] + [5] * 100
+        [warm] = llm.generate([{"prompt_token_ids": warm_prompt}], params)  # type: ignore[list-item]
+    [res] = llm.generate([{"prompt_token_ids": prompt}], params)  # type: ignore[list-item]
     Path(out).write_text(json.dumps({
         "num_cached_tokens": res.num_cached_tokens,
+        "warm_cached_tokens": None if warm is None else warm.num_cached_tokens,
         "tokens": list(res.outputs[0].token_ids),
     }))
 

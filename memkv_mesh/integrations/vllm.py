@@ -131,6 +131,7 @@ class _ReqState:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # full blocks saved (or known to be in the mesh) so far
+    local: int = 0  # the (block-aligned) local prefix-cache hit the last lookup started from
 
 
 class _Daemon:
@@ -236,7 +237,9 @@ class MemkvConnector(KVConnectorBase_V1):
 
     # ---- scheduler side -----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        self._reqs.setdefault(request.request_id, _ReqState(request))
+        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        # request.num_computed_tokens is set only after update_state_after_alloc: keep the start.
+        state.local = num_computed_tokens
         hashes = list(request.block_hashes)
         # At least one prompt token must be computed (its logits start the output).
         usable = min(len(hashes), (request.num_prompt_tokens - 1) // self.block_size)
@@ -262,8 +265,8 @@ class MemkvConnector(KVConnectorBase_V1):
         if num_external_tokens <= 0:
             return
         block_ids = blocks.get_block_ids()[0]
-        first = request.num_computed_tokens // self.block_size
-        last = (request.num_computed_tokens + num_external_tokens) // self.block_size
+        first = state.local // self.block_size
+        last = (state.local + num_external_tokens) // self.block_size
         self._pending_loads[request.request_id] = _Transfer(
             request.request_id, list(block_ids[first:last]), list(request.block_hashes[first:last])
         )
