@@ -26,6 +26,7 @@ if os.environ.get("MEMKV_REQUIRE_SGLANG") == "1":
     import torch
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+    from sglang.srt.mem_cache.utils import get_hash_str
 else:
     torch = pytest.importorskip("torch", reason="torch is not installed (docs/integrations.md, SGLang HiCache)")
     _hs = pytest.importorskip(
@@ -33,6 +34,7 @@ else:
     )
     HiCacheStorage, HiCacheStorageConfig = _hs.HiCacheStorage, _hs.HiCacheStorageConfig
     StorageBackendFactory = pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory").StorageBackendFactory
+    get_hash_str = pytest.importorskip("sglang.srt.mem_cache.utils").get_hash_str
 
 from memkv_mesh.integrations.sglang import MemkvHiCacheStorage  # noqa: E402
 
@@ -68,6 +70,14 @@ class HostPool:
 
     def page(self, page: int) -> Any:
         return self.kv_buffer[:, :, page * PAGE : (page + 1) * PAGE].clone()
+
+
+def page_hashes(tokens: list[int]) -> list[str]:
+    """SGLang's own chained page hashes of a token sequence, as its controller names pages."""
+    out: list[str] = []
+    for i in range(0, len(tokens), PAGE):
+        out.append(get_hash_str(tokens[i : i + PAGE], out[-1] if out else None))
+    return out
 
 
 def indices(pages: list[int]) -> Any:
@@ -112,7 +122,8 @@ def test_v1_round_trip_and_leading_hits(node: Any) -> None:
     for p in range(8):
         src.fill(p, seed=100 + p)
     writer = make_backend(src, node.sock)
-    keys = [f"hash{i:02d}" for i in range(4)]
+    keys = page_hashes(list(range(1000, 1000 + 4 * PAGE)))
+    assert len(set(keys)) == 4
     # pages of a request sit anywhere in the host pool
     assert writer.batch_set_v1(keys, indices([5, 2, 7, 0])) == [True] * 4
     assert writer.batch_exists(keys) == 4
