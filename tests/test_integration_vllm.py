@@ -128,11 +128,12 @@ def _worker(vllm_mod: Any, sock: Path, kv: dict[str, Any], ns: bytes) -> Any:
     conn = object.__new__(vllm_mod.MemkvConnector)
     conn.namespace = ns
     conn.block_size = BLOCK
-    conn._daemon = vllm_mod._Daemon(sock, "test")
+    conn.stats = dict.fromkeys(vllm_mod.STAT_FIELDS, 0)
+    conn._reported = dict(conn.stats)
+    conn._daemon = vllm_mod._Daemon(sock, "test", conn.stats)
     conn._kv, conn._block_dim, conn._load_errors = {}, {}, set()
     conn._kv_cache_config = None
     conn._connector_metadata = None
-    conn.stats = dict.fromkeys(("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks"), 0)
     conn.register_kv_caches(kv)
     return conn
 
@@ -154,6 +155,9 @@ def test_worker_saves_loads_and_reports_missing_blocks(daemon_process: Any, shor
     saver.bind_connector_metadata(Meta(saves=[T("a", [4, 1], hashes[:2]), T("b", [3], hashes[3:4])]))
     saver.wait_for_save()
     assert saver.stats["saved_blocks"] == 3
+    reported = saver.get_kv_connector_stats()
+    assert reported is not None and reported.data["saved_blocks"] == 3
+    assert saver.get_kv_connector_stats() is None  # nothing new since
 
     dst = {n: torch.zeros_like(t) for n, t in src.items()}
     loader = _worker(vllm_mod, node.sock, dst, ns)
@@ -175,7 +179,14 @@ def test_worker_saves_loads_and_reports_missing_blocks(daemon_process: Any, shor
     down.start_load_kv(None)
     down.wait_for_save()
     assert down.get_block_ids_with_load_errors() == {0, 1}
-    assert down.stats["saved_blocks"] == 0
+    stats = down.get_kv_connector_stats()
+    assert stats is not None
+    assert stats.data["saved_blocks"] == 0 and stats.data["skipped_save_blocks"] == 1
+    assert stats.data["failed_blocks"] == 2 and stats.data["daemon_errors"] == 1
+    # vLLM sums the workers' stats with the class the connector names.
+    total = vllm_mod.MemkvConnector.build_kv_connector_stats(reported.data).aggregate(stats)
+    assert total.reduce()["saved_blocks"] == 3 and total.reduce()["failed_blocks"] == 2
+    assert not total.is_empty() and vllm_mod.MemkvConnector.build_kv_connector_stats().is_empty()
 
 
 # ---- real engines ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ try:
         KVConnectorMetadata,
         KVConnectorRole,
     )
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memkv_mesh.integrations.vllm needs vLLM: pip install 'memkv-mesh[vllm]'") from e
 
@@ -69,7 +70,7 @@ from memkv_mesh.client import Client, default_socket_path
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-__all__ = ["CONNECTOR_NAME", "MemkvConnector", "MemkvConnectorMetadata", "register"]
+__all__ = ["CONNECTOR_NAME", "MemkvConnector", "MemkvConnectorMetadata", "MemkvConnectorStats", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ CONNECTOR_NAME = "MemkvConnector"
 _PERSON = b"memkv-vllm-v1"
 _RETRY_S = 5.0  # how long a down daemon is left alone before the next connection attempt
 _NONDETERMINISTIC_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
+# Counters the workers report to vLLM (KVConnectorStats, summed over workers and log intervals).
+STAT_FIELDS = ("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks", "skipped_save_blocks",
+               "daemon_errors")
 
 
 def register() -> None:
@@ -112,6 +116,30 @@ def block_key(ns: bytes, block_hash: Any) -> bytes:
 
 
 @dataclass
+class MemkvConnectorStats(KVConnectorStats):
+    """The connector's counters as vLLM's connector stats: recompute fallbacks (``failed_blocks``,
+    ``skipped_save_blocks``, ``daemon_errors``) show up in vLLM's KV transfer metrics log."""
+
+    def __post_init__(self) -> None:
+        for name in STAT_FIELDS:
+            self.data.setdefault(name, 0)
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(STAT_FIELDS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+@dataclass
 class _Transfer:
     req_id: str
     block_ids: list[int]
@@ -137,8 +165,9 @@ class _ReqState:
 class _Daemon:
     """A lazily (re)connected client that turns daemon failures into warnings."""
 
-    def __init__(self, socket: Path, name: str) -> None:
+    def __init__(self, socket: Path, name: str, stats: dict[str, int] | None = None) -> None:
         self.socket = socket
+        self.stats = stats if stats is not None else {}
         self.name = name
         self._client: Client | None = None
         self._retry_at = 0.0
@@ -164,6 +193,7 @@ class _Daemon:
     def failed(self, e: BaseException) -> None:
         """Drop the connection after an error; warn once until it works again."""
         client, self._client = self._client, None
+        self.stats["daemon_errors"] = self.stats.get("daemon_errors", 0) + 1
         self._retry_at = time.monotonic() + _RETRY_S
         if client is not None:
             try:
@@ -201,7 +231,11 @@ class MemkvConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.block_size = int(cache.block_size)
         sock = extra.get("socket") or os.environ.get("MEMKV_SOCKET")
-        self._daemon = _Daemon(Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}")
+        self.stats = dict.fromkeys(STAT_FIELDS, 0)
+        self._reported = dict(self.stats)
+        self._daemon = _Daemon(
+            Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}", self.stats
+        )
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         tp_rank = 0
         if role == KVConnectorRole.WORKER:
@@ -229,7 +263,6 @@ class MemkvConnector(KVConnectorBase_V1):
         self._kv: dict[str, torch.Tensor] = {}
         self._block_dim: dict[str, int] = {}
         self._load_errors: set[int] = set()
-        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
 
     # ---- keys ---------------------------------------------------------------------------------
     def _keys(self, hashes: list[Any]) -> list[bytes]:
@@ -423,6 +456,7 @@ class MemkvConnector(KVConnectorBase_V1):
                 raise RuntimeError("no KV cache tensors registered")
             client = self._daemon.get()
             if client is None:
+                self.stats["skipped_save_blocks"] += n
                 return
             values = [self._gather(layers, b).numpy() for t in saves for b in t.block_ids]
             try:
@@ -432,11 +466,24 @@ class MemkvConnector(KVConnectorBase_V1):
                 raise
             self.stats["saved_blocks"] += n
         except Exception as e:  # noqa: BLE001 - a lost save is only a future miss
+            self.stats["skipped_save_blocks"] += n
             logger.warning("memkv-mesh: saving %d blocks failed (%s)", n, e)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """What changed since the last call (vLLM sums it over workers and log intervals)."""
+        delta = {k: v - self._reported.get(k, 0) for k, v in self.stats.items()}
+        if not any(delta.values()):
+            return None
+        self._reported = dict(self.stats)
+        return MemkvConnectorStats(data=delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return MemkvConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
         self._daemon.close()
