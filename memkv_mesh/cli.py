@@ -22,6 +22,7 @@ _DELEGATES: dict[tuple[str, ...], str] = {
     ("bench", "replay"): "memkv_mesh.bench_replay:main",
     ("bench", "fuzz"): "memkv_mesh.bench_fuzz:main",
     ("demo", "ttft"): "memkv_mesh.demo_ttft:main",
+    ("demo", "vllm"): "memkv_mesh.demo_vllm:main",
     ("members",): "memkv_mesh.daemon_cli:members_main",
     ("simulate", "membership"): "simulations.membership_cli:main",
     ("simulate", "mesh"): "simulations.mesh_cli:main",
@@ -33,7 +34,7 @@ _HELP = {
     "daemon": "run the node's sidecar daemon",
     "status": "print a running daemon's node, tiers, usage and hit/miss counts",
     "bench": "benchmarks (local, anchors, mesh, replay, fuzz)",
-    "demo": "end-to-end time-to-first-token demo with a transformers model",
+    "demo": "end-to-end time-to-first-token demos (transformers, vLLM)",
     "members": "list the mesh members a running daemon knows",
     "simulate": "simulators (membership, mesh, eviction, directory)",
 }

@@ -895,6 +895,9 @@ class Daemon:
         if self.gossip is not None:
             out["gossip"] = msgspec.to_builtins(self.gossip.statistics())
             out["gossip_addr"] = self.gossip.local_addr
+            dir_stats = getattr(self.gossip, "directory_statistics", None)
+            if dir_stats is not None:  # the block directory: how many remote holdings it knows
+                out["directory"] = msgspec.to_builtins(dir_stats())
         if self.dataplane is not None:
             out["dataplane"] = msgspec.to_builtins(self.dataplane.statistics())
         if self.mesh is not None:

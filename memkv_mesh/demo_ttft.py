@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,10 @@ class Skipped(Exception):
     """A measurement that cannot be made in this build; the message says why."""
 
 
-def build_model(name: str, seed: int, max_tokens: int) -> Any:
+def build_model(name: str, seed: int, max_tokens: int, init_range: float | None = None) -> Any:
+    """The random-weight Llama ``name`` (``MODELS``); ``init_range``: the weights' standard
+    deviation instead of transformers' 0.02 (at which its greedy output hardly depends on the
+    prompt: ``demo vllm`` uses 0.2, so that identical tokens show the restored KV is right)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,6 +74,8 @@ def build_model(name: str, seed: int, max_tokens: int) -> Any:
         "max_position_embeddings": max(4096, max_tokens + 1),
         "tie_word_embeddings": True,
     }
+    if init_range is not None:
+        fields["initializer_range"] = init_range
     cfg = LlamaConfig(**fields)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -161,6 +167,35 @@ def _remote_hit(
     """
     from memkv_mesh.integrations.transformers import CacheStore
 
+    with mesh_pair(root, dram, max_block) as (a, b):
+        with Client(a.sock) as ca, Client(b.sock) as cb:
+            store_a = CacheStore.for_model(ca, model, model_id, block_tokens=block_tokens)
+            for toks, cache in zip(prompts, caches, strict=True):
+                store_a.store(toks, cache)
+            probe = os.urandom(32)
+            ca.put(probe, b"memkv-demo-probe")
+            _wait(lambda: cb.get_many_into([probe], [bytearray(64)])[0] is not None,
+                  "node B does not fetch blocks that node A holds: this build has no mesh data plane")  # fmt: skip
+            store_b = CacheStore.for_model(cb, model, model_id, block_tokens=block_tokens)
+            keys = [k for toks in prompts for k in store_b.keys(toks)]
+            _wait(lambda: cb.lookup(keys) == len(keys), "node B's lookup never saw node A's blocks")
+            times: list[float] = []
+            logits: list[Any] = []
+            for toks in prompts:
+                dt, lg, restored = _restored(store_b, model, toks)
+                if restored != expect_tokens:
+                    raise Skipped(f"node B restored {restored} of {expect_tokens} prefix tokens")
+                times.append(dt)
+                logits.append(lg)
+            return times, logits
+
+
+@contextlib.contextmanager
+def mesh_pair(root: Path, dram: int, max_block: int) -> Iterator[tuple[_Daemon, _Daemon]]:
+    """A 2-node mesh in ``root`` (one fresh gossip and data-plane key): node A, role "both"
+    (engine host and flash owner), and node B, role "gpu" (owns no replicas, so it must fetch
+    what A holds). Yields once B sees A alive; stops both on the way out. Raises ``Skipped``
+    (saying why) when this build cannot start it."""
     key = base64.b64encode(os.urandom(32)).decode()
     gossip = f'[gossip]\nenabled = true\nport = 0\nkeys = ["{key}"]\n'
     dataplane = f'[dataplane]\ntransport = "tcp"\nkeys = ["{key}"]\n'
@@ -173,38 +208,19 @@ def _remote_hit(
             raise Skipped(f"cannot start a mesh node with [gossip] and [dataplane] ({e})") from None
         with Client(a.sock) as ca:
             addr = ca.stats().get("gossip_addr")
-            if not addr:
-                raise Skipped("the daemon does not report a gossip address (gossip not running)")
-            seeds = f'seeds = ["{addr}"]\n'  # the "host:port" gossip peers use to reach A
-            b = _Daemon(root, "mesh-b", dram, max_block, node='role = "gpu"\n',
-                        tables=gossip + seeds + dataplane)  # fmt: skip
-            try:
-                b.wait_ready()
-            except RuntimeError as e:
-                raise Skipped(f"cannot start the second mesh node ({e})") from None
-            with Client(b.sock) as cb:
-                a_id = a.node_id
-                _wait(lambda: any(m.get("node_id") == a_id and m.get("state") == "alive" for m in cb.members()),
-                      "node B never saw node A as an alive member")  # fmt: skip
-                store_a = CacheStore.for_model(ca, model, model_id, block_tokens=block_tokens)
-                for toks, cache in zip(prompts, caches, strict=True):
-                    store_a.store(toks, cache)
-                probe = os.urandom(32)
-                ca.put(probe, b"memkv-demo-probe")
-                _wait(lambda: cb.get_many_into([probe], [bytearray(64)])[0] is not None,
-                      "node B does not fetch blocks that node A holds: this build has no mesh data plane")  # fmt: skip
-                store_b = CacheStore.for_model(cb, model, model_id, block_tokens=block_tokens)
-                keys = [k for toks in prompts for k in store_b.keys(toks)]
-                _wait(lambda: cb.lookup(keys) == len(keys), "node B's lookup never saw node A's blocks")
-                times: list[float] = []
-                logits: list[Any] = []
-                for toks in prompts:
-                    dt, lg, restored = _restored(store_b, model, toks)
-                    if restored != expect_tokens:
-                        raise Skipped(f"node B restored {restored} of {expect_tokens} prefix tokens")
-                    times.append(dt)
-                    logits.append(lg)
-                return times, logits
+        if not addr:
+            raise Skipped("the daemon does not report a gossip address (gossip not running)")
+        seeds = f'seeds = ["{addr}"]\n'  # the "host:port" gossip peers use to reach A
+        b = _Daemon(root, "mesh-b", dram, max_block, node='role = "gpu"\n', tables=gossip + seeds + dataplane)
+        try:
+            b.wait_ready()
+        except RuntimeError as e:
+            raise Skipped(f"cannot start the second mesh node ({e})") from None
+        with Client(b.sock) as cb:
+            a_id = a.node_id
+            _wait(lambda: any(m.get("node_id") == a_id and m.get("state") == "alive" for m in cb.members()),
+                  "node B never saw node A as an alive member")  # fmt: skip
+        yield a, b
     finally:
         for d in (b, a):
             if d is not None:
@@ -326,6 +342,19 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def run_guarded(prog: str, demo: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run a demo so that SIGTERM still stops its daemons (the finally blocks run on SystemExit);
+    a RuntimeError or ConnectionError is printed as ``prog: message`` and gives None."""
+    old_term = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return demo()
+    except (RuntimeError, ConnectionError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="memkv-mesh demo ttft",
@@ -360,18 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     say = (lambda s: print(s, file=sys.stderr)) if not ns.json else (lambda s: None)
-    # A terminated demo still stops its daemons (the finally blocks run on SystemExit).
-    old_term = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        res = run_demo(
-            ns.tokens, model_name=ns.model, seed=ns.seed, block_tokens=ns.block_tokens, repeat=ns.repeat,
-            socket=ns.socket, remote=not ns.no_remote, log=say,
-        )  # fmt: skip
-    except (RuntimeError, ConnectionError) as e:
-        print(f"memkv-mesh demo ttft: {e}", file=sys.stderr)
+    res = run_guarded("memkv-mesh demo ttft", lambda: run_demo(
+        ns.tokens, model_name=ns.model, seed=ns.seed, block_tokens=ns.block_tokens, repeat=ns.repeat,
+        socket=ns.socket, remote=not ns.no_remote, log=say,
+    ))  # fmt: skip
+    if res is None:
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
     if ns.json:
         print(json.dumps(res))
     else:

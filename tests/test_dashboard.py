@@ -461,3 +461,19 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(
         prom.terminate()
         prom.wait(20)
         log.close()
+
+
+def test_status_reports_the_block_directory(mesh: dict[str, DaemonProcess]) -> None:
+    """``status`` shows the gossiped block directory's counts (tools wait on them, e.g. ``demo
+    vllm`` before its remote hit): each node knows the other's blocks."""
+
+    def directory(dp: DaemonProcess) -> dict[str, Any]:
+        with dp.client() as c:
+            d: dict[str, Any] = c.stats()["directory"]
+            return d
+
+    wait_until(lambda: all(directory(dp)["view_blocks"] >= 8 for dp in mesh.values()), 15,
+               "each node's directory counts the other's 8 blocks")  # fmt: skip
+    for dp in mesh.values():
+        d = directory(dp)
+        assert d["views"] == 1 and d["local_blocks"] >= 8, d

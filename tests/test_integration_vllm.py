@@ -15,12 +15,14 @@ path|name``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -124,18 +126,86 @@ def test_plugin_registers_the_short_name() -> None:
 
 def _worker(vllm_mod: Any, sock: Path, kv: dict[str, Any], ns: bytes) -> Any:
     """The connector's worker half over fake KV tensors, without an engine (vLLM's constructor
-    needs a whole VllmConfig): only the state ``__init__`` sets for it."""
-    conn = object.__new__(vllm_mod.MemkvConnector)
-    conn.namespace = ns
-    conn.block_size = BLOCK
-    conn.stats = dict.fromkeys(vllm_mod.STAT_FIELDS, 0)
-    conn._reported = dict(conn.stats)
-    conn._daemon = vllm_mod._Daemon(sock, "test", conn.stats)
-    conn._kv, conn._block_dim, conn._load_errors = {}, {}, set()
-    conn._kv_cache_config = None
-    conn._connector_metadata = None
+    needs a whole VllmConfig)."""
+    conn = vllm_mod.MemkvConnector.bare(sock, ns, BLOCK, name="test")
     conn.register_kv_caches(kv)
     return conn
+
+
+def _request(req_id: str, hashes: list[bytes], tokens: int, params: dict[str, Any] | None = None) -> Any:
+    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_prompt_tokens=tokens,
+                           kv_transfer_params=params)  # fmt: skip
+
+
+def _step(new: list[tuple[str, list[int], int, int]]) -> Any:
+    """A stand-in SchedulerOutput: new requests as (id, block ids, computed tokens, scheduled)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c) for r, b, c, _ in new],
+        num_scheduled_tokens={r: n for r, _, _, n in new},
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(),
+                                              num_computed_tokens=[]),
+    )  # fmt: skip
+
+
+def test_scheduler_finds_the_mesh_prefix_and_honours_skip_flags(daemon_process: Any, short_dir: Path) -> None:
+    vllm_mod = _require_vllm()
+    from memkv_mesh import keys
+
+    node = daemon_process("vs", store={"dram_bytes": 16 << 20})
+    ns = keys.namespace("fake-sched")
+    hashes = [bytes([i + 1]) * 32 for i in range(5)]
+    with node.client() as c:  # the first 3 blocks are in the mesh
+        c.put_many([vllm_mod.block_key(ns, h) for h in hashes[:3]], [b"x" * 64] * 3)
+    conn = vllm_mod.MemkvConnector.bare(node.sock, ns, BLOCK)
+
+    # 5 full blocks, 3 in the mesh: 3 blocks' tokens, counted from what vLLM has locally.
+    assert conn.get_num_new_matched_tokens(_request("a", hashes, 5 * BLOCK + 7), 0) == (3 * BLOCK, False)
+    assert conn.get_num_new_matched_tokens(_request("b", hashes, 5 * BLOCK + 7), BLOCK) == (2 * BLOCK, False)
+    # A hit to the prompt's very end is one token short (vLLM computes at least one prompt token),
+    # and all 3 blocks are loaded, the last with the token vLLM recomputes.
+    whole = _request("c", hashes[:3], 3 * BLOCK)
+    assert conn.get_num_new_matched_tokens(whole, 0) == (3 * BLOCK - 1, False)
+    assert conn.stats["lookups"] == 3 and conn.stats["hit_blocks"] == 3 + 2 + 3
+    conn.update_state_after_alloc(whole, SimpleNamespace(get_block_ids=lambda: ([7, 8, 9],)), 3 * BLOCK - 1)
+    [load] = conn.build_connector_meta(_step([])).loads
+    assert (load.req_id, load.block_ids, load.hashes) == ("c", [7, 8, 9], hashes[:3])
+    conn.request_finished(whole, [7, 8, 9])
+    # memkv_skip_load: no lookup at all.
+    skip = _request("d", hashes, 5 * BLOCK + 7, {vllm_mod.SKIP_LOAD: True})
+    assert conn.get_num_new_matched_tokens(skip, 0) == (0, False)
+    assert conn.stats["lookups"] == 3
+
+    # Saves: the blocks a step completes, except for requests with memkv_skip_save.
+    nosave = _request("e", hashes, 5 * BLOCK + 7, {vllm_mod.SKIP_SAVE: True})
+    save = _request("f", hashes, 5 * BLOCK + 7)
+    for r in (nosave, save):
+        conn.get_num_new_matched_tokens(r, 0)
+        conn.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([],)), 0)
+    meta = conn.build_connector_meta(_step([("e", [10, 11, 12], 0, 2 * BLOCK + 1), ("f", [20, 21, 22], 0, 2 * BLOCK + 1)]))
+    assert [(t.req_id, t.block_ids, t.hashes) for t in meta.saves] == [("f", [20, 21], hashes[:2])]
+    assert meta.loads == []
+    conn.shutdown()
+
+
+def test_connector_counters_become_prometheus_series() -> None:
+    vllm_mod = _require_vllm()
+    import prometheus_client as prom
+
+    reg = prom.CollectorRegistry()
+    types = {cls: functools.partial(cls, registry=reg) for cls in (prom.Gauge, prom.Counter, prom.Histogram)}
+    metrics = vllm_mod.MemkvConnector.build_prom_metrics(
+        SimpleNamespace(kv_transfer_config=None), types, ["model_name", "engine"], {0: ["m", "0"], 1: ["m", "1"]}  # type: ignore[arg-type]
+    )
+    metrics.observe({"daemon_errors": 2, "saved_blocks": 5, "lookups": 0}, engine_idx=1)
+    metrics.observe({"daemon_errors": 1}, engine_idx=1)
+    metrics.observe({"hit_blocks": 4}, engine_idx=0)
+    def value(name: str, engine: str) -> float | None:
+        return reg.get_sample_value(f"vllm:memkv_{name}_total", {"model_name": "m", "engine": engine})
+
+    assert value("daemon_errors", "1") == 3 and value("saved_blocks", "1") == 5
+    assert value("hit_blocks", "0") == 4 and value("hit_blocks", "1") == 0
+    for name in vllm_mod.STAT_FIELDS:  # every counter the connector reports has a series
+        assert value(name, "0") is not None
 
 
 def test_worker_saves_loads_and_reports_missing_blocks(daemon_process: Any, short_dir: Path) -> None:
@@ -218,6 +288,30 @@ def test_second_engine_reuses_the_first_engines_blocks(
     assert third["num_cached_tokens"] == 0
     assert third["tokens"] == first["tokens"]
     assert "unavailable" in third["log"]
+
+
+@pytest.mark.slow
+def test_demo_vllm_serves_a_prompt_from_another_node(short_dir: Path) -> None:
+    """``memkv-mesh demo vllm`` end to end, small: two engines, a 2-node mesh, one prompt of
+    exactly 5 blocks (the engine test above covers a prompt ending in a partial block)."""
+    _require_vllm()
+    proc = subprocess.run(
+        [sys.executable, "-m", "memkv_mesh", "demo", "vllm", "--model", "tiny", "--tokens", "640", "--json"],
+        capture_output=True, text=True, env=_engine_env(TMPDIR=str(short_dir)), cwd=REPO,
+        timeout=3 * ENGINE_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 640 tokens are 5 whole blocks: all 5 are loaded, and vLLM computes the last token again.
+    full = 640 - 1
+    assert res["block_tokens"] == BLOCK and res["expected_cached_tokens"] == full
+    assert res["cached_tokens"] == full, res  # local and remote hits alike
+    assert res["miss_cached_tokens"] == 0, res  # the first request computed everything
+    assert res["same_tokens"] is True and len(res["output_tokens"]) == 8
+    assert len(set(res["output_tokens"])) > 1, res  # the tokens depend on the prompt
+    for k in ("recompute_s", "miss_s", "hit_s", "remote_hit_s", "miss_overhead_ms"):
+        assert res[k] > 0, (k, res)
+    assert not list(short_dir.glob("memkv-demo-vllm-*")), "the demo left its directory behind"
 
 
 # ---- the engine process ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ Theory of operation
   the connector refuses to start otherwise, saying so.
 * Scheduler side: ``get_num_new_matched_tokens`` is one ``lookup`` through the node daemon (on a
   mesh node that asks the whole mesh) for the request's full blocks beyond what vLLM has locally,
-  capped so that at least one prompt token is computed. ``update_state_after_alloc`` records which
+  one token short when it reaches the prompt's end (vLLM must compute at least one prompt token:
+  that one is recomputed over its loaded block). ``update_state_after_alloc`` records which
   block ids receive them, ``build_connector_meta`` hands the loads and the blocks that become full
   in this step (to be saved) to the workers.
 * Worker side: ``start_load_kv`` reads the blocks with one ``get_many_into`` into a staging buffer
@@ -39,7 +40,15 @@ Theory of operation
 * It never raises into vLLM: a block that is missing, of the wrong size or not read in time is
   reported by ``get_block_ids_with_load_errors`` (vLLM recomputes it); a daemon that is down or
   goes away is a miss for lookups, a load error for loads and a skipped save, with one warning,
-  and the connector reconnects on a later step.
+  and the connector reconnects on a later step. Both halves connect when vLLM creates them (the
+  scheduler) or registers its KV caches (the workers), so no request pays for the connection.
+* Per request, vLLM's ``kv_transfer_params`` (``SamplingParams(extra_args={"kv_transfer_params":
+  {...}})`` offline, the request's ``kv_transfer_params`` field on the OpenAI-compatible server)
+  may hold ``memkv_skip_load`` (no lookup, no load) and ``memkv_skip_save`` (nothing saved).
+* Counters (``STAT_FIELDS``) go to vLLM as connector stats: its "KV Transfer metrics" log line
+  and, through ``build_prom_metrics``, the Prometheus series ``vllm:memkv_<field>_total`` on the
+  server's ``/metrics`` (``daemon_errors``, ``failed_blocks`` and ``skipped_save_blocks`` count the
+  recompute fallbacks).
 """
 
 from __future__ import annotations
@@ -60,7 +69,10 @@ try:
         KVConnectorMetadata,
         KVConnectorRole,
     )
-    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memkv_mesh.integrations.vllm needs vLLM: pip install 'memkv-mesh[vllm]'") from e
 
@@ -70,7 +82,10 @@ from memkv_mesh.client import Client, default_socket_path
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-__all__ = ["CONNECTOR_NAME", "MemkvConnector", "MemkvConnectorMetadata", "MemkvConnectorStats", "register"]
+__all__ = [
+    "CONNECTOR_NAME", "SKIP_LOAD", "SKIP_SAVE", "MemkvConnector", "MemkvConnectorMetadata", "MemkvConnectorStats",
+    "MemkvPromMetrics", "register",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +96,20 @@ _NONDETERMINISTIC_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
 # Counters the workers report to vLLM (KVConnectorStats, summed over workers and log intervals).
 STAT_FIELDS = ("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks", "skipped_save_blocks",
                "daemon_errors")
+# What each counter counts: the Prometheus help text of ``vllm:memkv_<field>_total``.
+STAT_HELP = {
+    "lookups": "Prefix lookups the memkv-mesh connector sent to its daemon.",
+    "hit_blocks": "KV blocks the memkv-mesh lookups found beyond vLLM's own prefix cache.",
+    "loaded_blocks": "KV blocks loaded from memkv-mesh into vLLM's KV cache.",
+    "failed_blocks": "KV blocks whose load from memkv-mesh failed; vLLM recomputed them.",
+    "saved_blocks": "KV blocks saved to memkv-mesh.",
+    "skipped_save_blocks": "KV blocks not saved to memkv-mesh because its daemon was unavailable or failed.",
+    "daemon_errors": "Failed connections to or requests of the memkv-mesh daemon (each degrades to recompute).",
+}
+# Per-request options in vLLM's ``kv_transfer_params`` (SamplingParams.extra_args, or the
+# OpenAI-compatible server's request field): True leaves that request's blocks out of the mesh.
+SKIP_LOAD = "memkv_skip_load"  # no lookup, no load: the request computes its whole prompt
+SKIP_SAVE = "memkv_skip_save"  # none of its blocks is saved
 
 
 def register() -> None:
@@ -160,6 +189,14 @@ class _ReqState:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # full blocks saved (or known to be in the mesh) so far
     local: int = 0  # the (block-aligned) local prefix-cache hit the last lookup started from
+    skip_load: bool = False
+    skip_save: bool = False
+
+    @classmethod
+    def of(cls, request: Any) -> _ReqState:
+        params = getattr(request, "kv_transfer_params", None)
+        params = params if isinstance(params, dict) else {}
+        return cls(request, skip_load=bool(params.get(SKIP_LOAD)), skip_save=bool(params.get(SKIP_SAVE)))
 
 
 class _Daemon:
@@ -263,6 +300,24 @@ class MemkvConnector(KVConnectorBase_V1):
         self._kv: dict[str, torch.Tensor] = {}
         self._block_dim: dict[str, int] = {}
         self._load_errors: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            self._daemon.get()  # connect now, not in the first request (a failure only warns)
+
+    @classmethod
+    def bare(cls, socket: Path, namespace: bytes, block_size: int, name: str = "vllm-bare") -> MemkvConnector:
+        """Both halves' state without a vLLM config or engine: for tests and benchmarks that drive
+        the scheduler methods with stand-in requests, or the worker methods with plain tensors."""
+        conn = object.__new__(cls)
+        conn.namespace = namespace
+        conn.block_size = block_size
+        conn.stats = dict.fromkeys(STAT_FIELDS, 0)
+        conn._reported = dict(conn.stats)
+        conn._daemon = _Daemon(socket, name, conn.stats)
+        conn._reqs, conn._pending_loads = {}, {}
+        conn._kv, conn._block_dim, conn._load_errors = {}, {}, set()
+        conn._kv_cache_config = None
+        conn._connector_metadata = None
+        return conn
 
     # ---- keys ---------------------------------------------------------------------------------
     def _keys(self, hashes: list[Any]) -> list[bytes]:
@@ -270,12 +325,19 @@ class MemkvConnector(KVConnectorBase_V1):
 
     # ---- scheduler side -----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        state = self._reqs.get(request.request_id) or self._reqs.setdefault(
+            request.request_id, _ReqState.of(request)
+        )
+        if state.skip_load:
+            return 0, False
         # request.num_computed_tokens is set only after update_state_after_alloc: keep the start.
         state.local = num_computed_tokens
         hashes = list(request.block_hashes)
-        # At least one prompt token must be computed (its logits start the output).
-        usable = min(len(hashes), (request.num_prompt_tokens - 1) // self.block_size)
+        # Every full block of the prompt may be loaded; but at least one prompt token must be
+        # computed (its logits start the output), so a hit to the prompt's very end is reported
+        # one token short and that token is recomputed over its loaded KV (as vLLM's own
+        # prefix cache would have to recompute a whole block).
+        usable = min(len(hashes), request.num_prompt_tokens // self.block_size)
         first = num_computed_tokens // self.block_size
         if usable <= first:
             return 0, False
@@ -291,15 +353,17 @@ class MemkvConnector(KVConnectorBase_V1):
         if hits <= first:
             return 0, False
         self.stats["hit_blocks"] += hits - first
-        return hits * self.block_size - num_computed_tokens, False
+        return min(hits * self.block_size, request.num_prompt_tokens - 1) - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        state = self._reqs.get(request.request_id) or self._reqs.setdefault(
+            request.request_id, _ReqState.of(request)
+        )
         if num_external_tokens <= 0:
             return
         block_ids = blocks.get_block_ids()[0]
         first = state.local // self.block_size
-        last = (state.local + num_external_tokens) // self.block_size
+        last = -(-(state.local + num_external_tokens) // self.block_size)  # a last block short of its last token
         self._pending_loads[request.request_id] = _Transfer(
             request.request_id, list(block_ids[first:last]), list(request.block_hashes[first:last])
         )
@@ -331,6 +395,8 @@ class MemkvConnector(KVConnectorBase_V1):
         return meta
 
     def _add_save(self, meta: MemkvConnectorMetadata, req_id: str, state: _ReqState, done_tokens: int) -> None:
+        if state.skip_save:
+            return
         hashes = state.request.block_hashes
         full = min(done_tokens // self.block_size, len(hashes), len(state.block_ids))
         if full > state.saved:
@@ -348,6 +414,7 @@ class MemkvConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for name, kv in kv_caches.items():
             self._remember(name, kv)
+        self._daemon.get()  # connect now, not in the first load (a failure only warns)
 
     def _remember(self, name: str, kv: torch.Tensor) -> None:
         if name in self._kv:
@@ -485,8 +552,46 @@ class MemkvConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return MemkvConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        """The connector's counters as Prometheus series on vLLM's ``/metrics``:
+        ``vllm:memkv_<field>_total`` for each of ``STAT_FIELDS`` (``STAT_HELP``)."""
+        return MemkvPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         self._daemon.close()
+
+
+class MemkvPromMetrics(KVConnectorPromMetrics):
+    """One counter per connector statistic, with vLLM's labels (model name, engine index)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters: dict[str, dict[int, Any]] = {}
+        for name in STAT_FIELDS:
+            counter = self._counter_cls(name=f"vllm:memkv_{name}", documentation=STAT_HELP[name],
+                                        labelnames=labelnames)  # fmt: skip
+            self._counters[name] = {
+                idx: counter.labels(*values) for idx, values in per_engine_labelvalues.items()
+            }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            per_engine = self._counters.get(name)
+            if per_engine is not None and engine_idx in per_engine and value > 0:
+                per_engine[engine_idx].inc(value)
 
 
 def _tp_rank() -> int:
