@@ -24,7 +24,9 @@ fewest ``num_cached_tokens`` of a hit; ``expected_cached_tokens`` is every full 
 prompt, less one token when they reach its end (vLLM computes at least one prompt token). The command exits 1 when
 ``same_tokens`` is false or ``cached_tokens`` falls short. Medians over the repeats are printed.
 
-``miss_overhead_ms`` (and ``_p99_ms``) is what the connector adds to a request that the mesh
+``hit_load_s`` and ``remote_load_s`` are the parts of the hits spent in the connector's load
+(its ``load_seconds`` counter, read from vLLM's Prometheus registry); the rest is vLLM's own
+work (scheduling, the forward pass over the last token). ``miss_overhead_ms`` (and ``_p99_ms``) is what the connector adds to a request that the mesh
 cannot serve: the scheduler half's ``get_num_new_matched_tokens`` for a prompt of ``--tokens``
 tokens whose blocks are nowhere (its keys, one lookup through node B's daemon), timed over 400
 stand-in requests (``miss_overhead``), without the rest of an engine.
@@ -84,6 +86,7 @@ def engine_main(spec_path: str) -> None:
         dtype=spec["dtype"],
         max_model_len=spec["max_model_len"],
         seed=0,
+        disable_log_stats=False,  # the connector's counters reach this process's Prometheus registry
         kv_transfer_config=KVTransferConfig(
             kv_connector="MemkvConnector",
             kv_connector_module_path="memkv_mesh.integrations.vllm",
@@ -103,6 +106,12 @@ def engine_main(spec_path: str) -> None:
         [res] = llm.generate([{"prompt_token_ids": prompt}], params(n, extra), use_tqdm=False)
         return time.perf_counter() - t, res
 
+    def load_s() -> float:
+        """The connector's ``load_seconds`` so far (its Prometheus counter, summed over labels)."""
+        from prometheus_client import REGISTRY
+
+        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:memkv_load_seconds_total")
+
     def reset() -> None:
         if not llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache")
@@ -121,11 +130,15 @@ def engine_main(spec_path: str) -> None:
             r["miss_s"], res = run(prompt, 1)
             r["miss_cached_tokens"] = res.num_cached_tokens
             reset()
+            before = load_s()
             r["hit_s"], res = run(prompt, 1)
+            r["hit_load_s"] = load_s() - before
             r["hit_cached_tokens"] = res.num_cached_tokens
             r["hit_tokens"] = list(run(prompt, spec["max_tokens"])[1].outputs[0].token_ids)
         else:
+            before = load_s()
             r["remote_hit_s"], res = run(prompt, 1)
+            r["remote_load_s"] = load_s() - before
             r["remote_cached_tokens"] = res.num_cached_tokens
             r["remote_tokens"] = list(run(prompt, spec["max_tokens"])[1].outputs[0].token_ids)
         out.append(r)
@@ -274,6 +287,8 @@ def run_demo(
         "miss_s": med("miss_s"),
         "hit_s": med("hit_s"),
         "remote_hit_s": med("remote_hit_s"),
+        "hit_load_s": med("hit_load_s"),
+        "remote_load_s": med("remote_load_s"),
         "cached_tokens": min(min(r["hit_cached_tokens"], r["remote_cached_tokens"]) for r in rows),
         "expected_cached_tokens": expected,
         "miss_cached_tokens": max(r["miss_cached_tokens"] for r in rows),
@@ -329,8 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{res['parameters'] / 1e6:.0f}M-parameter model")  # fmt: skip
         print(f"  recompute   {res['recompute_s']:.3f} s")
         print(f"  miss        {res['miss_s']:.3f} s  (lookup, prefill, save)")
-        print(f"  local hit   {res['hit_s']:.3f} s  ({res['hit_speedup']:.0f}x faster)")
-        print(f"  remote hit  {res['remote_hit_s']:.3f} s  ({res['remote_speedup']:.0f}x faster)")
+        print(f"  local hit   {res['hit_s']:.3f} s  ({res['hit_speedup']:.0f}x faster; "
+              f"{res['hit_load_s']:.3f} s of it loading)")  # fmt: skip
+        print(f"  remote hit  {res['remote_hit_s']:.3f} s  ({res['remote_speedup']:.0f}x faster; "
+              f"{res['remote_load_s']:.3f} s of it loading)")  # fmt: skip
         print(f"  connector overhead on a miss: {res['miss_overhead_ms']:.3f} ms "
               f"(p99 {res['miss_overhead_p99_ms']:.3f} ms)")  # fmt: skip
         print(f"  cached tokens {res['cached_tokens']} of {res['expected_cached_tokens']}; "

@@ -59,7 +59,9 @@ def _engine_env(**extra: str) -> dict[str, str]:
 
 def _run_engine(model: Path, sock: Path, tmp: Path, tag: str, load: str = "path", **env: str) -> dict[str, Any]:
     """One engine process; ``load``: "path" (kv_connector_module_path) or "name" (the short name
-    the ``vllm.general_plugins`` entry point registers)."""
+    the ``vllm.general_plugins`` entry point registers), or "lossy": by path, with the engine in
+    this one process, and the worker's daemon client made to lose the 2nd block of every load
+    (as if it were evicted between the lookup and the load)."""
     out = tmp / f"{tag}.json"
     log = tmp / f"{tag}.log"
     with open(log, "wb") as f:
@@ -187,6 +189,16 @@ def test_scheduler_finds_the_mesh_prefix_and_honours_skip_flags(daemon_process: 
     conn.shutdown()
 
 
+def test_load_failures_are_recomputed_unless_the_user_says_fail() -> None:
+    vllm_mod = _require_vllm()
+    conn = vllm_mod.MemkvConnector.bare(Path("/nonexistent.sock"), b"n" * 16, BLOCK)
+    for policy, extra, after in (("fail", {}, "recompute"), ("recompute", {}, "recompute"),
+                                 ("fail", {"load_failure_policy": "fail"}, "fail")):  # fmt: skip
+        conn._kv_transfer_config = SimpleNamespace(kv_load_failure_policy=policy)
+        conn._recompute_on_load_failure(extra)
+        assert conn._kv_transfer_config.kv_load_failure_policy == after, (policy, extra)
+
+
 def test_connector_counters_become_prometheus_series() -> None:
     vllm_mod = _require_vllm()
     import prometheus_client as prom
@@ -281,6 +293,20 @@ def test_second_engine_reuses_the_first_engines_blocks(
     assert second["warm_cached_tokens"] == 2 * BLOCK, second["log"][-4000:]
     assert second["num_cached_tokens"] == full_blocks * BLOCK, second["log"][-4000:]
     assert second["tokens"] == first["tokens"]
+    # Its connector counters reached vLLM's Prometheus registry (what `vllm serve` exports):
+    # 2 lookups, and 2 + 2 blocks found in the mesh and loaded.
+    prom = second["prometheus"]
+    assert prom["vllm:memkv_lookups_total"] >= 2 and prom["vllm:memkv_loaded_blocks_total"] == 4, prom
+    assert prom["vllm:memkv_hit_blocks_total"] == 4 and prom["vllm:memkv_failed_blocks_total"] == 0, prom
+    assert prom["vllm:memkv_load_seconds_total"] > 0, prom
+
+    # A block lost between the lookup and the load: it and the blocks after it are recomputed
+    # (vLLM's default load-failure policy would fail the request; the connector switched it).
+    lossy = _run_engine(tiny_model, node.sock, tmp_path, "lossy", load="lossy", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert lossy["finish_reason"] == "length", lossy["log"][-4000:]
+    assert lossy["tokens"] == first["tokens"]
+    assert lossy["stats"]["loaded_blocks"] == 1 and lossy["stats"]["failed_blocks"] == full_blocks - 1, lossy["stats"]
+    assert "kv_load_failure_policy set to 'recompute'" in lossy["log"]
 
     # The daemon is gone: the engine warns, recomputes and gives the same answer.
     node.stop()
@@ -326,15 +352,31 @@ def _engine_main(model: str, sock: str, out: str, load: str) -> None:
         dtype="float32",
         max_model_len=1024,
         seed=0,
+        disable_log_stats=load != "name",  # engine 2: the connector's counters as Prometheus series
         kv_transfer_config=KVTransferConfig(
             kv_connector="MemkvConnector",
-            kv_connector_module_path="memkv_mesh.integrations.vllm" if load == "path" else None,
+            kv_connector_module_path=None if load == "name" else "memkv_mesh.integrations.vllm",
             kv_role="kv_both",
             kv_connector_extra_config={"socket": sock},
         ),
     )
     prompt = [(i * 7919 + 13) % 1000 + 3 for i in range(PROMPT_LEN)]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    conn = None
+    if load == "lossy":
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        conn = get_kv_transfer_group()  # the worker's connector (the engine runs in this process)
+        client = conn._daemon.get()
+        real = client.get_many_into
+
+        def lose_second(keys: Any, bufs: Any, **kw: Any) -> list[Any]:
+            got = list(real(keys, bufs, **kw))
+            if len(got) > 1:
+                got[1] = None
+            return got
+
+        client.get_many_into = lose_second
     warm = None
     if load == "name":
         warm_prompt = prompt[:300] + [5] * 100
@@ -344,7 +386,22 @@ def _engine_main(model: str, sock: str, out: str, load: str) -> None:
         "num_cached_tokens": res.num_cached_tokens,
         "warm_cached_tokens": None if warm is None else warm.num_cached_tokens,
         "tokens": list(res.outputs[0].token_ids),
+        "finish_reason": res.outputs[0].finish_reason,
+        "stats": None if conn is None else conn.stats,
+        "prometheus": _memkv_series(),
     }))
+
+
+def _memkv_series() -> dict[str, float]:
+    """The connector's Prometheus counters in this (engine front-end) process, by name."""
+    from prometheus_client import REGISTRY
+
+    out: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name.startswith("vllm:memkv_") and sample.name.endswith("_total"):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
 
 
 if __name__ == "__main__":

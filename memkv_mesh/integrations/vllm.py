@@ -38,7 +38,9 @@ Theory of operation
   ``wait_for_layer_load`` has nothing left to wait for). ``wait_for_save`` gathers the new full
   blocks after the forward pass and stores them with one ``put_many``.
 * It never raises into vLLM: a block that is missing, of the wrong size or not read in time is
-  reported by ``get_block_ids_with_load_errors`` (vLLM recomputes it); a daemon that is down or
+  reported by ``get_block_ids_with_load_errors`` and vLLM recomputes it (the connector sets
+  vLLM's ``kv_load_failure_policy`` to "recompute": vLLM's default, "fail", would fail the
+  request instead); a daemon that is down or
   goes away is a miss for lookups, a load error for loads and a skipped save, with one warning,
   and the connector reconnects on a later step. Both halves connect when vLLM creates them (the
   scheduler) or registers its KV caches (the workers), so no request pays for the connection.
@@ -95,7 +97,7 @@ _RETRY_S = 5.0  # how long a down daemon is left alone before the next connectio
 _NONDETERMINISTIC_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
 # Counters the workers report to vLLM (KVConnectorStats, summed over workers and log intervals).
 STAT_FIELDS = ("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks", "skipped_save_blocks",
-               "daemon_errors")
+               "daemon_errors", "load_seconds", "save_seconds")
 # What each counter counts: the Prometheus help text of ``vllm:memkv_<field>_total``.
 STAT_HELP = {
     "lookups": "Prefix lookups the memkv-mesh connector sent to its daemon.",
@@ -105,6 +107,8 @@ STAT_HELP = {
     "saved_blocks": "KV blocks saved to memkv-mesh.",
     "skipped_save_blocks": "KV blocks not saved to memkv-mesh because its daemon was unavailable or failed.",
     "daemon_errors": "Failed connections to or requests of the memkv-mesh daemon (each degrades to recompute).",
+    "load_seconds": "Seconds the memkv-mesh connector's workers spent loading KV blocks (before forward passes).",
+    "save_seconds": "Seconds the memkv-mesh connector's workers spent saving KV blocks (after forward passes).",
 }
 # Per-request options in vLLM's ``kv_transfer_params`` (SamplingParams.extra_args, or the
 # OpenAI-compatible server's request field): True leaves that request's blocks out of the mesh.
@@ -202,7 +206,7 @@ class _ReqState:
 class _Daemon:
     """A lazily (re)connected client that turns daemon failures into warnings."""
 
-    def __init__(self, socket: Path, name: str, stats: dict[str, int] | None = None) -> None:
+    def __init__(self, socket: Path, name: str, stats: dict[str, int | float] | None = None) -> None:
         self.socket = socket
         self.stats = stats if stats is not None else {}
         self.name = name
@@ -268,7 +272,7 @@ class MemkvConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.block_size = int(cache.block_size)
         sock = extra.get("socket") or os.environ.get("MEMKV_SOCKET")
-        self.stats = dict.fromkeys(STAT_FIELDS, 0)
+        self.stats: dict[str, int | float] = dict.fromkeys(STAT_FIELDS, 0)
         self._reported = dict(self.stats)
         self._daemon = _Daemon(
             Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}", self.stats
@@ -301,7 +305,27 @@ class MemkvConnector(KVConnectorBase_V1):
         self._block_dim: dict[str, int] = {}
         self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER:
+            self._recompute_on_load_failure(extra)
             self._daemon.get()  # connect now, not in the first request (a failure only warns)
+
+    def _recompute_on_load_failure(self, extra: dict[str, Any]) -> None:
+        """vLLM 0.32 fails a request whose KV load reports errors unless ``kv_load_failure_policy``
+        is "recompute"; its default is "fail". For a cache a failed load is a miss (a block
+        evicted since the lookup, a directory false positive), so the connector switches the
+        policy before vLLM's scheduler reads it, unless ``kv_connector_extra_config`` says
+        ``"load_failure_policy": "fail"``."""
+        cfg = self._kv_transfer_config
+        policy = getattr(cfg, "kv_load_failure_policy", "recompute")
+        if policy == "recompute":
+            return
+        if extra.get("load_failure_policy") == policy:
+            logger.warning("memkv-mesh: kv_load_failure_policy=%r kept: a block the mesh loses between "
+                           "lookup and load fails its request", policy)  # fmt: skip
+            return
+        cfg.kv_load_failure_policy = "recompute"
+        logger.warning("memkv-mesh: kv_load_failure_policy set to 'recompute' (was %r): a block that cannot be "
+                    "loaded is recomputed; kv_connector_extra_config {'load_failure_policy': 'fail'} keeps "
+                    "failing the request", policy)  # fmt: skip
 
     @classmethod
     def bare(cls, socket: Path, namespace: bytes, block_size: int, name: str = "vllm-bare") -> MemkvConnector:
@@ -448,12 +472,14 @@ class MemkvConnector(KVConnectorBase_V1):
         if not isinstance(meta, MemkvConnectorMetadata) or not meta.loads:
             return
         block_ids = [b for t in meta.loads for b in t.block_ids]
+        t0 = time.perf_counter()
         try:
             self._load(meta.loads, self._layers(forward_context))
         except Exception as e:  # noqa: BLE001 - never raise into vLLM: recompute instead
             logger.warning("memkv-mesh: loading %d blocks failed (%s); vLLM recomputes them", len(block_ids), e)
             self._load_errors.update(block_ids)
             self.stats["failed_blocks"] += len(block_ids)
+        self.stats["load_seconds"] += time.perf_counter() - t0
 
     def _load(self, loads: list[_Transfer], layers: list[str]) -> None:
         block_ids = [b for t in loads for b in t.block_ids]
@@ -517,6 +543,7 @@ class MemkvConnector(KVConnectorBase_V1):
             return
         saves = meta.saves
         n = sum(len(t.block_ids) for t in saves)
+        t0 = time.perf_counter()
         try:
             layers = self._layers()
             if not layers:
@@ -535,6 +562,8 @@ class MemkvConnector(KVConnectorBase_V1):
         except Exception as e:  # noqa: BLE001 - a lost save is only a future miss
             self.stats["skipped_save_blocks"] += n
             logger.warning("memkv-mesh: saving %d blocks failed (%s)", n, e)
+        finally:
+            self.stats["save_seconds"] += time.perf_counter() - t0
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
