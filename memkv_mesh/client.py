@@ -81,6 +81,55 @@ def _writable(buffer: Any, i: int) -> memoryview:
     return v
 
 
+class _Parts:
+    """One block's bytes in several host buffers, in order: a list (or tuple) of buffers given as
+    one value of ``put_many`` (gathered into the block) or one buffer of ``get_many_into``
+    (the block scattered across them), e.g. a paged KV block's slices in each layer."""
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def cut(self, length: int) -> _Parts:
+        """The first ``length`` bytes (a block shorter than the parts fills only those)."""
+        out: list[memoryview] = []
+        for p in self.parts:
+            if length <= 0:
+                break
+            out.append(p[:length] if p.nbytes > length else p)
+            length -= p.nbytes
+        return _Parts(out)
+
+    def pieces(self, whole: memoryview) -> list[tuple[memoryview, memoryview]]:
+        """(part, the slice of ``whole`` at its place) for each part; ``whole`` is as long as all."""
+        out, off = [], 0
+        for p in self.parts:
+            out.append((p, whole[off : off + p.nbytes]))
+            off += p.nbytes
+        return out
+
+    def digest(self) -> int:
+        h = xxhash.xxh3_64()
+        for p in self.parts:
+            h.update(p)
+        return h.intdigest()
+
+
+def _parted(view: Any) -> Any:
+    """``_as_view``/``_writable`` that also takes a list or tuple of buffers, as ``_Parts``."""
+
+    def of(value: Any, i: int) -> memoryview | _Parts:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError(f"value {i} is an empty list of buffers")
+            return _Parts([view(part, i) for part in value])
+        return view(value, i)
+
+    return of
+
+
 def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
     ks = keys if isinstance(keys, list) else list(keys)
     # Fast path in C loops: every key is bytes of the right length (lookups are latency-bound).
@@ -98,7 +147,7 @@ def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
 
 
 def _any_device(values: list[Any]) -> bool:
-    return any(type(v) is not memoryview for v in values)
+    return any(type(v) is not memoryview and type(v) is not _Parts for v in values)
 
 
 # Room for a few descriptors in recvmsg's ancillary data (the daemon sends one, with its Welcome).
@@ -214,11 +263,14 @@ class _Sink:
         if isinstance(buffers, list | tuple):
             if len(buffers) != n:
                 raise ValueError(f"{n} keys but {len(buffers)} buffers")
+            writable = _parted(_writable)
             try:
-                self.targets = [_writable(b, i) for i, b in enumerate(buffers)]
+                self.targets = [writable(b, i) for i, b in enumerate(buffers)]
             except TypeError:
-                self.targets = core._gpu_views(buffers, "buffer", _writable, writable=True)
+                self.targets = core._gpu_views(buffers, "buffer", writable, writable=True)
                 self.device = True
+                if any(type(t) is _Parts for t in self.targets):
+                    raise TypeError("lists of buffers are for host memory; pass one GPU buffer per key") from None
         else:
             try:
                 self.packed = _writable(buffers, 0)
@@ -299,7 +351,7 @@ class _Sink:
                 if t.nbytes < length:
                     self.error = ValueError(f"buffer {i} holds {t.nbytes} bytes; block {i} is {length}")
                     break
-                dests.append(t[:length])
+                dests.append(t.cut(length) if type(t) is _Parts else t[:length])
         elif self.error is None:
             while self.settled < self.n and self.known[self.settled]:
                 if self.settled in self.waiting:
@@ -326,7 +378,8 @@ class _Sink:
             else:
                 if self.sums:
                     for d, i in zip(dests, ready, strict=True):
-                        if i in self.sums and xxhash.xxh3_64_intdigest(d) != self.sums.pop(i):
+                        got = d.digest() if type(d) is _Parts else xxhash.xxh3_64_intdigest(d)
+                        if i in self.sums and got != self.sums.pop(i):
                             self.got[i] = None  # changed since its commit: a miss, never served
                             self.core.corrupt_reads += 1
         free = []
@@ -343,13 +396,16 @@ class _Sink:
         if not blocks:
             return
         jobs = [(dst, self.core._slot(off, length)) for dst, (off, length, _) in blocks]
+        pieces = [pc for dst, src in jobs if type(dst) is _Parts for pc in dst.pieces(src)]
         try:
             if self.device:
                 self.core._gpu.copy_out(jobs)
+            elif pieces:
+                _run_jobs(_copy, [j for j in jobs if type(j[0]) is not _Parts] + pieces)
             else:
                 _run_jobs(_copy, jobs)
         finally:
-            for _, src in jobs:
+            for _, src in pieces + jobs:
                 src.release()
 
 
@@ -414,14 +470,15 @@ class _Core:
         assert self._arena is not None, "client is closed"
         return self._arena[offset : offset + length]
 
-    def _prepare_put(self, keys: Sequence[bytes], values: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
+    def _prepare_put(self, keys: Sequence[bytes], values: Sequence[Any]) -> tuple[list[bytes], list[Any]]:
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         ks = _check_keys(keys)
+        as_view = _parted(_as_view)
         try:
-            vs = [_as_view(v, i) for i, v in enumerate(values)]
+            vs = [as_view(v, i) for i, v in enumerate(values)]
         except TypeError:
-            vs = self._gpu_views(values, "value", _as_view, writable=False)
+            vs = self._gpu_views(values, "value", as_view, writable=False)
         for i, v in enumerate(vs):
             if v.nbytes == 0:
                 raise ValueError(f"value {i} is empty")
@@ -431,24 +488,29 @@ class _Core:
                 )
         return ks, vs
 
-    def _fill(self, offsets: list[int], keys: list[bytes], values: list[memoryview]) -> tuple[list[bytes], list[int]]:
-        """Copy values into their slots; their checksums if ``self.checksum`` (else [])."""
+    def _fill(self, offsets: list[int], keys: list[bytes], values: list[Any]) -> tuple[list[bytes], list[int]]:
+        """Copy values (views, ``_Parts`` or GPU views) into their slots; their checksums if
+        ``self.checksum`` (else [])."""
         done_keys: list[bytes] = []
-        jobs: list[tuple[memoryview, memoryview]] = []
+        jobs: list[tuple[memoryview, Any]] = []
         for k, off, v in zip(keys, offsets, values, strict=True):
             if off >= 0:
                 jobs.append((self._slot(off, v.nbytes), v))
                 done_keys.append(k)
+        pieces = [(dst, part) for slot, v in jobs if isinstance(v, _Parts) for part, dst in v.pieces(slot)]
         try:
             if self._gpu is not None and _any_device(values):
                 sums = self._gpu.fill(jobs)
+            elif pieces:  # gathered values: copy the parts, then checksum each whole slot
+                _run_jobs(_copy, [j for j in jobs if type(j[1]) is not _Parts] + pieces)
+                sums = [xxhash.xxh3_64_intdigest(slot) for slot, _ in jobs] if self.checksum else []
             elif self.checksum:
                 sums = _run_jobs(_copy_sum, jobs)
             else:
                 _run_jobs(_copy, jobs)
                 sums = []
         finally:
-            for slot, _ in jobs:
+            for slot, _ in pieces + jobs:
                 slot.release()
         return done_keys, sums if self.checksum else []
 
@@ -591,7 +653,10 @@ class Client(_Core):
         return self.put_many([key], [value]) == 1
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
-        """Store blocks; returns how many were new. All or nothing if the store is full."""
+        """Store blocks; returns how many were new. All or nothing if the store is full.
+
+        A value is a buffer, or a list of buffers gathered into one block in order (e.g. a paged
+        KV block's slice of each layer: no concatenated copy needed)."""
         ks, vs = self._prepare_put(keys, values)
         if not ks:
             return 0
@@ -623,6 +688,8 @@ class Client(_Core):
 
     def get_many_into(self, keys: Sequence[bytes], buffers: Any, *, verify: bool = False) -> list[int | None]:
         """Copy blocks into ``buffers`` (a list, one per key, or one buffer packed in key order).
+        A list's entry may itself be a list of host buffers: the block is scattered across them in
+        order (e.g. straight into a paged KV block's slice of each layer).
 
         Returns each block's length, None for a miss. Blocks this node fetches from the mesh
         are streamed: each is copied out as soon as it lands, while the rest are on the wire.

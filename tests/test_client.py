@@ -209,3 +209,52 @@ async def test_puts_are_hashed_by_the_daemon_unless_the_node_trusts_its_clients(
                     assert await liar.get_into(k, bytearray(4096), verify=True) is None  # and caught on read
                     assert liar.corrupt_reads == 1
             nursery.cancel_scope.cancel()
+
+
+def test_lists_of_buffers_gather_puts_and_scatter_gets(daemon_process) -> None:
+    """A value given as a list of buffers is one block (gathered in order); a get buffer given as
+    a list receives the block scattered in order (a shorter block fills the first bytes); both
+    with and without client checksums and verifying reads, for the sync and async clients."""
+    from memkv_mesh.client import Client
+
+    rng = np.random.default_rng(7)
+    for trusted in (False, True):
+        d = daemon_process(store={"dram_bytes": 32 << 20, "max_block_bytes": 4 << 20, "verify_puts": not trusted})
+        with Client(d.sock, checksum=trusted) as c:
+            parts = [[rng.integers(0, 255, n, dtype=np.uint8) for n in (3000, 1, 70_000)] for _ in range(3)]
+            whole = [np.concatenate(p) for p in parts]
+            keys = _keys(3)
+            # A mix: two gathered values and one plain buffer (a tuple counts as a list).
+            assert c.put_many(keys, [parts[0], tuple(parts[1]), whole[2]]) == 3
+            with c.get_many(keys) as lease:  # stored as the concatenation
+                assert [bytes(v) for v in lease.views] == [w.tobytes() for w in whole]
+            for verify in (False, True):
+                outs = [[np.zeros(n, dtype=np.uint8) for n in (10, 73_000)] for _ in keys]  # room to spare
+                plain = np.zeros(80_000, dtype=np.uint8)
+                got = c.get_many_into(keys + [os.urandom(32)], [outs[0], outs[1], plain, [np.zeros(4)]], verify=verify)
+                assert got == [73_001, 73_001, 73_001, None]
+                for out, w in zip(outs[:2], whole, strict=False):
+                    assert out[0].tobytes() == w[:10].tobytes() and out[1][:72_991].tobytes() == w[10:].tobytes()
+                    assert not out[1][72_991:].any()  # past the block: untouched
+                assert plain[:73_001].tobytes() == whole[2].tobytes()
+            # Too little room across the parts is an error naming the buffer, and nothing is lost.
+            with pytest.raises(ValueError, match="buffer 0 holds 73000 bytes"):
+                c.get_many_into(keys[:1], [[np.zeros(3000, dtype=np.uint8), np.zeros(70_000, dtype=np.uint8)]])
+            assert c.lookup(keys) == 3
+            with pytest.raises(ValueError, match="value 0 is an empty list"):
+                c.put_many(_keys(1), [[]])
+            with pytest.raises(TypeError, match="value 0 .*str.* buffer protocol"):
+                c.put_many(_keys(1), [[b"ok", "not bytes"]])
+            st = c.stats()["store"]
+            assert st["active_leases"] == 0 and st["pending_slots"] == 0
+        d.stop()
+
+
+async def test_async_client_scatters_and_gathers(daemon) -> None:
+    async with await AsyncClient.connect(daemon.socket_path) as c:
+        (k,) = _keys(1)
+        a, b = os.urandom(5000), os.urandom(9000)
+        assert await c.put_many([k], [[a, bytearray(b)]]) == 1
+        x, y = bytearray(5000), bytearray(9000)
+        assert await c.get_many_into([k], [[x, y]]) == [14_000]
+        assert bytes(x) == a and bytes(y) == b

@@ -33,10 +33,12 @@ Theory of operation
   that one is recomputed over its loaded block). ``update_state_after_alloc`` records which
   block ids receive them, ``build_connector_meta`` hands the loads and the blocks that become full
   in this step (to be saved) to the workers.
-* Worker side: ``start_load_kv`` reads the blocks with one ``get_many_into`` into a staging buffer
-  and copies each into its block slot of every layer before the forward pass (a synchronous load;
-  ``wait_for_layer_load`` has nothing left to wait for). ``wait_for_save`` gathers the new full
-  blocks after the forward pass and stores them with one ``put_many``.
+* Worker side: ``start_load_kv`` reads the blocks with one ``get_many_into`` before the forward
+  pass (a synchronous load; ``wait_for_layer_load`` has nothing left to wait for), each block
+  scattered by the client straight into its slot of every layer when those are host memory in one
+  piece (the CPU backend), else into a staging buffer and copied per layer (GPU caches).
+  ``wait_for_save`` stores the blocks that became full with one ``put_many``, the client
+  gathering each from its layers' slots the same way.
 * It never raises into vLLM: a block that is missing, of the wrong size or not read in time is
   reported by ``get_block_ids_with_load_errors`` and vLLM recomputes it (the connector sets
   vLLM's ``kv_load_failure_policy`` to "recompute": vLLM's default, "fail", would fail the
@@ -489,10 +491,14 @@ class MemkvConnector(KVConnectorBase_V1):
         if client is None:
             raise ConnectionError("the daemon is unavailable")
         nbytes = self._block_nbytes(layers)
-        staging = torch.empty((len(block_ids), nbytes), dtype=torch.uint8)
+        # Straight into each layer's block slot where those are host memory (the CPU backend);
+        # else (GPU caches) through a host staging buffer and a copy per layer.
+        direct = self._host_slices(layers, block_ids)
+        staging = None if direct is not None else torch.empty((len(block_ids), nbytes), dtype=torch.uint8)
         try:
             got = client.get_many_into(
-                self._keys([h for t in loads for h in t.hashes]), list(staging.numpy())
+                self._keys([h for t in loads for h in t.hashes]),
+                direct if direct is not None else list(staging.numpy()),  # type: ignore[union-attr]
             )
         except Exception as e:
             self._daemon.failed(e)
@@ -505,8 +511,8 @@ class MemkvConnector(KVConnectorBase_V1):
                 # A block after a missing one is useless too: its attention needs the whole prefix.
                 broken = broken or got[i] != nbytes
                 if broken:
-                    failed.add(b)
-                else:
+                    failed.add(b)  # a slot written anyway is recomputed by vLLM
+                elif staging is not None:
                     self._scatter(layers, b, staging[i])
                 i += 1
         self.stats["loaded_blocks"] += len(block_ids) - len(failed)
@@ -515,6 +521,20 @@ class MemkvConnector(KVConnectorBase_V1):
             self._load_errors.update(failed)
             logger.warning("memkv-mesh: %d of %d blocks were not in the mesh any more; vLLM recomputes them",
                            len(failed), len(block_ids))
+
+    def _host_slices(self, layers: list[str], block_ids: list[int]) -> list[list[Any]] | None:
+        """Per block, its slot in each layer as a writable host buffer (numpy, sharing the
+        tensor's memory), or None when some slot is on a device or not contiguous."""
+        out: list[list[Any]] = []
+        for b in block_ids:
+            row = []
+            for name in layers:
+                sl = self._slice(name, b)
+                if sl.device.type != "cpu" or not sl.is_contiguous():
+                    return None
+                row.append(sl.view(-1).view(torch.uint8).numpy())
+            out.append(row)
+        return out
 
     def _scatter(self, layers: list[str], block_id: int, data: torch.Tensor) -> None:
         off = 0
@@ -552,7 +572,12 @@ class MemkvConnector(KVConnectorBase_V1):
             if client is None:
                 self.stats["skipped_save_blocks"] += n
                 return
-            values = [self._gather(layers, b).numpy() for t in saves for b in t.block_ids]
+            block_ids = [b for t in saves for b in t.block_ids]
+            # Gathered by the client straight from each layer's slot where those are host memory.
+            slices = self._host_slices(layers, block_ids)
+            values: list[Any] = (
+                list(slices) if slices is not None else [self._gather(layers, b).numpy() for b in block_ids]
+            )
             try:
                 client.put_many(self._keys([h for t in saves for h in t.hashes]), values)
             except Exception as e:
