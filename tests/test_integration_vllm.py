@@ -19,8 +19,10 @@ import functools
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -186,6 +188,46 @@ def test_scheduler_finds_the_mesh_prefix_and_honours_skip_flags(daemon_process: 
     meta = conn.build_connector_meta(_step([("e", [10, 11, 12], 0, 2 * BLOCK + 1), ("f", [20, 21, 22], 0, 2 * BLOCK + 1)]))
     assert [(t.req_id, t.block_ids, t.hashes) for t in meta.saves] == [("f", [20, 21], hashes[:2])]
     assert meta.loads == []
+    conn.shutdown()
+
+
+def test_a_hung_daemon_costs_one_timeout_per_retry_period(daemon_process: Any, short_dir: Path) -> None:
+    """SIGSTOP the daemon: a lookup gives up after the connector's timeout (a miss, not a hang),
+    the next ones do not wait on it again until the retry period has passed (doubling per failure
+    in a row), and once the daemon runs again the connector reconnects and finds the blocks."""
+    vllm_mod = _require_vllm()
+    from memkv_mesh import keys
+
+    node = daemon_process("vh", store={"dram_bytes": 16 << 20})
+    ns = keys.namespace("fake-hung")
+    hashes = [bytes([i + 1]) * 32 for i in range(3)]
+    with node.client() as c:
+        c.put_many([vllm_mod.block_key(ns, h) for h in hashes], [b"x" * 64] * 3)
+    conn = vllm_mod.MemkvConnector.bare(node.sock, ns, BLOCK, timeout=0.5)
+    conn._daemon.retry_s = 1.0
+    req = _request("a", hashes, 3 * BLOCK + 5)
+    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, False)  # timed out: a miss
+        assert time.monotonic() - t < 10
+        assert conn.stats["daemon_errors"] == 1
+        t = time.monotonic()
+        for _ in range(20):  # within the retry period: no wait on the stuck daemon at all
+            assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert time.monotonic() - t < 0.4 and conn.stats["daemon_errors"] == 1
+        time.sleep(1.1)  # the period has passed: one more attempt, one more timeout
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert conn.stats["daemon_errors"] == 2
+        time.sleep(1.1)  # 2 failures in a row: the period doubled to 2 s
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert conn.stats["daemon_errors"] == 2
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+    time.sleep(1.0)  # now past the doubled period
+    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)
     conn.shutdown()
 
 

@@ -9,7 +9,7 @@ Configuration (no vLLM patch)::
         kv_connector="MemkvConnector",                       # the short name (entry point), or:
         kv_connector_module_path="memkv_mesh.integrations.vllm",
         kv_role="kv_both",
-        kv_connector_extra_config={"socket": "/run/memkv/memkv.sock", "tenant": ""},
+        kv_connector_extra_config={"socket": "/run/memkv/memkv.sock", "tenant": "", "timeout_s": 5.0},
     ))
 
 or on the command line ``vllm serve MODEL --kv-transfer-config
@@ -44,7 +44,10 @@ Theory of operation
   vLLM's ``kv_load_failure_policy`` to "recompute": vLLM's default, "fail", would fail the
   request instead); a daemon that is down or
   goes away is a miss for lookups, a load error for loads and a skipped save, with one warning,
-  and the connector reconnects on a later step. Both halves connect when vLLM creates them (the
+  and the connector reconnects on a later step. A hung daemon (SIGSTOP, a stuck host) costs one
+  wait of ``timeout_s`` (``kv_connector_extra_config``, default 5 s), after which the daemon is
+  left alone for 5 s, doubling per failure in a row up to 60 s, so a stuck daemon stalls vLLM
+  for at most one timeout per retry period. Both halves connect when vLLM creates them (the
   scheduler) or registers its KV caches (the workers), so no request pays for the connection.
 * Per request, vLLM's ``kv_transfer_params`` (``SamplingParams(extra_args={"kv_transfer_params":
   {...}})`` offline, the request's ``kv_transfer_params`` field on the OpenAI-compatible server)
@@ -95,7 +98,9 @@ logger = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "MemkvConnector"
 _PERSON = b"memkv-vllm-v1"
-_RETRY_S = 5.0  # how long a down daemon is left alone before the next connection attempt
+_RETRY_S = 5.0  # how long a down daemon is left alone before the next connection attempt, doubling
+_RETRY_MAX_S = 60.0  # per failure in a row up to this
+_TIMEOUT_S = 5.0  # the longest the connector waits on its daemon for one reply (a hung daemon)
 _NONDETERMINISTIC_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
 # Counters the workers report to vLLM (KVConnectorStats, summed over workers and log intervals).
 STAT_FIELDS = ("lookups", "hit_blocks", "loaded_blocks", "failed_blocks", "saved_blocks", "skipped_save_blocks",
@@ -208,10 +213,15 @@ class _ReqState:
 class _Daemon:
     """A lazily (re)connected client that turns daemon failures into warnings."""
 
-    def __init__(self, socket: Path, name: str, stats: dict[str, int | float] | None = None) -> None:
+    def __init__(
+        self, socket: Path, name: str, stats: dict[str, int | float] | None = None, timeout: float = _TIMEOUT_S
+    ) -> None:
         self.socket = socket
         self.stats = stats if stats is not None else {}
         self.name = name
+        self.timeout = timeout
+        self.retry_s = _RETRY_S
+        self._failures = 0  # in a row, without a request that worked in between
         self._client: Client | None = None
         self._retry_at = 0.0
         self._warned = False
@@ -224,7 +234,7 @@ class _Daemon:
             if time.monotonic() < self._retry_at:
                 return None
             try:
-                self._client = Client(self.socket, timeout=30.0, name=self.name)
+                self._client = Client(self.socket, timeout=self.timeout, name=self.name)
             except Exception as e:  # noqa: BLE001 - any failure means "no cache now"
                 self.failed(e)
                 return None
@@ -237,7 +247,10 @@ class _Daemon:
         """Drop the connection after an error; warn once until it works again."""
         client, self._client = self._client, None
         self.stats["daemon_errors"] = self.stats.get("daemon_errors", 0) + 1
-        self._retry_at = time.monotonic() + _RETRY_S
+        # A daemon that is down or hung is left alone longer each time (a hung one costs a
+        # timeout per attempt), up to _RETRY_MAX_S.
+        self._retry_at = time.monotonic() + min(_RETRY_MAX_S, self.retry_s * 2 ** min(self._failures, 16))
+        self._failures += 1
         if client is not None:
             try:
                 client.close()
@@ -249,6 +262,10 @@ class _Daemon:
                 self.socket, e,
             )
             self._warned = True
+
+    def ok(self) -> None:
+        """A request worked: the next failure waits ``retry_s`` again."""
+        self._failures = 0
 
     def close(self) -> None:
         with self._lock:
@@ -277,7 +294,8 @@ class MemkvConnector(KVConnectorBase_V1):
         self.stats: dict[str, int | float] = dict.fromkeys(STAT_FIELDS, 0)
         self._reported = dict(self.stats)
         self._daemon = _Daemon(
-            Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}", self.stats
+            Path(sock) if sock else default_socket_path(), f"vllm-{role.name.lower()}", self.stats,
+            timeout=float(extra.get("timeout_s", _TIMEOUT_S)),
         )
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         tp_rank = 0
@@ -330,7 +348,9 @@ class MemkvConnector(KVConnectorBase_V1):
                     "failing the request", policy)  # fmt: skip
 
     @classmethod
-    def bare(cls, socket: Path, namespace: bytes, block_size: int, name: str = "vllm-bare") -> MemkvConnector:
+    def bare(
+        cls, socket: Path, namespace: bytes, block_size: int, name: str = "vllm-bare", timeout: float = _TIMEOUT_S
+    ) -> MemkvConnector:
         """Both halves' state without a vLLM config or engine: for tests and benchmarks that drive
         the scheduler methods with stand-in requests, or the worker methods with plain tensors."""
         conn = object.__new__(cls)
@@ -338,7 +358,7 @@ class MemkvConnector(KVConnectorBase_V1):
         conn.block_size = block_size
         conn.stats = dict.fromkeys(STAT_FIELDS, 0)
         conn._reported = dict(conn.stats)
-        conn._daemon = _Daemon(socket, name, conn.stats)
+        conn._daemon = _Daemon(socket, name, conn.stats, timeout=timeout)
         conn._reqs, conn._pending_loads = {}, {}
         conn._kv, conn._block_dim, conn._load_errors = {}, {}, set()
         conn._kv_cache_config = None
@@ -375,6 +395,7 @@ class MemkvConnector(KVConnectorBase_V1):
         except Exception as e:  # noqa: BLE001 - never raise into vLLM
             self._daemon.failed(e)
             return 0, False
+        self._daemon.ok()
         self.stats["lookups"] += 1
         if hits <= first:
             return 0, False
@@ -503,6 +524,7 @@ class MemkvConnector(KVConnectorBase_V1):
         except Exception as e:
             self._daemon.failed(e)
             raise
+        self._daemon.ok()
         failed: set[int] = set()
         i = 0
         for t in loads:
@@ -583,6 +605,7 @@ class MemkvConnector(KVConnectorBase_V1):
             except Exception as e:
                 self._daemon.failed(e)
                 raise
+            self._daemon.ok()
             self.stats["saved_blocks"] += n
         except Exception as e:  # noqa: BLE001 - a lost save is only a future miss
             self.stats["skipped_save_blocks"] += n
