@@ -23,6 +23,17 @@ TRACE = REPO / "simulations" / "traces" / "conversation_trace.jsonl"
 
 
 @pytest.fixture
+def lmc() -> Any:
+    """The lmcache package, for the LMCache integration tests: skipped when it is not installed,
+    unless MEMKV_REQUIRE_LMCACHE=1 (scripts/test's LMCache stage), where its absence fails."""
+    if os.environ.get("MEMKV_REQUIRE_LMCACHE") == "1":
+        import lmcache  # an ImportError here fails the test: this run must exercise LMCache
+
+        return lmcache
+    return pytest.importorskip("lmcache", reason="lmcache is not installed (pip install 'memkv-mesh[lmcache]')")
+
+
+@pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A short directory for Unix sockets (paths are limited to 107 bytes)."""
     d = Path(tempfile.mkdtemp(prefix="mk-"))

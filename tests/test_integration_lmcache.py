@@ -12,7 +12,6 @@ missing or broken lmcache a failure.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -94,15 +93,6 @@ def test_chunk_store_refusals_are_misses_or_clear_errors(node: Any) -> None:
 # ---- the connector, against the real lmcache package ------------------------------------------
 CHUNK = 16
 KV_SHAPE = (2, 2, CHUNK, 2, 8)  # layers, K/V, chunk tokens, kv heads, head dim
-
-
-@pytest.fixture
-def lmc() -> Any:
-    if os.environ.get("MEMKV_REQUIRE_LMCACHE") == "1":
-        import lmcache  # an ImportError here fails the test: this run must exercise LMCache
-
-        return lmcache
-    return pytest.importorskip("lmcache", reason="lmcache is not installed (pip install 'memkv-mesh[lmcache]')")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import select
 from typing import Any
 
@@ -28,15 +27,6 @@ pytestmark = [
 
 MODULE = "memkv_mesh.integrations.lmcache_mp"
 N = 1024  # float32 elements per object: 4 KiB
-
-
-@pytest.fixture
-def lmc() -> Any:
-    if os.environ.get("MEMKV_REQUIRE_LMCACHE") == "1":
-        import lmcache  # an ImportError here fails the test: this run must exercise LMCache
-
-        return lmcache
-    return pytest.importorskip("lmcache", reason="lmcache is not installed (pip install 'memkv-mesh[lmcache]')")
 
 
 @pytest.fixture
